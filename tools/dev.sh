@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# kvloom set-up and jobs on a fresh Debian/Ubuntu machine.
+#   tools/dev.sh run [ARGS]   install packages, build, start the main job
+#   tools/dev.sh test         install packages, build, run every test (normal build + ASan/UBSan build)
+#   tools/dev.sh deps|build   the individual steps
+# Environment: KVL_SHARED (default ../shared), KVL_LONG=1 for the long test mode, JOBS for build jobs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+SHARED=${KVL_SHARED:-$ROOT/../shared}
+JOBS=${JOBS:-$(nproc)}
+
+PKGS="build-essential cmake pkg-config libjansson-dev libssl-dev libzstd-dev libxxhash-dev \
+librocksdb-dev liburing-dev libmicrohttpd-dev clang python3"
+
+deps() {
+    local missing=""
+    for p in $PKGS; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+    done
+    if [ -n "$missing" ]; then
+        echo "kvloom: installing Debian packages:$missing"
+        local SUDO=""
+        [ "$(id -u)" -eq 0 ] || SUDO=sudo
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+    fi
+}
+
+build_dir() { # DIR [cmake args...]
+    local dir=$1; shift
+    cmake -S "$ROOT" -B "$dir" -DKVL_SHARED_DIR="$SHARED" "$@" >"$dir.configure.log" 2>&1 || {
+        cat "$dir.configure.log"; exit 1; }
+    cmake --build "$dir" -j"$JOBS"
+}
+
+case "${1:-}" in
+deps) deps ;;
+build) deps; build_dir build ;;
+run)
+    shift
+    deps
+    build_dir build
+    if [ $# -eq 0 ]; then
+        set -- generate --model "$SHARED/models/stories260K/stories260K.bin" --prompt "Once upon a time" -n 200
+    fi
+    exec build/bin/kvloom "$@"
+    ;;
+test)
+    deps
+    echo "== normal build"
+    build_dir build
+    ctest --test-dir build --output-on-failure -j"$JOBS"
+    echo "== ASan + UBSan build"
+    # the CUDA backend is compiled (and its host code tested) in the normal build; the sanitizer
+    # build checks the C code paths
+    build_dir build-asan -DCMAKE_BUILD_TYPE=Debug -DKVL_SANITIZE=ON -DKVL_CUDA=OFF -DKVL_NATIVE=OFF
+    ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+        ctest --test-dir build-asan --output-on-failure -j"$JOBS"
+    ;;
+*)
+    sed -n '2,8p' "$0"
+    exit 2
+    ;;
+esac

@@ -1,0 +1,30 @@
+/* kvloom: the command-line front end. Each subcommand lives in its own cmd_*.c. */
+#include <stdio.h>
+#include <string.h>
+
+int kvl_cmd_logits(int argc, char **argv);
+int kvl_cmd_generate(int argc, char **argv);
+
+static const struct {
+    const char *name;
+    int (*fn)(int, char **);
+    const char *help;
+} cmds[] = {
+    {"logits", kvl_cmd_logits, "full prefill of a token file, writes float32 logits"},
+    {"generate", kvl_cmd_generate, "generate text from a prompt"},
+};
+
+static int usage(FILE *f) {
+    fprintf(f, "usage: kvloom <command> [options]\n\ncommands:\n");
+    for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++) fprintf(f, "  %-12s %s\n", cmds[i].name, cmds[i].help);
+    return f == stdout ? 0 : 2;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) return usage(stderr);
+    if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "help")) return usage(stdout);
+    for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
+        if (strcmp(argv[1], cmds[i].name) == 0) return cmds[i].fn(argc - 1, argv + 1);
+    fprintf(stderr, "kvloom: unknown command '%s'\n", argv[1]);
+    return usage(stderr);
+}
