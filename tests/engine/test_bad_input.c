@@ -243,7 +243,9 @@ static void test_forward(void) {
     CHECK_ST(kvl_forward(m, kv, 7, tok, pos, NULL, 0, NULL, NULL), KVL_OK);
     CHECK_ST(kvl_forward(m, kv, 8, tok, pos, comp, 1, &last, lg), KVL_ERR_BLEND_PLAN); /* logits of a cached slot */
     CHECK_ST(kvl_forward(m, kv, 9, tok, pos, NULL, 1, &z, lg), KVL_ERR_CONTEXT_FULL);
-    CHECK_ST(kvl_kv_create(m, 0, &kvo), KVL_ERR_RANGE);
+    kvl_kv *kvz = NULL;
+    CHECK_ST(kvl_kv_create(m, 0, &kvz), KVL_ERR_RANGE);
+    CHECK(kvz == NULL);
     kvl_fwd *f = NULL;
     CHECK_OK(kvl_fwd_begin(m, kv, 8, tok, pos, &f));
     CHECK_ST(kvl_fwd_qkv(f, 1, pos, 8, NULL, NULL), KVL_ERR_BLEND_PLAN); /* layer 0 first */
