@@ -40,7 +40,7 @@ build_dir() { # DIR [cmake -D args...] [--target T]
 
 case "${1:-}" in
 deps) deps ;;
-build) deps; build_dir build ;;
+build) deps; build_dir build -DKVL_CUDA="${KVL_CUDA:-AUTO}" ;;
 run)
     shift
     deps
@@ -52,8 +52,8 @@ run)
     ;;
 test)
     deps
-    echo "== normal build"
-    build_dir build
+    echo "== normal build (CUDA backend compiled where nvcc exists)"
+    build_dir build -DKVL_CUDA="${KVL_CUDA:-AUTO}"
     ctest --test-dir build --output-on-failure -j"$JOBS"
     echo "== libFuzzer targets (clang, ${KVL_FUZZ_SECONDS:-20} s each)"
     build_dir build-fuzz -DCMAKE_C_COMPILER=clang -DKVL_FUZZ=ON -DKVL_CUDA=OFF -DKVL_NATIVE=OFF \
