@@ -200,6 +200,41 @@ static void test_llama2c(void) {
     int32_t hdr3[7] = {64, 172, 5, 8, 4, -512, 512}; /* untied classifier: needs more bytes */
     write_file(p, hdr3, sizeof hdr3);
     CHECK_ST(load(p), KVL_ERR_TRUNCATED);
+    /* untied classifier (negative vocab): the same model with a copied classifier gives the same
+     * logits as the tied original */
+    {
+        size_t n;
+        uint8_t *b = kvl_test_read(src, &n);
+        int32_t h[7];
+        memcpy(h, b, 28);
+        size_t emb = (size_t)h[5] * (size_t)h[0] * 4;
+        uint8_t *u = malloc(n + emb);
+        memcpy(u, b, n);
+        memcpy(u + n, b + 28, emb);
+        int32_t neg = -h[5];
+        memcpy(u + 20, &neg, 4);
+        write_file(p, u, n + emb);
+        kvl_model *mt = NULL, *mu = NULL;
+        CHECK_OK(kvl_model_load(src, NULL, &mt));
+        CHECK_OK(kvl_model_load(p, NULL, &mu));
+        if (mt && mu) {
+            CHECK(kvl_model_get_config(mu)->tied_embeddings == 0);
+            int32_t tok[6] = {1, 403, 407, 261, 378, 432}, pos[6] = {0, 1, 2, 3, 4, 5};
+            float la[6 * 512], lb[6 * 512];
+            kvl_kv *k1 = NULL, *k2 = NULL;
+            CHECK_OK(kvl_kv_create(mt, 6, &k1));
+            CHECK_OK(kvl_kv_create(mu, 6, &k2));
+            CHECK_OK(kvl_forward(mt, k1, 6, tok, pos, NULL, 6, pos, la));
+            CHECK_OK(kvl_forward(mu, k2, 6, tok, pos, NULL, 6, pos, lb));
+            CHECK(memcmp(la, lb, sizeof la) == 0);
+            kvl_kv_free(k1);
+            kvl_kv_free(k2);
+        }
+        kvl_model_free(mt);
+        kvl_model_free(mu);
+        free(u);
+        free(b);
+    }
     snprintf(p, sizeof p, "%s/does-not-exist.bin", tmp);
     CHECK_ST(load(p), KVL_ERR_NOT_FOUND);
 }
