@@ -616,7 +616,8 @@ static kvl_status db_open(kvl_store *st, int exists) {
     snprintf(path, sizeof path, "%s/index", st->dir);
     st->dbopt = rocksdb_options_create();
     rocksdb_options_set_create_if_missing(st->dbopt, !exists);
-    rocksdb_options_set_create_missing_column_families(st->dbopt, !exists);
+    /* also when the directory exists: a crash during creation can leave an index without them */
+    rocksdb_options_set_create_missing_column_families(st->dbopt, !st->opt.read_only);
     rocksdb_options_set_wal_recovery_mode(st->dbopt, 2 /* point in time: a prefix of the log */);
     rocksdb_options_set_max_background_jobs(st->dbopt, 2);
     rocksdb_options_set_keep_log_file_num(st->dbopt, 2);
@@ -649,7 +650,10 @@ static kvl_status load_format(kvl_store *st, int fresh) {
     size_t vn = 0;
     KVL_TRY(db_get(st, CF_DEFAULT, "format", 6, &v, &vn));
     if (!v) {
-        if (!fresh) return kvl_errorf(KVL_ERR_FORMAT, "%s: index has no format record", st->dir);
+        /* the format record is the first synced write of a new store: without it, creation never
+         * finished and nothing else was committed */
+        if (!fresh && (st->opt.read_only || !st->opt.create))
+            return kvl_errorf(KVL_ERR_FORMAT, "%s: index has no format record", st->dir);
         uint8_t f[40] = {0};
         memcpy(f, store_magic, 8);
         kvl_put32(f + 8, KVL_STORE_FORMAT_VERSION);
