@@ -238,7 +238,7 @@ kvl_status kvl_store_audit(kvl_store *st, int check_data, json_t **out) {
         rocksdb_iter_destroy(it);
         /* 2. every block of every segment owned exactly once */
         for (size_t sg = 0; sg < nseg; sg++) {
-            qsort(iv[sg], nv[sg], sizeof(ival), ival_cmp);
+            if (nv[sg]) qsort(iv[sg], nv[sg], sizeof(ival), ival_cmp);
             uint64_t pos = KVL_SEG_HDR, sov = 0, sorph = 0, se = 0, sf = 0, sp = 0;
             for (size_t j = 0; j < nv[sg]; j++) {
                 ival *x = &iv[sg][j];

@@ -1131,7 +1131,7 @@ static kvl_status evict_run(kvl_store *st, kvl_store_policy pol, int64_t tenant,
         pthread_mutex_unlock(&st->evmu);
         return s;
     }
-    qsort(c, nc, sizeof *c, cand_cmp);
+    if (nc) qsort(c, nc, sizeof *c, cand_cmp);
     uint64_t measure;
     if (tenant >= 0) {
         pthread_mutex_lock(&st->tmu);
