@@ -56,17 +56,11 @@ static int tenant_name_ok(const char *t) {
     return 1;
 }
 
-/* index of tenant name, created when absent; tmu held by the caller; UINT32_MAX on OOM */
+/* index of tenant name, created when absent; tmu held by the caller; UINT32_MAX when the table is full */
 static uint32_t tenant_intern_locked(kvl_store *st, const char *name) {
     for (size_t i = 0; i < st->ntenants; i++)
         if (strcmp(st->tenants[i].name, name) == 0) return (uint32_t)i;
-    if (st->ntenants == st->captenants) {
-        size_t nc = st->captenants ? st->captenants * 2 : 16;
-        kvl_tenant *t = realloc(st->tenants, nc * sizeof *t);
-        if (!t) return UINT32_MAX;
-        st->tenants = t;
-        st->captenants = nc;
-    }
+    if (st->ntenants == KVL_MAX_TENANTS) return UINT32_MAX;
     kvl_tenant *t = &st->tenants[st->ntenants];
     memset(t, 0, sizeof *t);
     snprintf(t->name, sizeof t->name, "%s", name);
@@ -81,8 +75,8 @@ static uint32_t tenant_intern(kvl_store *st, const char *name) {
 }
 
 const char *kvl_tenant_name(kvl_store *st, uint32_t idx) {
-    /* tenants are never removed and names never change, so the pointer stays valid; the array may
-     * move on growth, hence the lock for the lookup itself */
+    /* tenants are never removed, names never change and the array never moves: the pointer stays
+     * valid after the lock is dropped */
     pthread_mutex_lock(&st->tmu);
     const char *n = idx < st->ntenants ? st->tenants[idx].name : "";
     pthread_mutex_unlock(&st->tmu);
@@ -322,6 +316,7 @@ static kvl_status fsync_dir(const char *dir) {
 /* creates, preallocates and registers one more segment; amu held */
 static kvl_status seg_create_locked(kvl_store *st) {
     uint32_t id = (uint32_t)st->nsegs;
+    if (id >= KVL_MAX_SEGS) return kvl_errorf(KVL_ERR_LIMIT, "a store has at most %d segments", KVL_MAX_SEGS);
     char path[4096];
     seg_path(st, id, path, sizeof path);
     int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_DIRECT | O_CLOEXEC, 0644);
@@ -342,12 +337,6 @@ static kvl_status seg_create_locked(kvl_store *st) {
         unlink(path);
         return s;
     }
-    kvl_seg *ns = realloc(st->segs, (st->nsegs + 1) * sizeof *ns);
-    if (!ns) {
-        close(fd);
-        return kvl_errorf(KVL_ERR_NOMEM, "segments");
-    }
-    st->segs = ns;
     kvl_seg *sg = &st->segs[st->nsegs];
     memset(sg, 0, sizeof *sg);
     sg->fd = fd;
@@ -728,13 +717,11 @@ static kvl_status open_segments(kvl_store *st) {
             s = kvl_errorf(KVL_ERR_VERSION, "segment %s: version %u", path, kvl_get32(p + 8));
             break;
         }
-        kvl_seg *ns = realloc(st->segs, (st->nsegs + 1) * sizeof *ns);
-        if (!ns) {
+        if (st->nsegs >= KVL_MAX_SEGS) {
             close(fd);
-            s = kvl_errorf(KVL_ERR_NOMEM, "segments");
+            s = kvl_errorf(KVL_ERR_LIMIT, "more than %d segments", KVL_MAX_SEGS);
             break;
         }
-        st->segs = ns;
         kvl_seg *sg = &st->segs[st->nsegs++];
         memset(sg, 0, sizeof *sg);
         sg->fd = fd;
@@ -833,7 +820,7 @@ static kvl_status load_tenants(kvl_store *st) {
         uint32_t i = tenant_intern(st, name);
         if (i == UINT32_MAX) {
             rocksdb_iter_destroy(it);
-            return kvl_errorf(KVL_ERR_NOMEM, "tenants");
+            return kvl_errorf(KVL_ERR_LIMIT, "more than %d tenants", KVL_MAX_TENANTS);
         }
         st->tenants[i].quota = kvl_get64(v);
     }
@@ -877,6 +864,11 @@ static void *load_thread(void *arg) {
         if (last_idx == UINT32_MAX || strcmp(tenant, last_tenant) != 0) {
             last_idx = tenant_intern(st, tenant);
             snprintf(last_tenant, sizeof last_tenant, "%s", tenant);
+            if (last_idx == UINT32_MAX) {
+                j->status = KVL_ERR_LIMIT;
+                snprintf(j->err, sizeof j->err, "more than %d tenants", KVL_MAX_TENANTS);
+                break;
+            }
         }
         r.tenant = last_idx;
         if (r.tenant >= j->nt) {
@@ -974,7 +966,9 @@ kvl_status kvl_store_open(const char *dir, const kvl_store_options *opt, kvl_sto
     st->cache.budget = st->opt.cache_bytes;
     st->cache.nbuckets = 1 << 14;
     st->cache.buckets = calloc(st->cache.nbuckets, sizeof *st->cache.buckets);
-    if (!st->dir || !st->cache.buckets) {
+    st->segs = calloc(KVL_MAX_SEGS, sizeof *st->segs);
+    st->tenants = calloc(KVL_MAX_TENANTS, sizeof *st->tenants);
+    if (!st->dir || !st->cache.buckets || !st->segs || !st->tenants) {
         kvl_store_close(st);
         return kvl_errorf(KVL_ERR_NOMEM, "store");
     }
@@ -1249,7 +1243,7 @@ kvl_status kvl_store_set_quota(kvl_store *st, const char *tenant, uint64_t quota
         return kvl_errorf(KVL_ERR_INVALID_ARG, "bad tenant name '%s'", tenant ? tenant : "(null)");
     if (st->opt.read_only) return kvl_errorf(KVL_ERR_PERMISSION, "store opened read-only");
     uint32_t t = tenant_intern(st, tenant);
-    if (t == UINT32_MAX) return kvl_errorf(KVL_ERR_NOMEM, "tenants");
+    if (t == UINT32_MAX) return kvl_errorf(KVL_ERR_LIMIT, "a store holds at most %d tenants", KVL_MAX_TENANTS);
     rocksdb_writebatch_t *wb = rocksdb_writebatch_create();
     uint8_t v[8];
     kvl_put64(v, quota_bytes);
@@ -1316,7 +1310,7 @@ kvl_status kvl_store_put_batch(kvl_store *st, size_t n, const kvl_store_put_item
             s = kvl_errorf(KVL_ERR_LIMIT, "value of %zu bytes does not fit a segment of %llu", x->len,
                            (unsigned long long)st->seg_bytes);
         ten[i] = tenant_intern(st, x->meta->tenant);
-        if (ten[i] == UINT32_MAX) s = kvl_errorf(KVL_ERR_NOMEM, "tenants");
+        if (ten[i] == UINT32_MAX) s = kvl_errorf(KVL_ERR_LIMIT, "a store holds at most %d tenants", KVL_MAX_TENANTS);
         sorted[i] = x->key;
     }
     if (s != KVL_OK) goto out_free;
@@ -1424,7 +1418,13 @@ kvl_status kvl_store_put_batch(kvl_store *st, size_t n, const kvl_store_put_item
     if (s != KVL_OK) {
         /* nothing committed; extents in fenced segments stay PENDING (recovery frees them) */
         for (size_t i = 0; i < n; i++) {
-            if (st->segs[seg[i]].fenced) continue;
+            pthread_mutex_lock(&st->amu);
+            int fenced = st->segs[seg[i]].fenced;
+            pthread_mutex_unlock(&st->amu);
+            if (fenced) {
+                atomic_fetch_sub(&st->used, need[i]); /* stays PENDING on disk until recovery */
+                continue;
+            }
             release_ext(st, seg[i], off[i], need[i]);
         }
         goto out_free;

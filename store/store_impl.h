@@ -24,6 +24,8 @@
 #define KVL_EXT_HDR 256u            /* extent header at the start of every extent */
 #define KVL_ENTRY_REC_BYTES 232u    /* serialized entry record (v1) */
 #define KVL_NSHARDS 64
+#define KVL_MAX_SEGS 4096         /* fixed arrays: readers index them without the allocator lock */
+#define KVL_MAX_TENANTS 4096
 #define KVL_NRINGS 4
 #define KVL_IO_PIECE (1u << 20)     /* large reads/writes are split into pieces of this size */
 #define KVL_STAGE_BYTES (4u << 20)  /* registered staging buffer per ring */
@@ -154,11 +156,11 @@ struct kvl_store {
     kvl_shard shards[KVL_NSHARDS];
 
     pthread_mutex_t tmu; /* tenants */
-    kvl_tenant *tenants;
-    size_t ntenants, captenants;
+    kvl_tenant *tenants; /* KVL_MAX_TENANTS, never moves: names stay valid without tmu */
+    size_t ntenants;
 
     pthread_mutex_t amu; /* allocator: segments, free lists, pins, free/pending cf writes */
-    kvl_seg *segs;
+    kvl_seg *segs; /* KVL_MAX_SEGS, never moves; a segment's fd and size never change once published */
     size_t nsegs;
     kvl_pin *pins;
     size_t npins, cappins;
