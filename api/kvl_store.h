@@ -84,6 +84,7 @@ typedef struct kvl_store_options {
     int queue_depth;          /* io_uring reads/writes in flight per batch (default 64) */
     int no_uring;             /* 1: use pread/pwrite instead of io_uring (reported in stats) */
     int load_threads;         /* threads that load the index at open; 0 = number of CPUs */
+    uint64_t buffer_pool_bytes; /* freed read buffers kept for reuse (default 256 MiB; 0 = none) */
 } kvl_store_options;
 
 /* Fills the defaults documented above. */

@@ -124,7 +124,7 @@ int kvl_io_write_fixed(kvl_store *st, kvl_ring *r, int fd, size_t len, uint64_t 
     return 0;
 }
 
-static void run_plain(kvl_ioreq *req, size_t n) {
+static void run_plain(kvl_ioreq *req, size_t n, int call_done) {
     for (size_t i = 0; i < n; i++) {
         size_t done = 0;
         while (done < req[i].len && !req[i].err) {
@@ -136,6 +136,7 @@ static void run_plain(kvl_ioreq *req, size_t n) {
             else if (k == 0) req[i].err = EIO; /* short: past the end of the segment */
             else done += (size_t)k;
         }
+        if (call_done && req[i].done) req[i].done(&req[i], req[i].ctx);
     }
 }
 
@@ -148,17 +149,21 @@ typedef struct piece {
 void kvl_io_run(kvl_store *st, kvl_ioreq *req, size_t n) {
     if (!n) return;
     if (!st->uring) {
-        run_plain(req, n);
+        run_plain(req, n, 1);
         return;
     }
     size_t npieces = 0;
     for (size_t i = 0; i < n; i++) npieces += (req[i].len + KVL_IO_PIECE - 1) / KVL_IO_PIECE;
     piece *pc = malloc((npieces ? npieces : 1) * sizeof *pc);
     if (!pc) {
-        run_plain(req, n);
+        run_plain(req, n, 1);
         return;
     }
     size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        req[i].left = (req[i].len + KVL_IO_PIECE - 1) / KVL_IO_PIECE;
+        if (!req[i].left && req[i].done) req[i].done(&req[i], req[i].ctx);
+    }
     for (size_t i = 0; i < n; i++)
         for (uint64_t p = 0; p < req[i].len; p += KVL_IO_PIECE)
             pc[k++] = (piece){i, p, (size_t)(req[i].len - p < KVL_IO_PIECE ? req[i].len - p : KVL_IO_PIECE)};
@@ -193,6 +198,11 @@ void kvl_io_run(kvl_store *st, kvl_ioreq *req, size_t n) {
                 io_uring_cqe_seen(&r->ring, cqe);
                 inflight--;
             }
+            for (size_t i = 0; i < n; i++)
+                if (req[i].left && req[i].done) {
+                    req[i].left = 0;
+                    req[i].done(&req[i], req[i].ctx);
+                }
             break;
         }
         (void)queued;
@@ -215,14 +225,95 @@ void kvl_io_run(kvl_store *st, kvl_ioreq *req, size_t n) {
                 rest.off = q->off + p->pos + (size_t)res;
                 rest.len = p->len - (size_t)res;
                 rest.err = 0;
-                run_plain(&rest, 1);
+                rest.done = NULL;
+                run_plain(&rest, 1, 0);
                 if (rest.err && !q->err) q->err = rest.err;
+            }
+            if (--q->left == 0 && q->done) {
+                /* the request is complete: hand the ring's completions back first, then let the
+                 * caller work (verify) while the kernel keeps the rest in flight */
+                io_uring_cq_advance(&r->ring, seen);
+                seen = 0;
+                q->done(q, q->ctx);
             }
         }
         io_uring_cq_advance(&r->ring, seen);
     }
     pthread_mutex_unlock(&r->mu);
     free(pc);
+}
+
+kvl_bufpool *kvl_pool_create(uint64_t max_bytes) {
+    kvl_bufpool *p = calloc(1, sizeof *p);
+    if (!p) return NULL;
+    pthread_mutex_init(&p->mu, NULL);
+    atomic_init(&p->refs, 1);
+    p->max = max_bytes;
+    return p;
+}
+
+static void pool_drain(kvl_bufpool *p) {
+    while (p->free) {
+        kvl_pbuf *b = p->free;
+        p->free = b->next;
+        free(b);
+    }
+    p->bytes = 0;
+}
+
+void kvl_pool_unref(kvl_bufpool *p) {
+    if (p && atomic_fetch_sub(&p->refs, 1) == 1) {
+        pool_drain(p);
+        pthread_mutex_destroy(&p->mu);
+        free(p);
+    }
+}
+
+/* capacity classes of 1/4 octave: at most ~19% of a buffer goes unused */
+static size_t pool_class(size_t len) {
+    if (len <= 65536) return (len + 4095) / 4096 * 4096;
+    int lg = 63 - __builtin_clzll((unsigned long long)len);
+    size_t step = (size_t)1 << (lg - 2);
+    return (len + step - 1) / step * step;
+}
+
+void *kvl_pool_get(kvl_bufpool *p, size_t len, size_t *cap) {
+    size_t c = pool_class(len);
+    *cap = c;
+    if (p && p->max) {
+        pthread_mutex_lock(&p->mu);
+        for (kvl_pbuf **pp = &p->free; *pp; pp = &(*pp)->next)
+            if ((*pp)->cap == c) {
+                kvl_pbuf *b = *pp;
+                *pp = b->next;
+                p->bytes -= c;
+                p->reused++;
+                pthread_mutex_unlock(&p->mu);
+                return b;
+            }
+        p->allocated++;
+        pthread_mutex_unlock(&p->mu);
+    }
+    void *b = NULL;
+    if (posix_memalign(&b, KVL_BLOCK, c)) return NULL;
+    return b;
+}
+
+void kvl_pool_put(kvl_bufpool *p, void *buf, size_t cap) {
+    if (!buf) return;
+    if (p && p->max && cap >= sizeof(kvl_pbuf)) {
+        pthread_mutex_lock(&p->mu);
+        if (p->bytes + cap <= p->max) {
+            kvl_pbuf *b = buf;
+            b->cap = cap;
+            b->next = p->free;
+            p->free = b;
+            p->bytes += cap;
+            buf = NULL;
+        }
+        pthread_mutex_unlock(&p->mu);
+    }
+    free(buf);
 }
 
 int kvl_fault_write(kvl_store *st, size_t len, size_t *torn_len) {

@@ -98,7 +98,10 @@ static uint64_t key_hash(const kvl_store_key *k) {
     return h;
 }
 
-kvl_shard *kvl_shard_of(kvl_store *st, const kvl_store_key *k) { return &st->shards[k->b[0] % KVL_NSHARDS]; }
+/* by the leading key bits, so the open-time loaders (which split the key space into contiguous
+ * ranges) each fill their own shards without contending */
+static inline int shard_idx(const kvl_store_key *k) { return k->b[0] / (256 / KVL_NSHARDS); }
+kvl_shard *kvl_shard_of(kvl_store *st, const kvl_store_key *k) { return &st->shards[shard_idx(k)]; }
 
 kvl_rec *kvl_shard_find(kvl_shard *sh, const kvl_store_key *k) {
     if (!sh->cap) return NULL;
@@ -492,7 +495,12 @@ static void value_ref(kvl_store_value *v) { atomic_fetch_add(&v->refs, 1); }
 void kvl_store_value_free(kvl_store_value *v) {
     if (!v) return;
     if (atomic_fetch_sub(&v->refs, 1) == 1) {
-        free(v->buf);
+        if (v->pool) {
+            kvl_pool_put(v->pool, v->buf, v->buf_cap);
+            kvl_pool_unref(v->pool);
+        } else {
+            free(v->buf);
+        }
         free(v);
     }
 }
@@ -590,6 +598,7 @@ void kvl_store_options_default(kvl_store_options *o) {
     o->cache_bytes = 256ull << 20;
     o->policy = KVL_STORE_EVICT_LRU;
     o->queue_depth = 64;
+    o->buffer_pool_bytes = 256ull << 20;
 }
 
 static kvl_status db_status(char *err, const char *what) {
@@ -841,7 +850,10 @@ typedef struct load_job {
 static void *load_thread(void *arg) {
     load_job *j = arg;
     kvl_store *st = j->st;
-    rocksdb_iterator_t *it = rocksdb_create_iterator_cf(st->db, st->ropt, st->cf[CF_ENTRIES]);
+    rocksdb_readoptions_t *ro = rocksdb_readoptions_create();
+    rocksdb_readoptions_set_fill_cache(ro, 0);
+    rocksdb_readoptions_set_readahead_size(ro, 4u << 20);
+    rocksdb_iterator_t *it = rocksdb_create_iterator_cf(st->db, ro, st->cf[CF_ENTRIES]);
     uint8_t lo = (uint8_t)j->lo;
     char last_tenant[KVL_STORE_TENANT_MAX + 1] = "";
     uint32_t last_idx = UINT32_MAX;
@@ -890,10 +902,8 @@ static void *load_thread(void *arg) {
         j->tcount[r.tenant]++;
         j->used += r.ext_len;
         if (r.generation > j->max_gen) j->max_gen = r.generation;
-        kvl_shard *sh = kvl_shard_of(st, &r.key);
-        pthread_mutex_lock(&sh->mu);
-        s = shard_put(sh, &r);
-        pthread_mutex_unlock(&sh->mu);
+        /* no lock: during open nobody else sees the store, and loaders own disjoint shards */
+        s = shard_put(kvl_shard_of(st, &r.key), &r);
         if (s != KVL_OK) {
             j->status = s;
             snprintf(j->err, sizeof j->err, "%s", kvl_last_error());
@@ -901,17 +911,35 @@ static void *load_thread(void *arg) {
         }
     }
     rocksdb_iter_destroy(it);
+    rocksdb_readoptions_destroy(ro);
     return NULL;
 }
 
 static kvl_status load_entries(kvl_store *st) {
+    uint64_t est = 0;
+    if (rocksdb_property_int_cf(st->db, st->cf[CF_ENTRIES], "rocksdb.estimate-num-keys", &est) == 0 && est) {
+        /* size every shard once for the expected count: no rehashing while loading */
+        size_t per = (size_t)(est / KVL_NSHARDS * 10 / 6) + 16, cap = 1024;
+        while (cap < per) cap *= 2;
+        for (int i = 0; i < KVL_NSHARDS; i++) {
+            kvl_shard *sh = &st->shards[i];
+            if (sh->cap >= cap) continue;
+            kvl_rec *ns = calloc(cap, sizeof *ns);
+            if (!ns) break;
+            free(sh->slots);
+            sh->slots = ns;
+            sh->cap = cap;
+        }
+    }
     int nt = st->opt.load_threads > 0 ? st->opt.load_threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
     if (nt < 1) nt = 1;
     if (nt > 16) nt = 16;
     load_job jobs[16];
     pthread_t th[16];
     for (int t = 0; t < nt; t++) {
-        jobs[t] = (load_job){.st = st, .lo = 256 * t / nt, .hi = 256 * (t + 1) / nt};
+        /* ranges on shard boundaries: no two loaders share a shard */
+        jobs[t] = (load_job){.st = st, .lo = KVL_NSHARDS * t / nt * (256 / KVL_NSHARDS),
+                             .hi = KVL_NSHARDS * (t + 1) / nt * (256 / KVL_NSHARDS)};
         if (nt == 1 || pthread_create(&th[t], NULL, load_thread, &jobs[t]) != 0) {
             load_thread(&jobs[t]);
             th[t] = 0;
@@ -967,8 +995,9 @@ kvl_status kvl_store_open(const char *dir, const kvl_store_options *opt, kvl_sto
     st->cache.nbuckets = 1 << 14;
     st->cache.buckets = calloc(st->cache.nbuckets, sizeof *st->cache.buckets);
     st->segs = calloc(KVL_MAX_SEGS, sizeof *st->segs);
+    st->pool = kvl_pool_create(st->opt.buffer_pool_bytes);
     st->tenants = calloc(KVL_MAX_TENANTS, sizeof *st->tenants);
-    if (!st->dir || !st->cache.buckets || !st->segs || !st->tenants) {
+    if (!st->dir || !st->cache.buckets || !st->segs || !st->tenants || !st->pool) {
         kvl_store_close(st);
         return kvl_errorf(KVL_ERR_NOMEM, "store");
     }
@@ -1023,9 +1052,25 @@ kvl_status kvl_store_open(const char *dir, const kvl_store_options *opt, kvl_sto
 
 void kvl_store_close(kvl_store *st) {
     if (!st) return;
-    if (st->db && !st->opt.read_only) kvl_store_flush(st);
+    if (st->db && !st->opt.read_only && st->nsegs) {
+        kvl_store_flush(st);
+        /* a clean close leaves nothing to replay: the next open reads SST files only. free and
+         * pending are tiny but churn (tombstones): compacting them keeps recovery scans short */
+        rocksdb_flushoptions_t *fo = rocksdb_flushoptions_create();
+        rocksdb_flushoptions_set_wait(fo, 1);
+        char *err = NULL;
+        for (int i = 0; i < CF_COUNT && !err; i++) rocksdb_flush_cf(st->db, fo, st->cf[i], &err);
+        if (err) {
+            fprintf(stderr, "kvloom store: flush at close: %s\n", err);
+            rocksdb_free(err);
+        }
+        rocksdb_flushoptions_destroy(fo);
+        rocksdb_compact_range_cf(st->db, st->cf[CF_FREE], NULL, 0, NULL, 0);
+        rocksdb_compact_range_cf(st->db, st->cf[CF_PENDING], NULL, 0, NULL, 0);
+    }
     while (st->cache.head) cache_remove(&st->cache, st->cache.head);
     free(st->cache.buckets);
+    kvl_pool_unref(st->pool);
     kvl_io_free(st);
     for (size_t i = 0; i < st->nsegs; i++) {
         close(st->segs[i].fd);
@@ -1283,6 +1328,16 @@ kvl_status kvl_store_set_capacity(kvl_store *st, uint64_t capacity_bytes) {
 
 static int key_cmp(const void *a, const void *b) { return memcmp(a, b, 32); }
 
+/* header + LE tokens + value + zero padding into buf (need bytes, aligned) */
+static void build_extent(void *buf, const kvl_store_put_item *x, const kvl_rec *r, uint64_t need) {
+    uint8_t *p = buf;
+    kvl_ext_hdr_encode(p, r, x->meta->tenant);
+    for (size_t t = 0; t < x->n_tokens; t++) kvl_put32(p + KVL_EXT_HDR + 4 * t, (uint32_t)x->tokens[t]);
+    size_t used = KVL_EXT_HDR + 4 * x->n_tokens;
+    if (x->len) memcpy(p + used, x->value, x->len);
+    memset(p + used + x->len, 0, need - used - x->len);
+}
+
 kvl_status kvl_store_put_batch(kvl_store *st, size_t n, const kvl_store_put_item *it) {
     if (!st || (n && !it)) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_store_put_batch: NULL argument");
     if (st->opt.read_only) return kvl_errorf(KVL_ERR_PERMISSION, "store opened read-only");
@@ -1350,6 +1405,7 @@ kvl_status kvl_store_put_batch(kvl_store *st, size_t n, const kvl_store_put_item
         goto out_free;
     }
     /* 3. data: O_DIRECT writes of header + tokens + value */
+    kvl_ring *ring1 = NULL;
     uint64_t now = kvl_now_ns();
     for (size_t i = 0; i < n; i++) {
         const kvl_store_put_item *x = &it[i];
@@ -1373,35 +1429,49 @@ kvl_status kvl_store_put_batch(kvl_store *st, size_t n, const kvl_store_put_item
         r->tenant = ten[i];
         r->state = 1;
     }
-    for (size_t i = 0; i < n && s == KVL_OK; i++) {
-        const kvl_store_put_item *x = &it[i];
-        kvl_ring *ring = need[i] <= KVL_STAGE_BYTES ? kvl_io_stage_get(st) : NULL;
-        void *buf = ring ? ring->stage : NULL;
-        if (!buf && posix_memalign(&buf, KVL_BLOCK, need[i])) {
-            s = kvl_errorf(KVL_ERR_NOMEM, "write buffer of %llu bytes", (unsigned long long)need[i]);
-            break;
-        }
-        uint8_t *p = buf;
-        kvl_ext_hdr_encode(p, &recs[i], x->meta->tenant);
-        for (size_t t = 0; t < x->n_tokens; t++) kvl_put32(p + KVL_EXT_HDR + 4 * t, (uint32_t)x->tokens[t]);
-        size_t used = KVL_EXT_HDR + 4 * x->n_tokens;
-        if (x->len) memcpy(p + used, x->value, x->len);
-        memset(p + used + x->len, 0, need[i] - used - x->len);
+    if (n == 1 && need[0] <= KVL_STAGE_BYTES && (ring1 = kvl_io_stage_get(st)) != NULL) {
+        /* a single small put: build it in a ring's registered buffer and write it as a fixed buffer */
+        build_extent(ring1->stage, &it[0], &recs[0], need[0]);
         size_t wlen;
-        int e = kvl_fault_write(st, need[i], &wlen);
-        int fd = st->segs[seg[i]].fd;
-        if (!e && wlen) {
-            if (ring) {
-                e = kvl_io_write_fixed(st, ring, fd, wlen, off[i]);
-            } else {
-                kvl_ioreq rq = {.fd = fd, .write = 1, .buf = buf, .off = off[i], .len = wlen};
-                kvl_io_run(st, &rq, 1);
-                e = rq.err;
-            }
-        }
-        if (ring) kvl_io_stage_put(ring);
-        else free(buf);
+        int e = kvl_fault_write(st, need[0], &wlen);
+        if (!e && wlen) e = kvl_io_write_fixed(st, ring1, st->segs[seg[0]].fd, wlen, off[0]);
+        kvl_io_stage_put(ring1);
         if (e) s = io_status(e, "writing an extent");
+    } else {
+        /* batches and large values: up to ~64 MiB of extents in flight at once */
+        kvl_ioreq *rq = calloc(n, sizeof *rq);
+        if (!rq) s = kvl_errorf(KVL_ERR_NOMEM, "put batch");
+        size_t i = 0;
+        while (s == KVL_OK && i < n) {
+            size_t j = i, m = 0;
+            uint64_t bytes = 0;
+            while (j < n && (j == i || bytes + need[j] <= (64u << 20))) {
+                void *buf = NULL;
+                if (posix_memalign(&buf, KVL_BLOCK, need[j])) {
+                    s = kvl_errorf(KVL_ERR_NOMEM, "write buffer of %llu bytes", (unsigned long long)need[j]);
+                    break;
+                }
+                build_extent(buf, &it[j], &recs[j], need[j]);
+                size_t wlen;
+                int e = kvl_fault_write(st, need[j], &wlen);
+                rq[m++] = (kvl_ioreq){.fd = st->segs[seg[j]].fd, .write = 1, .buf = buf, .off = off[j], .len = wlen, .err = e};
+                bytes += need[j];
+                j++;
+            }
+            /* requests that already carry an injected error are not submitted */
+            for (size_t k = 0; k < m; k++)
+                if (rq[k].err) {
+                    s = io_status(rq[k].err, "writing an extent");
+                    break;
+                }
+            if (s == KVL_OK) kvl_io_run(st, rq, m);
+            for (size_t k = 0; k < m; k++) {
+                if (s == KVL_OK && rq[k].err) s = io_status(rq[k].err, "writing an extent");
+                free(rq[k].buf);
+            }
+            i = j;
+        }
+        free(rq);
     }
     /* 4. fdatasync every touched segment; an error fences it */
     for (size_t i = 0; i < n && s == KVL_OK; i++) {
@@ -1432,7 +1502,7 @@ kvl_status kvl_store_put_batch(kvl_store *st, size_t n, const kvl_store_put_item
     /* 5. commit: one synced batch PENDING -> ENTRY (old entries of the same keys -> PENDING) */
     {
         int locked[KVL_NSHARDS] = {0};
-        for (size_t i = 0; i < n; i++) locked[it[i].key.b[0] % KVL_NSHARDS] = 1;
+        for (size_t i = 0; i < n; i++) locked[shard_idx(&it[i].key)] = 1;
         for (int i = 0; i < KVL_NSHARDS; i++)
             if (locked[i]) pthread_mutex_lock(&st->shards[i].mu);
         rocksdb_writebatch_t *wb = rocksdb_writebatch_create();
@@ -1498,52 +1568,70 @@ kvl_status kvl_store_put(kvl_store *st, const kvl_store_key *key, const kvl_stor
 /* ------------------------------------------------------------------ get */
 
 /* reads and verifies the extents of recs (already pinned by the caller) */
+typedef struct verify_ctx {
+    kvl_store *st;
+    const kvl_rec *recs;
+    kvl_store_value **out;
+    kvl_status *status;
+} verify_ctx;
+
+/* completion of one extent read: check header and checksum (runs while other reads are in flight) */
+static void verify_done(kvl_ioreq *rq, void *arg) {
+    verify_ctx *c = arg;
+    size_t i = rq->tag;
+    kvl_store *st = c->st;
+    const kvl_rec *r = &c->recs[i];
+    kvl_store_value *v = c->out[i];
+    kvl_status s = KVL_OK;
+    if (rq->err) s = io_status(rq->err, "reading an extent");
+    const uint8_t *p = v->buf;
+    if (s == KVL_OK) s = kvl_ext_hdr_check(p, r);
+    if (s == KVL_OK) {
+        const int32_t *tok = (const int32_t *)(p + KVL_EXT_HDR);
+        const uint8_t *data = p + KVL_EXT_HDR + 4ull * r->n_tokens;
+        if (kvl_payload_sum(tok, r->n_tokens, data, r->value_len) != r->checksum)
+            s = kvl_errorf(KVL_ERR_CORRUPT, "checksum mismatch in segment %u at %llu", r->seg,
+                           (unsigned long long)r->off);
+        v->tokens = tok;
+        v->data = data;
+        kvl_rec_to_meta(st, r, &v->meta);
+    }
+    if (s != KVL_OK) {
+        if (s == KVL_ERR_CORRUPT) atomic_fetch_add(&st->n_corrupt, 1);
+        kvl_store_value_free(v);
+        c->out[i] = NULL;
+        c->status[i] = s;
+    }
+}
+
+/* reads and verifies the extents of recs (already pinned by the caller) */
 kvl_status kvl_read_verify(kvl_store *st, size_t n, const kvl_rec *recs, kvl_store_value **out, kvl_status *status) {
     kvl_ioreq *rq = calloc(n ? n : 1, sizeof *rq);
     if (!rq) return kvl_errorf(KVL_ERR_NOMEM, "read batch");
+    verify_ctx ctx = {st, recs, out, status};
+    size_t m = 0;
     for (size_t i = 0; i < n; i++) {
         out[i] = NULL;
         status[i] = KVL_OK;
         kvl_store_value *v = calloc(1, sizeof *v);
-        void *buf = NULL;
-        if (!v || posix_memalign(&buf, KVL_BLOCK, recs[i].ext_len)) {
+        size_t cap = 0;
+        void *buf = v ? kvl_pool_get(st->pool, recs[i].ext_len, &cap) : NULL;
+        if (!buf) {
             free(v);
-            status[i] = KVL_ERR_NOMEM;
+            status[i] = kvl_errorf(KVL_ERR_NOMEM, "read buffer of %llu bytes", (unsigned long long)recs[i].ext_len);
             continue;
         }
         v->buf = buf;
         v->buf_len = recs[i].ext_len;
+        v->buf_cap = cap;
+        v->pool = st->pool;
+        atomic_fetch_add(&st->pool->refs, 1);
         atomic_init(&v->refs, 1);
         out[i] = v;
-        rq[i] = (kvl_ioreq){.fd = st->segs[recs[i].seg].fd, .buf = buf, .off = recs[i].off, .len = recs[i].ext_len};
+        rq[m++] = (kvl_ioreq){.fd = st->segs[recs[i].seg].fd, .buf = buf, .off = recs[i].off, .len = recs[i].ext_len,
+                              .done = verify_done, .ctx = &ctx, .tag = i};
     }
-    /* skip failed allocations by giving them zero length */
-    for (size_t i = 0; i < n; i++)
-        if (!out[i]) rq[i].len = 0;
-    kvl_io_run(st, rq, n);
-    for (size_t i = 0; i < n; i++) {
-        if (!out[i]) continue;
-        kvl_status s = KVL_OK;
-        if (rq[i].err) s = io_status(rq[i].err, "reading an extent");
-        const uint8_t *p = out[i]->buf;
-        if (s == KVL_OK) s = kvl_ext_hdr_check(p, &recs[i]);
-        if (s == KVL_OK) {
-            const int32_t *tok = (const int32_t *)(p + KVL_EXT_HDR);
-            const uint8_t *data = p + KVL_EXT_HDR + 4ull * recs[i].n_tokens;
-            if (kvl_payload_sum(tok, recs[i].n_tokens, data, recs[i].value_len) != recs[i].checksum)
-                s = kvl_errorf(KVL_ERR_CORRUPT, "checksum mismatch in segment %u at %llu", recs[i].seg,
-                               (unsigned long long)recs[i].off);
-            out[i]->tokens = tok;
-            out[i]->data = data;
-            kvl_rec_to_meta(st, &recs[i], &out[i]->meta);
-        }
-        if (s != KVL_OK) {
-            if (s == KVL_ERR_CORRUPT) atomic_fetch_add(&st->n_corrupt, 1);
-            kvl_store_value_free(out[i]);
-            out[i] = NULL;
-            status[i] = s;
-        }
-    }
+    kvl_io_run(st, rq, m);
     free(rq);
     return KVL_OK;
 }

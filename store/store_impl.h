@@ -135,8 +135,29 @@ typedef struct kvl_cache {
     uint64_t bytes, budget, hits;
 } kvl_cache;
 
+/* Reuses large aligned read buffers: fresh memory costs a page fault + zeroing per 4 KiB, which at
+ * GB/s is as much as the read itself. Shared by the store and its values (refcounted), so values
+ * may outlive the store. */
+typedef struct kvl_pbuf kvl_pbuf;
+struct kvl_pbuf {
+    kvl_pbuf *next;
+    size_t cap;
+};
+typedef struct kvl_bufpool {
+    pthread_mutex_t mu;
+    atomic_int refs;
+    kvl_pbuf *free; /* LIFO; small lists in practice (bounded by max bytes) */
+    uint64_t bytes, max, reused, allocated;
+} kvl_bufpool;
+kvl_bufpool *kvl_pool_create(uint64_t max_bytes);
+void kvl_pool_unref(kvl_bufpool *p);
+void *kvl_pool_get(kvl_bufpool *p, size_t len, size_t *cap);
+void kvl_pool_put(kvl_bufpool *p, void *buf, size_t cap);
+
 struct kvl_store_value {
     atomic_int refs;
+    kvl_bufpool *pool; /* buf returns here (NULL: free()) */
+    size_t buf_cap;
     void *buf; /* aligned, owns header + tokens + value */
     size_t buf_len;
     const int32_t *tokens;
@@ -175,6 +196,7 @@ struct kvl_store {
     atomic_uint ring_rr;
 
     kvl_cache cache;
+    kvl_bufpool *pool;
 
     atomic_uint_fast64_t gen, logseq;
     atomic_uint_fast64_t n_puts, n_gets, n_hits, n_miss, n_dels, n_evict, b_evict, n_corrupt,
@@ -189,13 +211,20 @@ struct kvl_store {
 /* ---- io.c */
 kvl_status kvl_io_init(kvl_store *st);
 void kvl_io_free(kvl_store *st);
-typedef struct kvl_ioreq {
+typedef struct kvl_ioreq kvl_ioreq;
+struct kvl_ioreq {
     int fd, write, fixed;
     void *buf;
     uint64_t off;
     size_t len;
     int err; /* errno of the first failure, 0 if none */
-} kvl_ioreq;
+    /* optional: called on the submitting thread as soon as this request is complete, while the
+     * others are still in flight (so checksums overlap the I/O) */
+    void (*done)(kvl_ioreq *req, void *ctx);
+    void *ctx;
+    size_t tag;
+    size_t left; /* internal: pieces outstanding */
+};
 /* Runs all requests with up to queue_depth pieces in flight; per-request errors in req[i].err. */
 void kvl_io_run(kvl_store *st, kvl_ioreq *req, size_t n);
 /* Grabs a ring's registered staging buffer (or NULL): returned locked; kvl_io_stage_put unlocks. */
