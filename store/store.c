@@ -1446,15 +1446,17 @@ kvl_status kvl_store_put_batch(kvl_store *st, size_t n, const kvl_store_put_item
             size_t j = i, m = 0;
             uint64_t bytes = 0;
             while (j < n && (j == i || bytes + need[j] <= (64u << 20))) {
-                void *buf = NULL;
-                if (posix_memalign(&buf, KVL_BLOCK, need[j])) {
+                size_t cap = 0;
+                void *buf = kvl_pool_get(st->pool, need[j], &cap);
+                if (!buf) {
                     s = kvl_errorf(KVL_ERR_NOMEM, "write buffer of %llu bytes", (unsigned long long)need[j]);
                     break;
                 }
                 build_extent(buf, &it[j], &recs[j], need[j]);
                 size_t wlen;
                 int e = kvl_fault_write(st, need[j], &wlen);
-                rq[m++] = (kvl_ioreq){.fd = st->segs[seg[j]].fd, .write = 1, .buf = buf, .off = off[j], .len = wlen, .err = e};
+                rq[m++] = (kvl_ioreq){.fd = st->segs[seg[j]].fd, .write = 1, .buf = buf, .off = off[j], .len = wlen, .err = e,
+                                      .tag = cap};
                 bytes += need[j];
                 j++;
             }
@@ -1467,7 +1469,7 @@ kvl_status kvl_store_put_batch(kvl_store *st, size_t n, const kvl_store_put_item
             if (s == KVL_OK) kvl_io_run(st, rq, m);
             for (size_t k = 0; k < m; k++) {
                 if (s == KVL_OK && rq[k].err) s = io_status(rq[k].err, "writing an extent");
-                free(rq[k].buf);
+                kvl_pool_put(st->pool, rq[k].buf, rq[k].tag);
             }
             i = j;
         }
