@@ -26,9 +26,9 @@ rm -f "$DIR/dd.bin"
 if command -v fio >/dev/null; then
     echo "== fio baseline (1 GiB, 1 MiB blocks, io_uring, iodepth 64, direct)"
     fio --name=w --filename="$DIR/fio.bin" --size=1G --bs=1M --rw=write --ioengine=io_uring --iodepth=64 \
-        --direct=1 --end_fsync=1 --output-format=terse --terse-version=3 | awk -F';' '{printf "   write: %.0f MB/s\n", $7/1000*1.024}'
+        --direct=1 --end_fsync=1 | grep -E '^ +WRITE:' | sed 's/^ */   /'
     fio --name=r --filename="$DIR/fio.bin" --size=1G --bs=1M --rw=read --ioengine=io_uring --iodepth=64 \
-        --direct=1 --output-format=terse --terse-version=3 | awk -F';' '{printf "   read:  %.0f MB/s\n", $7/1000*1.024}'
+        --direct=1 | grep -E '^ +READ:' | sed 's/^ */   /'
     rm -f "$DIR/fio.bin"
 else
     echo "== fio not installed: the raw baseline is dd above and kvloom-bench-store's own io_uring loop"
