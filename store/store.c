@@ -976,6 +976,140 @@ static kvl_status init_logseq(kvl_store *st) {
     return KVL_OK;
 }
 
+
+/* ------------------------------------------------------------------ index snapshot
+ * A clean close dumps the in-memory index (shard tables verbatim + tenant names) to DIR/index.snap,
+ * stamped with RocksDB's last sequence number. The next open uses it instead of scanning `entries`
+ * only if that sequence number is unchanged (nothing was written in between, by anyone), the
+ * layout constants match and the whole file's checksum holds; otherwise it scans. It is a cache
+ * in host layout, never a source of truth: a writable open deletes it before writing anything. */
+
+static const uint8_t snap_magic[8] = {'K', 'V', 'L', 'S', 'N', 'A', 'P', '1'};
+
+static void snap_path(const kvl_store *st, char *b, size_t n) { snprintf(b, n, "%s/index.snap", st->dir); }
+
+static int snap_write_all(FILE *f, XXH3_state_t *h, const void *p, size_t n) {
+    XXH3_64bits_update(h, p, n);
+    return fwrite(p, 1, n, f) == n;
+}
+
+static void snapshot_write(kvl_store *st) {
+    uint64_t total = 0;
+    for (int i = 0; i < KVL_NSHARDS; i++) total += st->shards[i].n;
+    if (total < 10000) return; /* small stores scan in milliseconds */
+    char path[4096], tmp[4200];
+    snap_path(st, path, sizeof path);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "wb");
+    if (!f) return;
+    XXH3_state_t *h = XXH3_createState();
+    XXH3_64bits_reset(h);
+    uint8_t hd[48] = {0};
+    memcpy(hd, snap_magic, 8);
+    kvl_put32(hd + 8, KVL_NSHARDS);
+    kvl_put32(hd + 12, (uint32_t)sizeof(kvl_rec));
+    kvl_put32(hd + 16, (uint32_t)st->ntenants);
+    kvl_put64(hd + 24, rocksdb_get_latest_sequence_number(st->db));
+    kvl_put64(hd + 32, total);
+    int ok = snap_write_all(f, h, hd, sizeof hd);
+    for (size_t i = 0; ok && i < st->ntenants; i++) ok = snap_write_all(f, h, st->tenants[i].name, sizeof st->tenants[i].name);
+    for (int i = 0; ok && i < KVL_NSHARDS; i++) {
+        uint8_t c[16];
+        kvl_put64(c, st->shards[i].cap);
+        kvl_put64(c + 8, st->shards[i].n);
+        ok = snap_write_all(f, h, c, 16) && (!st->shards[i].cap || snap_write_all(f, h, st->shards[i].slots, st->shards[i].cap * sizeof(kvl_rec)));
+    }
+    uint8_t t[8];
+    kvl_put64(t, XXH3_64bits_digest(h));
+    XXH3_freeState(h);
+    ok = ok && fwrite(t, 8, 1, f) == 1;
+    ok = (fclose(f) == 0) && ok;
+    if (!ok || rename(tmp, path) != 0) unlink(tmp);
+}
+
+/* 1 when the index came from the snapshot; 0 to scan (the reason does not matter) */
+static int snapshot_load(kvl_store *st, uint64_t seq_at_open) {
+    char path[4096];
+    snap_path(st, path, sizeof path);
+    FILE *f = fopen(path, "rb");
+    if (!f) return 0;
+    int ok = 0;
+    size_t nt = 0;
+    XXH3_state_t *h = XXH3_createState();
+    XXH3_64bits_reset(h);
+    uint8_t hd[48];
+    if (fread(hd, sizeof hd, 1, f) != 1 || memcmp(hd, snap_magic, 8) != 0 || kvl_get32(hd + 8) != KVL_NSHARDS ||
+        kvl_get32(hd + 12) != sizeof(kvl_rec) || kvl_get32(hd + 16) > KVL_MAX_TENANTS || kvl_get64(hd + 24) != seq_at_open)
+        goto out;
+    XXH3_64bits_update(h, hd, sizeof hd);
+    nt = kvl_get32(hd + 16);
+    for (size_t i = 0; i < nt; i++) {
+        if (fread(st->tenants[i].name, sizeof st->tenants[i].name, 1, f) != 1) goto out;
+        XXH3_64bits_update(h, st->tenants[i].name, sizeof st->tenants[i].name);
+        st->tenants[i].name[KVL_STORE_TENANT_MAX] = 0;
+    }
+    for (int i = 0; i < KVL_NSHARDS; i++) {
+        uint8_t c[16];
+        if (fread(c, 16, 1, f) != 1) goto out;
+        XXH3_64bits_update(h, c, 16);
+        uint64_t cap = kvl_get64(c), n = kvl_get64(c + 8);
+        if (cap & (cap - 1) || n > cap || cap > (1ull << 32)) goto out;
+        kvl_shard *sh = &st->shards[i];
+        free(sh->slots);
+        sh->slots = NULL;
+        sh->cap = sh->n = 0;
+        if (!cap) continue;
+        sh->slots = malloc(cap * sizeof(kvl_rec));
+        if (!sh->slots || fread(sh->slots, sizeof(kvl_rec), cap, f) != cap) goto out;
+        XXH3_64bits_update(h, sh->slots, cap * sizeof(kvl_rec));
+        sh->cap = cap;
+        sh->n = n;
+    }
+    uint8_t t[8];
+    if (fread(t, 8, 1, f) != 1 || kvl_get64(t) != XXH3_64bits_digest(h)) goto out;
+    /* derived state, and a sanity pass over what we trust from now on */
+    uint64_t max_gen = 0, cnt = 0;
+    for (int i = 0; i < KVL_NSHARDS; i++)
+        for (size_t j = 0; j < st->shards[i].cap; j++) {
+            kvl_rec *r = &st->shards[i].slots[j];
+            if (!r->state) continue;
+            if (r->tenant >= nt || r->seg >= st->nsegs || r->off + r->ext_len > st->segs[r->seg].size ||
+                shard_idx(&r->key) != i)
+                goto out;
+            r->dirty = 0;
+            cnt++;
+        }
+    if (cnt != kvl_get64(hd + 32)) goto out;
+    st->ntenants = nt;
+    for (int i = 0; i < KVL_NSHARDS; i++)
+        for (size_t j = 0; j < st->shards[i].cap; j++) {
+            kvl_rec *r = &st->shards[i].slots[j];
+            if (!r->state) continue;
+            st->tenants[r->tenant].used += r->ext_len;
+            st->tenants[r->tenant].count++;
+            atomic_fetch_add(&st->used, r->ext_len);
+            if (r->generation > max_gen) max_gen = r->generation;
+        }
+    uint64_t now = kvl_now_ns();
+    atomic_store(&st->gen, (max_gen > now ? max_gen : now) + 1);
+    ok = 1;
+out:
+    XXH3_freeState(h);
+    fclose(f);
+    if (!ok) {
+        /* back to a clean slate for the scan */
+        for (int i = 0; i < KVL_NSHARDS; i++) {
+            free(st->shards[i].slots);
+            st->shards[i].slots = NULL;
+            st->shards[i].cap = st->shards[i].n = 0;
+        }
+        for (size_t i = 0; i < KVL_MAX_TENANTS && i < nt; i++) memset(&st->tenants[i], 0, sizeof st->tenants[i]);
+        st->ntenants = 0;
+    }
+    if (!st->opt.read_only) unlink(path); /* used or not, it is stale once we write */
+    return ok;
+}
+
 kvl_status kvl_store_open(const char *dir, const kvl_store_options *opt, kvl_store **out) {
     if (!dir || !out) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_store_open: NULL argument");
     *out = NULL;
@@ -1011,6 +1145,8 @@ kvl_status kvl_store_open(const char *dir, const kvl_store_options *opt, kvl_sto
         else if (mkdir(dir, 0755) != 0 && errno != EEXIST) s = io_status(errno, dir);
     }
     if (s == KVL_OK) s = db_open(st, exists);
+    uint64_t seq_at_open = s == KVL_OK ? rocksdb_get_latest_sequence_number(st->db) : 0;
+    int from_snapshot = 0;
     if (s == KVL_OK) s = load_format(st, !exists);
     if (s == KVL_OK && st->opt.capacity_bytes && !st->opt.read_only && st->opt.capacity_bytes != st->capacity) {
         st->capacity = st->opt.capacity_bytes;
@@ -1035,8 +1171,10 @@ kvl_status kvl_store_open(const char *dir, const kvl_store_options *opt, kvl_sto
         }
         rocksdb_writebatch_destroy(wb);
     }
+    if (s == KVL_OK && exists) from_snapshot = snapshot_load(st, seq_at_open);
     if (s == KVL_OK) s = load_tenants(st);
-    if (s == KVL_OK) s = load_entries(st);
+    if (s == KVL_OK && !from_snapshot) s = load_entries(st);
+    st->from_snapshot = from_snapshot;
     if (s == KVL_OK) {
         atomic_fetch_add(&st->used, atomic_load(&st->pending));
         s = kvl_io_init(st);
@@ -1067,6 +1205,7 @@ void kvl_store_close(kvl_store *st) {
         rocksdb_flushoptions_destroy(fo);
         rocksdb_compact_range_cf(st->db, st->cf[CF_FREE], NULL, 0, NULL, 0);
         rocksdb_compact_range_cf(st->db, st->cf[CF_PENDING], NULL, 0, NULL, 0);
+        if (!err) snapshot_write(st);
     }
     while (st->cache.head) cache_remove(&st->cache, st->cache.head);
     free(st->cache.buckets);
@@ -1818,6 +1957,7 @@ kvl_status kvl_store_get_stats(kvl_store *st, kvl_store_stats *o) {
     o->recovered_extents = st->rec_extents;
     o->recovered_bytes = st->rec_bytes;
     o->open_ns = st->open_ns;
+    o->index_from_snapshot = st->from_snapshot;
     snprintf(o->io_backend, sizeof o->io_backend, "%s", st->uring ? "io_uring" : "pread");
     snprintf(o->io_detail, sizeof o->io_detail, "%s", st->io_detail);
     o->registered_buffers = st->uring && st->fixed_ok;

@@ -375,6 +375,68 @@ static void test_pin_and_cache(void) {
     kvl_store_close(st);
 }
 
+/* the clean-close index snapshot is used when valid and ignored when stale */
+static void test_snapshot(void) {
+    const char *dir = fresh_dir("st_snap");
+    kvl_store_options o = opts();
+    o.segment_bytes = 32u << 20;
+    o.capacity_bytes = 128u << 20;
+    kvl_store *st = NULL;
+    CHECK_OK(kvl_store_open(dir, &o, &st));
+    if (!st) return;
+    enum { N = 12000, B = 1000 };
+    kvl_store_meta m;
+    test_meta(&m, "snap", 1);
+    kvl_store_key root;
+    kvl_store_root_key(m.fingerprint, "snap", &root);
+    kvl_store_put_item it[B];
+    uint64_t vals[B];
+    for (uint64_t i = 0; i < N; i += B) {
+        for (size_t j = 0; j < B; j++) {
+            vals[j] = i + j;
+            int32_t tok = (int32_t)(i + j);
+            kvl_store_chunk_key(&root, &tok, 1, &it[j].key);
+            it[j].meta = &m;
+            it[j].tokens = NULL;
+            it[j].n_tokens = 0;
+            it[j].value = &vals[j];
+            it[j].len = 8;
+        }
+        CHECK_OK(kvl_store_put_batch(st, B, it));
+    }
+    kvl_store_key last = it[B - 1].key;
+    kvl_store_close(st);
+    st = NULL;
+    CHECK_OK(kvl_store_open(dir, &o, &st));
+    if (!st) return;
+    kvl_store_stats ss;
+    kvl_store_get_stats(st, &ss);
+    CHECK(ss.index_from_snapshot == 1 && ss.entries == N);
+    kvl_store_value *v = NULL;
+    CHECK_OK(kvl_store_get(st, &last, NULL, &v));
+    CHECK(v && kvl_store_value_size(v) == 8 && *(const uint64_t *)kvl_store_value_data(v) == N - 1);
+    kvl_store_value_free(v);
+    CHECK(audit_ok(st));
+    kvl_store_close(st); /* writes a new snapshot */
+    /* keep this snapshot, change the store, put the old snapshot back: it must be ignored */
+    CHECK(rename("st_snap/index.snap", "st_snap.old") == 0);
+    st = NULL;
+    CHECK_OK(kvl_store_open(dir, &o, &st));
+    kvl_store_get_stats(st, &ss);
+    CHECK(ss.index_from_snapshot == 0);
+    CHECK_OK(kvl_store_delete(st, &last));
+    kvl_store_close(st);
+    CHECK(rename("st_snap.old", "st_snap/index.snap") == 0);
+    st = NULL;
+    CHECK_OK(kvl_store_open(dir, &o, &st));
+    kvl_store_get_stats(st, &ss);
+    CHECK(ss.index_from_snapshot == 0 && ss.entries == N - 1);
+    CHECK_ST(kvl_store_stat(st, &last, NULL), KVL_ERR_KEY_NOT_FOUND);
+    CHECK(audit_ok(st));
+    kvl_store_close(st);
+    fresh_dir(dir);
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--no-uring")) no_uring = 1;
@@ -383,5 +445,6 @@ int main(int argc, char **argv) {
     test_prefix();
     test_eviction();
     test_pin_and_cache();
+    test_snapshot();
     KVL_TEST_END();
 }
