@@ -1144,6 +1144,19 @@ kvl_status kvl_store_open(const char *dir, const kvl_store_options *opt, kvl_sto
         if (!st->opt.create || st->opt.read_only) s = kvl_errorf(KVL_ERR_NOT_FOUND, "%s: no kvloom store here", dir);
         else if (mkdir(dir, 0755) != 0 && errno != EEXIST) s = io_status(errno, dir);
     }
+    if (s == KVL_OK && !st->opt.read_only) {
+        /* fail at open, not at the first put, on a filesystem without O_DIRECT (tmpfs) */
+        char probe[4200];
+        snprintf(probe, sizeof probe, "%s/.direct-probe", dir);
+        int fd = open(probe, O_RDWR | O_CREAT | O_DIRECT | O_CLOEXEC, 0644);
+        if (fd < 0 && errno == EINVAL)
+            s = kvl_errorf(KVL_ERR_UNSUPPORTED, "%s: the filesystem does not support O_DIRECT", dir);
+        else if (fd < 0)
+            s = io_status(errno, probe);
+        else
+            close(fd);
+        unlink(probe);
+    }
     if (s == KVL_OK) s = db_open(st, exists);
     uint64_t seq_at_open = s == KVL_OK ? rocksdb_get_latest_sequence_number(st->db) : 0;
     int from_snapshot = 0;
