@@ -437,21 +437,7 @@ kvl_status kvl_store_admin_verify(kvl_store *st, const kvl_store_key *keys, size
 kvl_status kvl_store_admin_compact(kvl_store *st, uint64_t keep_log, json_t **out) {
     if (st->opt.read_only) return kvl_errorf(KVL_ERR_PERMISSION, "store opened read-only");
     KVL_TRY(kvl_store_flush(st));
-    uint64_t trimmed = 0;
-    if (keep_log) {
-        uint64_t next = atomic_load(&st->logseq);
-        if (next > keep_log + 1) {
-            uint8_t lo[8], hi[8];
-            kvl_put64be(lo, 0);
-            kvl_put64be(hi, next - keep_log);
-            rocksdb_writebatch_t *wb = rocksdb_writebatch_create();
-            rocksdb_writebatch_delete_range_cf(wb, st->cf[CF_LOG], (const char *)lo, 8, (const char *)hi, 8);
-            kvl_status s = kvl_db_write(st, wb, 1);
-            rocksdb_writebatch_destroy(wb);
-            KVL_TRY(s);
-            trimmed = next - keep_log - 1;
-        }
-    }
+    uint64_t trimmed = kvl_store_trim_log(st, keep_log);
     for (int i = 0; i < CF_COUNT; i++) rocksdb_compact_range_cf(st->db, st->cf[i], NULL, 0, NULL, 0);
     char d[64];
     snprintf(d, sizeof d, "log trimmed below %llu", (unsigned long long)trimmed);

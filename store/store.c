@@ -1201,6 +1201,19 @@ kvl_status kvl_store_open(const char *dir, const kvl_store_options *opt, kvl_sto
     return KVL_OK;
 }
 
+uint64_t kvl_store_trim_log(kvl_store *st, uint64_t keep) {
+    uint64_t next = atomic_load(&st->logseq);
+    if (!keep || next <= keep + 1) return 0;
+    uint8_t lo[8], hi[8];
+    kvl_put64be(lo, 0);
+    kvl_put64be(hi, next - keep);
+    rocksdb_writebatch_t *wb = rocksdb_writebatch_create();
+    rocksdb_writebatch_delete_range_cf(wb, st->cf[CF_LOG], (const char *)lo, 8, (const char *)hi, 8);
+    kvl_status s = kvl_db_write(st, wb, 0);
+    rocksdb_writebatch_destroy(wb);
+    return s == KVL_OK ? next - keep - 1 : 0;
+}
+
 void kvl_store_close(kvl_store *st) {
     if (!st) return;
     if (st->db && !st->opt.read_only && st->nsegs) {
@@ -1218,6 +1231,27 @@ void kvl_store_close(kvl_store *st) {
         rocksdb_flushoptions_destroy(fo);
         rocksdb_compact_range_cf(st->db, st->cf[CF_FREE], NULL, 0, NULL, 0);
         rocksdb_compact_range_cf(st->db, st->cf[CF_PENDING], NULL, 0, NULL, 0);
+        /* short-lived or crashing writers leave level-0 files that background compaction never got
+         * to; RocksDB opens every file at open, so do not let them pile up */
+        kvl_store_trim_log(st, KVL_LOG_KEEP);
+        for (int i = 0; i < CF_COUNT; i++) {
+            uint64_t files = 0;
+            for (int l = 0; l < 7; l++) {
+                char prop[64];
+                snprintf(prop, sizeof prop, "rocksdb.num-files-at-level%d", l);
+                char *v = rocksdb_property_value_cf(st->db, st->cf[i], prop); /* a string property */
+                if (v) files += strtoull(v, NULL, 10);
+                free(v);
+            }
+            /* sequential keys (the log) flush into many small non-overlapping files that RocksDB
+             * only moves between levels, never merges: rewrite them into one */
+            if (files >= 16) {
+                rocksdb_compactoptions_t *co = rocksdb_compactoptions_create();
+                rocksdb_compactoptions_set_bottommost_level_compaction(co, 2 /* force */);
+                rocksdb_compact_range_cf_opt(st->db, st->cf[i], co, NULL, 0, NULL, 0);
+                rocksdb_compactoptions_destroy(co);
+            }
+        }
         if (!err) snapshot_write(st);
     }
     while (st->cache.head) cache_remove(&st->cache, st->cache.head);
@@ -1419,7 +1453,7 @@ static kvl_status make_room(kvl_store *st, uint32_t tenant, uint64_t need) {
     if (need > st->capacity)
         return kvl_errorf(KVL_ERR_STORE_FULL, "%llu bytes exceed the capacity of %llu", (unsigned long long)need,
                           (unsigned long long)st->capacity);
-    for (int round = 0; round < 8; round++) {
+    for (int round = 0, waits = 0; round < 8; round++) {
         uint64_t u = atomic_load(&st->used);
         while (u + need <= st->capacity)
             if (atomic_compare_exchange_weak(&st->used, &u, u + need)) return KVL_OK;
@@ -1428,7 +1462,19 @@ static kvl_status make_room(kvl_store *st, uint32_t tenant, uint64_t need) {
         uint64_t target = st->capacity - need > slack ? st->capacity - need - slack : 0;
         uint64_t n = 0;
         KVL_TRY(evict_run(st, st->opt.policy, -1, target, 0, 0, "capacity", &n, NULL));
-        if (n == 0 && round > 0) break;
+        if (n == 0 && round > 0) {
+            /* nothing left to evict, but space held by puts in flight and by extents that readers
+             * still pin comes back shortly: wait for it (up to ~2 s) before calling the store full */
+            uint64_t entry_bytes = 0;
+            pthread_mutex_lock(&st->tmu);
+            for (size_t i = 0; i < st->ntenants; i++) entry_bytes += st->tenants[i].used;
+            pthread_mutex_unlock(&st->tmu);
+            if (atomic_load(&st->used) <= entry_bytes || waits >= 2000) break;
+            waits++;
+            round--;
+            struct timespec ts = {0, 1000000};
+            nanosleep(&ts, NULL);
+        }
     }
     return kvl_errorf(KVL_ERR_STORE_FULL, "no room for %llu bytes: capacity %llu, used %llu, nothing evictable",
                       (unsigned long long)need, (unsigned long long)st->capacity,

@@ -26,6 +26,7 @@
 #define KVL_NSHARDS 64
 #define KVL_MAX_SEGS 4096         /* fixed arrays: readers index them without the allocator lock */
 #define KVL_MAX_TENANTS 4096
+#define KVL_LOG_KEEP 1000000u /* a clean close trims the audit log to its newest records */
 #define KVL_NRINGS 4
 #define KVL_IO_PIECE (1u << 20)     /* large reads/writes are split into pieces of this size */
 #define KVL_STAGE_BYTES (4u << 20)  /* registered staging buffer per ring */
@@ -260,6 +261,8 @@ kvl_status kvl_db_write(kvl_store *st, rocksdb_writebatch_t *wb, int sync);
 uint64_t kvl_now_ns(void);
 void kvl_lock_all(kvl_store *st);   /* every shard lock, ascending */
 void kvl_unlock_all(kvl_store *st);
+/* deletes log records older than the newest keep (unsynced); returns how many sequence numbers went */
+uint64_t kvl_store_trim_log(kvl_store *st, uint64_t keep);
 
 const char *kvl_tenant_name(kvl_store *st, uint32_t idx);
 
