@@ -252,7 +252,20 @@ static kvl_status free_insert(kvl_store *st, kvl_seg *s, uint64_t off, uint64_t 
 }
 
 /* best fit over unfenced segments; takes the front of the chosen free extent; amu held */
-static int alloc_locked(kvl_store *st, uint64_t len, rocksdb_writebatch_t *wb, uint32_t *seg, uint64_t *off) {
+/* free extents an allocation batch changed: the record keyed by orig now covers [cur, cur+len)
+ * (len 0: gone). Written once per batch, not once per allocation. */
+typedef struct free_change {
+    uint32_t seg;
+    uint64_t orig, cur, len;
+} free_change;
+
+typedef struct free_tracker {
+    free_change *c;
+    size_t n, cap;
+} free_tracker;
+
+static int alloc_locked(kvl_store *st, uint64_t len, rocksdb_writebatch_t *wb, free_tracker *tr, uint32_t *seg,
+                        uint64_t *off) {
     kvl_seg *best = NULL;
     size_t bi = 0;
     for (size_t si = 0; si < st->nsegs; si++) {
@@ -270,11 +283,25 @@ found:;
     kvl_ext *e = &best->free[bi];
     *seg = best->id;
     *off = e->off;
-    cf_del_ext(st, wb, CF_FREE, best->id, e->off);
+    free_change *fc = NULL;
+    for (size_t i = 0; i < tr->n && !fc; i++)
+        if (tr->c[i].seg == best->id && tr->c[i].len && tr->c[i].cur == e->off) fc = &tr->c[i];
+    if (!fc) {
+        if (tr->n == tr->cap) {
+            size_t nc = tr->cap ? tr->cap * 2 : 8;
+            free_change *nn = realloc(tr->c, nc * sizeof *nn);
+            if (!nn) return 0;
+            tr->c = nn;
+            tr->cap = nc;
+        }
+        fc = &tr->c[tr->n++];
+        *fc = (free_change){best->id, e->off, e->off, e->len};
+    }
+    fc->cur = e->off + len;
+    fc->len = e->len - len;
     if (e->len > len) {
         e->off += len;
         e->len -= len;
-        cf_put_ext(st, wb, CF_FREE, best->id, e->off, e->len);
     } else {
         memmove(e, e + 1, (best->nfree - bi - 1) * sizeof *e);
         best->nfree--;
@@ -377,10 +404,11 @@ static kvl_status alloc_many(kvl_store *st, size_t n, const uint64_t *len, uint3
     kvl_status s = KVL_OK;
     *ok = 0;
     rocksdb_writebatch_t *wb = rocksdb_writebatch_create();
+    free_tracker tr = {0};
     pthread_mutex_lock(&st->amu);
     size_t i = 0;
     for (; i < n; i++) {
-        if (alloc_locked(st, len[i], wb, &seg[i], &off[i])) continue;
+        if (alloc_locked(st, len[i], wb, &tr, &seg[i], &off[i])) continue;
         if (st->nsegs < max_segments(st)) {
             s = seg_create_locked(st);
             if (s != KVL_OK) break;
@@ -390,9 +418,14 @@ static kvl_status alloc_many(kvl_store *st, size_t n, const uint64_t *len, uint3
         break;
     }
     if (s == KVL_OK && i == n) {
+        for (size_t k = 0; k < tr.n; k++) {
+            cf_del_ext(st, wb, CF_FREE, tr.c[k].seg, tr.c[k].orig);
+            if (tr.c[k].len) cf_put_ext(st, wb, CF_FREE, tr.c[k].seg, tr.c[k].cur, tr.c[k].len);
+        }
         s = kvl_db_write(st, wb, 0);
         if (s == KVL_OK) *ok = 1;
     }
+    free(tr.c);
     if (!*ok) {
         /* put back what this call took (the batch was not written) */
         for (size_t j = 0; j < i; j++) {
