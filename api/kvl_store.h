@@ -85,6 +85,8 @@ typedef struct kvl_store_options {
     int no_uring;             /* 1: use pread/pwrite instead of io_uring (reported in stats) */
     int load_threads;         /* threads that load the index at open; 0 = number of CPUs */
     uint64_t buffer_pool_bytes; /* freed read buffers kept for reuse (default 256 MiB; 0 = none) */
+    int verify_threads;       /* threads that checksum batched reads besides the caller;
+                                 0 = min(CPUs - 1, 4), -1 = none (the caller verifies alone) */
 } kvl_store_options;
 
 /* Fills the defaults documented above. */
@@ -225,6 +227,8 @@ typedef struct kvl_store_stats {
     uint64_t recovered_extents, recovered_bytes; /* reclaimed by the last open's recovery */
     uint64_t open_ns;                            /* open-to-ready time of this handle */
     int index_from_snapshot; /* 1: the index was loaded from the clean-close snapshot, 0: scanned */
+    int verify_threads;      /* checksum worker threads */
+    uint64_t worker_verified; /* reads whose checksum a worker thread verified */
     char io_backend[16];    /* "io_uring" or "pread" */
     char io_detail[160];    /* what the backend detected: registered buffers or why not, probes */
     int registered_buffers; /* 1 when puts write through buffers registered with io_uring */

@@ -624,6 +624,9 @@ static void cache_drop(kvl_store *st, const kvl_store_key *k) {
 
 /* ------------------------------------------------------------------ open / close */
 
+static void verify_workers_start(kvl_store *st);
+static void verify_workers_stop(kvl_store *st);
+
 void kvl_store_options_default(kvl_store_options *o) {
     memset(o, 0, sizeof *o);
     o->create = 1;
@@ -1225,6 +1228,10 @@ kvl_status kvl_store_open(const char *dir, const kvl_store_options *opt, kvl_sto
         atomic_fetch_add(&st->used, atomic_load(&st->pending));
         s = kvl_io_init(st);
     }
+    if (s == KVL_OK) {
+        verify_workers_start(st);
+        st->vstarted = 1;
+    }
     if (s != KVL_OK) {
         kvl_store_close(st);
         return s;
@@ -1287,6 +1294,7 @@ void kvl_store_close(kvl_store *st) {
         }
         if (!err) snapshot_write(st);
     }
+    if (st->vstarted) verify_workers_stop(st);
     while (st->cache.head) cache_remove(&st->cache, st->cache.head);
     free(st->cache.buckets);
     kvl_pool_unref(st->pool);
@@ -1806,11 +1814,14 @@ typedef struct verify_ctx {
     const kvl_rec *recs;
     kvl_store_value **out;
     kvl_status *status;
+    char (*msg)[160]; /* per item: the detail of a failure (kvl_errorf is per thread) */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    size_t left; /* verifications not finished (under mu) */
 } verify_ctx;
 
-/* completion of one extent read: check header and checksum (runs while other reads are in flight) */
-static void verify_done(kvl_ioreq *rq, void *arg) {
-    verify_ctx *c = arg;
+/* checks one completed extent read: header and checksum */
+static void verify_one(kvl_ioreq *rq, verify_ctx *c) {
     size_t i = rq->tag;
     kvl_store *st = c->st;
     const kvl_rec *r = &c->recs[i];
@@ -1831,17 +1842,99 @@ static void verify_done(kvl_ioreq *rq, void *arg) {
     }
     if (s != KVL_OK) {
         if (s == KVL_ERR_CORRUPT) atomic_fetch_add(&st->n_corrupt, 1);
+        snprintf(c->msg[i], sizeof c->msg[i], "%s", kvl_last_error());
         kvl_store_value_free(v);
         c->out[i] = NULL;
         c->status[i] = s;
     }
+    pthread_mutex_lock(&c->mu);
+    if (--c->left == 0) pthread_cond_signal(&c->cv);
+    pthread_mutex_unlock(&c->mu); /* c may be gone after this */
+}
+
+/* io completion callbacks: verify now on this thread, or queue for the workers */
+static void verify_inline(kvl_ioreq *rq, void *arg) { verify_one(rq, arg); }
+
+static void verify_enqueue(kvl_ioreq *rq, void *arg) {
+    verify_ctx *c = arg;
+    kvl_store *st = c->st;
+    rq->qnext = NULL;
+    pthread_mutex_lock(&st->vmu);
+    if (st->vq_tail) st->vq_tail->qnext = rq;
+    else st->vq_head = rq;
+    st->vq_tail = rq;
+    pthread_cond_signal(&st->vcond);
+    pthread_mutex_unlock(&st->vmu);
+}
+
+static kvl_ioreq *vq_pop_locked(kvl_store *st) {
+    kvl_ioreq *rq = st->vq_head;
+    if (rq) {
+        st->vq_head = rq->qnext;
+        if (!st->vq_head) st->vq_tail = NULL;
+    }
+    return rq;
+}
+
+static void *verify_worker(void *arg) {
+    kvl_store *st = arg;
+    pthread_mutex_lock(&st->vmu);
+    for (;;) {
+        kvl_ioreq *rq = vq_pop_locked(st);
+        if (!rq) {
+            if (st->vstop) break;
+            pthread_cond_wait(&st->vcond, &st->vmu);
+            continue;
+        }
+        pthread_mutex_unlock(&st->vmu);
+        verify_one(rq, rq->ctx);
+        atomic_fetch_add(&st->n_vworker, 1);
+        pthread_mutex_lock(&st->vmu);
+    }
+    pthread_mutex_unlock(&st->vmu);
+    return NULL;
+}
+
+static void verify_workers_start(kvl_store *st) {
+    pthread_mutex_init(&st->vmu, NULL);
+    pthread_cond_init(&st->vcond, NULL);
+    int n = st->opt.verify_threads;
+    if (n == 0) {
+        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        n = cpus > 1 ? (int)(cpus - 1 < 4 ? cpus - 1 : 4) : 0;
+    }
+    if (n > 8) n = 8;
+    for (int i = 0; i < n; i++)
+        if (pthread_create(&st->vthreads[st->nvthreads], NULL, verify_worker, st) == 0) st->nvthreads++;
+}
+
+static void verify_workers_stop(kvl_store *st) {
+    pthread_mutex_lock(&st->vmu);
+    st->vstop = 1;
+    pthread_cond_broadcast(&st->vcond);
+    pthread_mutex_unlock(&st->vmu);
+    for (int i = 0; i < st->nvthreads; i++) pthread_join(st->vthreads[i], NULL);
+    st->nvthreads = 0;
+    pthread_mutex_destroy(&st->vmu);
+    pthread_cond_destroy(&st->vcond);
 }
 
 /* reads and verifies the extents of recs (already pinned by the caller) */
 kvl_status kvl_read_verify(kvl_store *st, size_t n, const kvl_rec *recs, kvl_store_value **out, kvl_status *status) {
     kvl_ioreq *rq = calloc(n ? n : 1, sizeof *rq);
-    if (!rq) return kvl_errorf(KVL_ERR_NOMEM, "read batch");
-    verify_ctx ctx = {st, recs, out, status};
+    char (*msg)[160] = calloc(n ? n : 1, sizeof *msg);
+    if (!rq || !msg) {
+        free(rq);
+        free(msg);
+        return kvl_errorf(KVL_ERR_NOMEM, "read batch");
+    }
+    verify_ctx ctx = {.st = st, .recs = recs, .out = out, .status = status, .msg = msg};
+    pthread_mutex_init(&ctx.mu, NULL);
+    pthread_cond_init(&ctx.cv, NULL);
+    uint64_t total = 0;
+    for (size_t i = 0; i < n; i++) total += recs[i].ext_len;
+    /* workers pay off when there are several big values to checksum */
+    int parallel = st->nvthreads > 0 && n >= 2 && total >= (256u << 10);
     size_t m = 0;
     for (size_t i = 0; i < n; i++) {
         out[i] = NULL;
@@ -1851,7 +1944,8 @@ kvl_status kvl_read_verify(kvl_store *st, size_t n, const kvl_rec *recs, kvl_sto
         void *buf = v ? kvl_pool_get(st->pool, recs[i].ext_len, &cap) : NULL;
         if (!buf) {
             free(v);
-            status[i] = kvl_errorf(KVL_ERR_NOMEM, "read buffer of %llu bytes", (unsigned long long)recs[i].ext_len);
+            status[i] = KVL_ERR_NOMEM;
+            snprintf(msg[i], sizeof msg[i], "read buffer of %llu bytes", (unsigned long long)recs[i].ext_len);
             continue;
         }
         v->buf = buf;
@@ -1862,10 +1956,37 @@ kvl_status kvl_read_verify(kvl_store *st, size_t n, const kvl_rec *recs, kvl_sto
         atomic_init(&v->refs, 1);
         out[i] = v;
         rq[m++] = (kvl_ioreq){.fd = st->segs[recs[i].seg].fd, .buf = buf, .off = recs[i].off, .len = recs[i].ext_len,
-                              .done = verify_done, .ctx = &ctx, .tag = i};
+                              .done = parallel ? verify_enqueue : verify_inline, .ctx = &ctx, .tag = i};
     }
+    ctx.left = m;
     kvl_io_run(st, rq, m);
+    /* help with the queue, then wait for what the workers still hold */
+    for (;;) {
+        pthread_mutex_lock(&ctx.mu);
+        size_t left = ctx.left;
+        pthread_mutex_unlock(&ctx.mu);
+        if (!left) break;
+        pthread_mutex_lock(&st->vmu);
+        kvl_ioreq *j = parallel ? vq_pop_locked(st) : NULL;
+        pthread_mutex_unlock(&st->vmu);
+        if (j) {
+            verify_one(j, j->ctx);
+            continue;
+        }
+        pthread_mutex_lock(&ctx.mu);
+        while (ctx.left) pthread_cond_wait(&ctx.cv, &ctx.mu);
+        pthread_mutex_unlock(&ctx.mu);
+        break;
+    }
+    for (size_t i = 0; i < n; i++)
+        if (status[i] != KVL_OK) {
+            kvl_errorf(status[i], "%s", msg[i]); /* the first failure's detail, on the caller's thread */
+            break;
+        }
+    pthread_mutex_destroy(&ctx.mu);
+    pthread_cond_destroy(&ctx.cv);
     free(rq);
+    free(msg);
     return KVL_OK;
 }
 
@@ -2050,6 +2171,8 @@ kvl_status kvl_store_get_stats(kvl_store *st, kvl_store_stats *o) {
     o->recovered_bytes = st->rec_bytes;
     o->open_ns = st->open_ns;
     o->index_from_snapshot = st->from_snapshot;
+    o->verify_threads = st->nvthreads;
+    o->worker_verified = atomic_load(&st->n_vworker);
     snprintf(o->io_backend, sizeof o->io_backend, "%s", st->uring ? "io_uring" : "pread");
     snprintf(o->io_detail, sizeof o->io_detail, "%s", st->io_detail);
     o->registered_buffers = st->uring && st->fixed_ok;

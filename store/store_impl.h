@@ -119,6 +119,7 @@ typedef struct kvl_ring {
     int fixed;
 } kvl_ring;
 
+typedef struct kvl_ioreq kvl_ioreq;
 typedef struct kvl_centry kvl_centry;
 struct kvl_centry {
     kvl_store_key key;
@@ -199,7 +200,15 @@ struct kvl_store {
     kvl_cache cache;
     kvl_bufpool *pool;
 
+    /* verification workers: completed reads of a large batch are checksummed in parallel */
+    pthread_t vthreads[8];
+    int nvthreads, vstop, vstarted;
+    pthread_mutex_t vmu;
+    pthread_cond_t vcond;
+    kvl_ioreq *vq_head, *vq_tail;
+
     atomic_uint_fast64_t gen, logseq;
+    atomic_uint_fast64_t n_vworker; /* verifications done by worker threads */
     atomic_uint_fast64_t n_puts, n_gets, n_hits, n_miss, n_dels, n_evict, b_evict, n_corrupt,
         n_retry;
     uint64_t rec_extents, rec_bytes, open_ns;
@@ -213,7 +222,6 @@ struct kvl_store {
 /* ---- io.c */
 kvl_status kvl_io_init(kvl_store *st);
 void kvl_io_free(kvl_store *st);
-typedef struct kvl_ioreq kvl_ioreq;
 struct kvl_ioreq {
     int fd, write, fixed;
     void *buf;
@@ -225,7 +233,8 @@ struct kvl_ioreq {
     void (*done)(kvl_ioreq *req, void *ctx);
     void *ctx;
     size_t tag;
-    size_t left; /* internal: pieces outstanding */
+    size_t left;      /* internal: pieces outstanding */
+    kvl_ioreq *qnext; /* internal: verification queue link */
 };
 /* Runs all requests with up to queue_depth pieces in flight; per-request errors in req[i].err. */
 void kvl_io_run(kvl_store *st, kvl_ioreq *req, size_t n);

@@ -121,6 +121,7 @@ int main(void) {
     o.capacity_bytes = 3u << 20; /* ~40 average values: eviction runs all the time */
     o.segment_bytes = 2u << 20;
     o.cache_bytes = 1u << 20;
+    o.verify_threads = 3; /* batched gets hand checksums to workers */
     CHECK_OK(kvl_store_open(dir, &o, &st));
     if (!st) KVL_TEST_END();
     uint8_t fp[32];
@@ -147,6 +148,8 @@ int main(void) {
     CHECK(ss.used_bytes <= o.capacity_bytes);
     CHECK(ss.pending_bytes == 0);
     CHECK(ss.evictions > 0);
+    printf("checksums verified by %d worker threads: %llu\n", ss.verify_threads, (unsigned long long)ss.worker_verified);
+    CHECK(ss.worker_verified > 0);
     CHECK(audit_ok(st));
     kvl_store_close(st);
     st = NULL;
