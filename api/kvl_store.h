@@ -223,7 +223,7 @@ typedef struct kvl_store_stats {
     uint64_t segment_bytes;
     uint64_t puts, gets, get_hits, get_misses, deletes, evictions, evicted_bytes;
     uint64_t cache_hits, cache_bytes, cache_entries, cache_budget;
-    uint64_t corrupt_reads, retried_reads;
+    uint64_t corrupt_reads; /* reads that failed verification */
     uint64_t recovered_extents, recovered_bytes; /* reclaimed by the last open's recovery */
     uint64_t open_ns;                            /* open-to-ready time of this handle */
     int index_from_snapshot; /* 1: the index was loaded from the clean-close snapshot, 0: scanned */

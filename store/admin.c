@@ -356,9 +356,11 @@ kvl_status kvl_store_admin_stat(kvl_store *st, json_t **out) {
         "cache_bytes", (json_int_t)s.cache_bytes, "cache_entries", (json_int_t)s.cache_entries, "cache_budget",
         (json_int_t)s.cache_budget, "corrupt_reads", (json_int_t)s.corrupt_reads, "recovered_extents",
         (json_int_t)s.recovered_extents, "recovered_bytes", (json_int_t)s.recovered_bytes, "open_ns",
-        (json_int_t)s.open_ns, "retried_reads", (json_int_t)s.retried_reads, "io_backend", s.io_backend, "io_detail",
+        (json_int_t)s.open_ns, "verify_threads", (json_int_t)s.verify_threads, "io_backend", s.io_backend, "io_detail",
         s.io_detail, "registered_buffers", s.registered_buffers, "policy",
         s.policy == KVL_STORE_EVICT_COST ? "cost" : "lru", "read_only", s.read_only);
+    json_object_set_new(o, "index_from_snapshot", json_boolean(s.index_from_snapshot));
+    json_object_set_new(o, "worker_verified", json_integer((json_int_t)s.worker_verified));
     json_t *t = json_array();
     pthread_mutex_lock(&st->tmu);
     for (size_t i = 0; i < st->ntenants; i++)

@@ -2160,7 +2160,6 @@ kvl_status kvl_store_get_stats(kvl_store *st, kvl_store_stats *o) {
     o->evictions = atomic_load(&st->n_evict);
     o->evicted_bytes = atomic_load(&st->b_evict);
     o->corrupt_reads = atomic_load(&st->n_corrupt);
-    o->retried_reads = atomic_load(&st->n_retry);
     pthread_mutex_lock(&st->cache.mu);
     o->cache_hits = st->cache.hits;
     o->cache_bytes = st->cache.bytes;

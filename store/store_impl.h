@@ -209,8 +209,7 @@ struct kvl_store {
 
     atomic_uint_fast64_t gen, logseq;
     atomic_uint_fast64_t n_vworker; /* verifications done by worker threads */
-    atomic_uint_fast64_t n_puts, n_gets, n_hits, n_miss, n_dels, n_evict, b_evict, n_corrupt,
-        n_retry;
+    atomic_uint_fast64_t n_puts, n_gets, n_hits, n_miss, n_dels, n_evict, b_evict, n_corrupt;
     uint64_t rec_extents, rec_bytes, open_ns;
     int from_snapshot; /* the index came from index.snap at open */
 
