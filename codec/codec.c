@@ -170,7 +170,8 @@ static kvl_status encode_quant_section(const sec_job *j, int l, int kv, kvlc_buf
     int has_delta = p->delta_group > 1;
     int cg = p->chan_group < C ? p->chan_group : C;
     int32_t n_streams = (C + cg - 1) / cg;
-    int32_t n_sc = kvlc_n_scales(p->scale_mode, T, C);
+    int sm = kvlc_scale_of(p->scale_mode, kv);
+    int32_t n_sc = kvlc_n_scales(sm, T, C);
     ctx_map m = {j->prof ? KVLC_TABLES_PROFILE : p->chunk_tables, has_delta, Q};
     int32_t n_ctx = m.mode == KVLC_TABLES_CHUNK_LAYER ? 1 + has_delta : C * (1 + has_delta);
     int32_t Amax = 4 * Q + 2;
@@ -191,7 +192,7 @@ static kvl_status encode_quant_section(const sec_job *j, int l, int kv, kvlc_buf
     }
     size_t base = ((size_t)l * 2 + kv) * n;
     for (size_t i = 0; i < n; i++) x[i] = load_elem(j->kv, j->dtype, base + i);
-    if (kvlc_quantize_section(x, T, C, p->scale_mode, Q, sc, q) != 0) {
+    if (kvlc_quantize_section(x, T, C, sm, Q, sc, q) != 0) {
         st = kvl_errorf(KVL_ERR_RANGE, "layer %d %s: a value is not finite or its scale overflows", l, kv ? "v" : "k");
         goto done;
     }
@@ -453,7 +454,7 @@ static kvl_status parse_header(const uint8_t *b, size_t size, hdr *h) {
     if (in->lossless) {
         if (b[12] || b[13] || b[14] || b[15] || h->chan_group) return bad("lossless chunk with coder fields set");
     } else {
-        if (h->scale_mode > KVLC_SCALE_LAYER || h->table_mode > KVLC_TABLES_CHUNK_CHANNEL || h->pb < KVLC_MIN_PB ||
+        if (!kvlc_scale_valid(h->scale_mode) || h->table_mode > KVLC_TABLES_CHUNK_CHANNEL || h->pb < KVLC_MIN_PB ||
             h->pb > KVLC_MAX_PB || h->delta_group == 1 || h->chan_group < 1 || h->chan_group > C)
             return bad("coder field out of range");
         if (h->table_mode == KVLC_TABLES_PROFILE && h->pb != KVLC_PROFILE_PB) return bad("profile tables with wrong precision");
@@ -549,13 +550,14 @@ static kvl_status decode_quant_section(const dec_ctx *d, int l, int kv, const ui
     int32_t T = h->info.shape.n_tokens, C = h->info.shape.n_kv_heads * h->info.shape.head_dim;
     int Q = kvlc_get16(dir + 4 * (size_t)l + 2 * (size_t)kv);
     int has_delta = h->delta_group > 1, cg = h->chan_group;
-    int32_t n_streams = (C + cg - 1) / cg, n_sc = kvlc_n_scales(h->scale_mode, T, C);
+    int32_t n_streams = (C + cg - 1) / cg, sm = kvlc_scale_of(h->scale_mode, kv), n_sc = kvlc_n_scales(sm, T, C);
     ctx_map m = {h->table_mode, has_delta, Q};
     int32_t n_ctx = m.mode == KVLC_TABLES_CHUNK_LAYER ? 1 + has_delta : C * (1 + has_delta);
     const uint8_t *p = s, *end = s + len;
     kvl_status st = KVL_OK;
     kvlc_table *tabs = calloc((size_t)n_ctx, sizeof *tabs);
     float *scale = malloc((size_t)n_sc * sizeof *scale);
+    int32_t n_real = sm == KVLC_SCALE_CHANNEL_OFFSET ? C : n_sc; /* entries that are bf16 scales */
     int32_t *anchor = malloc((size_t)cg * sizeof *anchor);
     uint32_t *cum_store = NULL, *freq = NULL;
     if (!tabs || !scale || !anchor) { st = KVL_ERR_NOMEM; goto done; }
@@ -597,11 +599,13 @@ static kvl_status decode_quant_section(const dec_ctx *d, int l, int kv, const ui
         }
     }
     if ((size_t)(end - p) < 2 * (size_t)n_sc + 4 * (size_t)n_streams) { st = bad("section too short for its scales"); goto done; }
-    for (int32_t i = 0; i < n_sc; i++, p += 2) {
+    for (int32_t i = n_real; i < n_sc; i++) scale[i] = (float)(int16_t)kvlc_get16(p + 2 * (size_t)i);
+    for (int32_t i = 0; i < n_real; i++, p += 2) {
         float v = kvlc_bf16_to_f32(kvlc_get16(p));
         if (!isfinite(v) || v < 0 || signbit(v)) { st = bad("scale negative or not finite"); goto done; }
         scale[i] = v;
     }
+    p += 2 * (size_t)(n_sc - n_real);
     const uint8_t *sizes = p;
     p += 4 * (size_t)n_streams;
     uint64_t total = 0;
@@ -636,9 +640,11 @@ static kvl_status decode_quant_section(const dec_ctx *d, int l, int kv, const ui
                     qv = v;
                     anchor[c - c0] = v;
                 }
-                float sc = scale[h->scale_mode == KVLC_SCALE_TOKEN ? t : h->scale_mode == KVLC_SCALE_CHANNEL ? c : 0];
+                float val;
                 /* one multiply, no FMA: the GPU decoder reproduces this bit for bit */
-                store_elem(out, out_dtype, out_base + (size_t)t * C + c, (float)qv * sc);
+                if (sm == KVLC_SCALE_CHANNEL_OFFSET) val = (float)(qv + (int32_t)scale[C + c]) * scale[c];
+                else val = (float)qv * scale[sm == KVLC_SCALE_TOKEN ? t : sm == KVLC_SCALE_CHANNEL ? c : 0];
+                store_elem(out, out_dtype, out_base + (size_t)t * C + c, val);
             }
         }
         if (x != KVLC_RANS_L || sp != se) { st = bad("stream does not end in the initial coder state"); goto done; }

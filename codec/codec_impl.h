@@ -26,7 +26,10 @@
 #define KVLC_MAX_PB 16
 
 enum { KVLC_MODE_LOSSLESS = 0, KVLC_MODE_QUANT = 1 };
-enum { KVLC_SCALE_TOKEN = 0, KVLC_SCALE_CHANNEL = 1, KVLC_SCALE_LAYER = 2 };
+/* TOKEN/CHANNEL/LAYER: symmetric, one bf16 scale per token row / channel / section.
+ * CHANNEL_OFFSET: per channel a bf16 scale s and an int16 offset z; value = (float)(q + z) * s. */
+enum { KVLC_SCALE_TOKEN = 0, KVLC_SCALE_CHANNEL = 1, KVLC_SCALE_LAYER = 2, KVLC_SCALE_CHANNEL_OFFSET = 3 };
+#define KVLC_SCALE_MAX KVLC_SCALE_CHANNEL_OFFSET
 enum { KVLC_TABLES_PROFILE = 0, KVLC_TABLES_CHUNK_LAYER = 1, KVLC_TABLES_CHUNK_CHANNEL = 2 };
 
 static_assert(KVL_CODEC_MAX_LEVEL <= 255, "level is one byte in the header");
@@ -36,7 +39,7 @@ typedef struct kvlc_params {
     int lossless;
     int scheme;
     int level;
-    int scale_mode;   /* KVLC_SCALE_* */
+    int scale_mode;   /* KVLC_SCALE_* of keys in bits 0-3, of values in bits 4-7 */
     int delta_group;  /* tokens per anchor group; <= 1: no deltas */
     int chan_group;   /* channels per sub-stream (clamped to C) */
     int chunk_tables; /* KVLC_TABLES_CHUNK_* used when no profile */
@@ -97,11 +100,13 @@ static inline size_t kvlc_ptab_index(int32_t C, int has_delta, int l, int kv, in
 /* ---------------------------------------------------------------- quantiser shared by the
  * encoder and the profile builder */
 /* Quantises one (layer, k|v) section x[T][C] (float32) with max symbol Q: scales (bf16 bits) into
- * sc[n_scales] and symbols into q[T][C]. Returns -1 on a non-finite value. */
+ * sc[n_scales] (CHANNEL_OFFSET: C scales then C int16 offsets) and symbols into q[T][C]. Returns -1 on a non-finite value. */
 int kvlc_quantize_section(const float *x, int32_t T, int32_t C, int scale_mode, int Q, uint16_t *sc,
                           int16_t *q);
+static inline int kvlc_scale_of(int packed, int kv) { return kv ? packed >> 4 : packed & 15; }
+static inline int kvlc_scale_valid(int packed) { return (packed & 15) <= KVLC_SCALE_MAX && (packed >> 4) <= KVLC_SCALE_MAX; }
 static inline int32_t kvlc_n_scales(int scale_mode, int32_t T, int32_t C) {
-    return scale_mode == KVLC_SCALE_TOKEN ? T : scale_mode == KVLC_SCALE_CHANNEL ? C : 1;
+    return scale_mode == KVLC_SCALE_TOKEN ? T : scale_mode == KVLC_SCALE_CHANNEL ? C : scale_mode == KVLC_SCALE_LAYER ? 1 : 2 * C;
 }
 /* Symbol actually coded for q[t][c]: the value itself for anchors, q - q[anchor row] for deltas. */
 static inline int kvlc_is_delta(int delta_group, int32_t t) {

@@ -85,7 +85,7 @@ kvl_status kvl_codec_profile_builder_add(kvl_codec_profile_builder *b, const flo
     if (T < 1 || T > KVLC_MAX_TOKENS) return kvl_errorf(KVL_ERR_INVALID_ARG, "%d calibration tokens", T);
     size_t n = (size_t)T * b->C;
     int16_t *q = malloc(n * sizeof *q);
-    uint16_t *sc = malloc((size_t)(T > b->C ? T : b->C) * sizeof *sc);
+    uint16_t *sc = malloc((size_t)(T > 2 * b->C ? T : 2 * b->C) * sizeof *sc);
     if (!q || !sc) {
         free(q);
         free(sc);
@@ -97,7 +97,7 @@ kvl_status kvl_codec_profile_builder_add(kvl_codec_profile_builder *b, const flo
         int hd = p->delta_group > 1;
         for (int32_t i = 0; i < 2 * b->L; i++) {
             int Q = p->q[i];
-            if (kvlc_quantize_section(kv + (size_t)i * n, T, b->C, p->scale_mode, Q, sc, q) != 0) {
+            if (kvlc_quantize_section(kv + (size_t)i * n, T, b->C, kvlc_scale_of(p->scale_mode, i % 2), Q, sc, q) != 0) {
                 st = kvl_errorf(KVL_ERR_RANGE, "calibration KV has a non-finite value (layer %d)", i / 2);
                 break;
             }
@@ -355,7 +355,7 @@ kvl_status kvl_codec_profile_parse(const uint8_t *buf, size_t size, const uint8_
         pl->scale_mode = h[1];
         pl->delta_group = h[2];
         pl->chan_group = kvlc_get16(h + 4);
-        if (pl->scale_mode > KVLC_SCALE_LAYER || pl->delta_group == 1 || pl->chan_group < 1 || h[3] || kvlc_get16(h + 6)) {
+        if (!kvlc_scale_valid(pl->scale_mode) || pl->delta_group == 1 || pl->chan_group < 1 || h[3] || kvlc_get16(h + 6)) {
             st = pbad("level field out of range");
             goto fail;
         }
