@@ -107,8 +107,9 @@ kvl_status kvl_codec_decode(const uint8_t *buf, size_t size, const kvl_codec_pro
                             size_t out_cap, int32_t n_threads);
 
 /* Largest absolute error a lossy level guarantees for one element, relative to the largest
- * absolute value of the scale group it belongs to (its token row / channel / layer, whichever the
- * level's scale granularity is): 0.5 / Q of that layer plus bfloat16 rounding of the scale. Used by
+ * absolute value of the scale group it belongs to (its token row / channel / whole (layer, k|v),
+ * whichever the level's scale granularity for that layer and k|v is): 0.5 / Q (1.5 / Q where keys
+ * carry an integer offset per channel), with a margin for the bfloat16 rounding of scales. Used by
  * tests; returns 0 for level 0. */
 double kvl_codec_level_error_bound(int32_t level, int32_t scheme, int32_t n_layers, int32_t layer,
                                    int32_t kv);

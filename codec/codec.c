@@ -423,7 +423,7 @@ static kvl_status parse_header(const uint8_t *b, size_t size, hdr *h) {
     if (memcmp(b, KVLC_MAGIC, 4) != 0) return kvl_errorf(KVL_ERR_MAGIC, "not a KVLC chunk (bad magic)");
     if (kvlc_get16(b + 4) != KVLC_VERSION)
         return kvl_errorf(KVL_ERR_VERSION, "KVLC version %u (this build reads %d)", kvlc_get16(b + 4), KVLC_VERSION);
-    if (kvlc_get32(b + 60) != kvlc_checksum(b, 60)) return kvl_errorf(KVL_ERR_CHECKSUM, "chunk header checksum mismatch");
+    if (KVLC_SUM_BAD(kvlc_get32(b + 60), kvlc_checksum(b, 60))) return kvl_errorf(KVL_ERR_CHECKSUM, "chunk header checksum mismatch");
     kvl_codec_info *in = &h->info;
     int mode = b[8];
     in->level = b[9];
@@ -468,7 +468,7 @@ static kvl_status parse_header(const uint8_t *b, size_t size, hdr *h) {
     if (in->total_bytes > size)
         return kvl_errorf(KVL_ERR_TRUNCATED, "chunk declares %llu bytes, %zu given",
                           (unsigned long long)in->total_bytes, size);
-    if (kvlc_get32(b + 56) != kvlc_checksum(b + KVLC_HDR_FIXED, h->hb - KVLC_HDR_FIXED))
+    if (KVLC_SUM_BAD(kvlc_get32(b + 56), kvlc_checksum(b + KVLC_HDR_FIXED, h->hb - KVLC_HDR_FIXED)))
         return kvl_errorf(KVL_ERR_CHECKSUM, "chunk directory checksum mismatch");
     const uint8_t *dir = b + KVLC_HDR_FIXED, *offs = dir + 4 * (size_t)L;
     for (int32_t i = 0; i < 2 * L; i++) {
@@ -668,7 +668,7 @@ static void *decode_worker(void *arg) {
         uint32_t a = w->off[si], b = w->off[si + 1];
         const uint8_t *s = w->buf + a;
         kvl_status st = KVL_OK;
-        if (kvlc_get32(s) != kvlc_checksum(s + 4, b - a - 4))
+        if (KVLC_SUM_BAD(kvlc_get32(s), kvlc_checksum(s + 4, b - a - 4)))
             st = kvl_errorf(KVL_ERR_CHECKSUM, "layer %d %s section checksum mismatch", l, kv ? "v" : "k");
         else if (h->info.lossless)
             st = decode_lossless_section(h, s + 4, b - a - 4, w->out_dtype, w->out, (size_t)i * n);

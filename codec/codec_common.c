@@ -22,9 +22,9 @@ static const level_def KVLOOM_LEVELS[KVL_CODEC_MAX_LEVEL + 1] = {
     {0},
     /* keys: per-channel scale + integer offset; values: one scale per (layer, v); same bins in
      * every layer (measured: no layer band is consistently more sensitive across the models) */
-    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 24, 24, 8, 8, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}},
-    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 14, 14, 4, 4, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}},
-    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 8, 8, 3, 3, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}},
+    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 24, 24, 10, 10, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}},
+    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 14, 14, 6, 6, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}},
+    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 8, 8, 4, 4, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}},
     {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 5, 5, 2, 2, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}},
 };
 
@@ -147,7 +147,9 @@ double kvl_codec_level_error_bound(int32_t level, int32_t scheme, int32_t n_laye
         kvl_clear_error();
         return 0;
     }
-    double b = p.lossless ? 0 : 0.5 / p.q[2 * layer + kv] * (1.0 + 1.0 / 128) + 1.0 / 256;
+    /* half a step; with an integer offset the offset's own rounding can add a whole step */
+    double steps = kvlc_scale_of(p.scale_mode, kv) == KVLC_SCALE_CHANNEL_OFFSET ? 1.5 : 0.5;
+    double b = p.lossless ? 0 : steps / p.q[2 * layer + kv] * (1.0 + 1.0 / 64) + 1e-6;
     kvlc_params_free(&p);
     return b;
 }

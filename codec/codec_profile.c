@@ -311,7 +311,7 @@ kvl_status kvl_codec_profile_parse(const uint8_t *buf, size_t size, const uint8_
     if (memcmp(buf, KVLP_MAGIC, 4) != 0) return kvl_errorf(KVL_ERR_MAGIC, "not a kvloom codec profile (bad magic)");
     if (kvlc_get16(buf + 4) != KVLP_VERSION)
         return kvl_errorf(KVL_ERR_VERSION, "profile version %u (this build reads %d)", kvlc_get16(buf + 4), KVLP_VERSION);
-    if (kvlc_get32(buf + 84) != kvlc_checksum(buf, 84)) return kvl_errorf(KVL_ERR_CHECKSUM, "profile header checksum mismatch");
+    if (KVLC_SUM_BAD(kvlc_get32(buf + 84), kvlc_checksum(buf, 84))) return kvl_errorf(KVL_ERR_CHECKSUM, "profile header checksum mismatch");
     int n_levels = kvlc_get16(buf + 6);
     int32_t L = kvlc_get16(buf + 40), H = kvlc_get16(buf + 42), D = kvlc_get16(buf + 44);
     int64_t C = (int64_t)H * D;
@@ -324,7 +324,7 @@ kvl_status kvl_codec_profile_parse(const uint8_t *buf, size_t size, const uint8_
         if (size - KVLP_HDR < zn) return kvl_errorf(KVL_ERR_TRUNCATED, "profile body truncated");
         return pbad("trailing bytes after the body");
     }
-    if (kvlc_get32(buf + 80) != kvlc_checksum(buf + KVLP_HDR, zn)) return kvl_errorf(KVL_ERR_CHECKSUM, "profile body checksum mismatch");
+    if (KVLC_SUM_BAD(kvlc_get32(buf + 80), kvlc_checksum(buf + KVLP_HDR, zn))) return kvl_errorf(KVL_ERR_CHECKSUM, "profile body checksum mismatch");
     if (fingerprint && memcmp(fingerprint, buf + 8, 32) != 0)
         return kvl_errorf(KVL_ERR_FINGERPRINT, "the profile was built for another model (fingerprint differs)");
     if (ZSTD_getFrameContentSize(buf + KVLP_HDR, zn) != raw_n) return pbad("compressed body size mismatch");
@@ -337,7 +337,7 @@ kvl_status kvl_codec_profile_parse(const uint8_t *buf, size_t size, const uint8_
     if (ZSTD_isError(z) || z != raw_n) { st = pbad("body does not decompress"); goto fail; }
     uint8_t id[16];
     profile_id(raw, raw_n, id);
-    if (memcmp(id, buf + 64, 16) != 0) { st = pbad("profile id does not match its body"); goto fail; }
+    if (KVLC_SUM_BAD(memcmp(id, buf + 64, 16), 0)) { st = pbad("profile id does not match its body"); goto fail; }
     memcpy(p->fingerprint, buf + 8, 32);
     memcpy(p->id, id, 16);
     p->n_layers = L;
