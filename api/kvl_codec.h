@@ -63,9 +63,12 @@ typedef struct kvl_codec_opts {
     const kvl_codec_profile *profile; /* borrowed; NULL: the chunk carries its own tables. Ignored
                                          by level 0 and by the LMCACHE scheme */
     int32_t n_threads; /* worker threads for this call; <= 1: the calling thread only */
+    const uint16_t *bins; /* borrowed, may be NULL: [n_layers][2] largest |symbol| per (layer, k|v)
+                             replacing the level's (or the profile's) bins, 1..1023; with a profile
+                             they must equal the profile's. Ignored at level 0. */
 } kvl_codec_opts;
 
-/* Defaults: the default lossy level, KVLOOM scheme, no profile, 1 thread. */
+/* Defaults: the default lossy level, KVLOOM scheme, no profile, 1 thread, the level's bins. */
 kvl_codec_opts kvl_codec_opts_default(void);
 
 /* What a buffer's header says (kvl_codec_info reads it without decoding). */
@@ -129,6 +132,12 @@ void kvl_codec_profile_builder_free(kvl_codec_profile_builder *b);
 kvl_status kvl_codec_profile_builder_add(kvl_codec_profile_builder *b, const float *kv,
                                          int32_t n_tokens);
 
+/* Replaces the bins (largest |symbol| per (layer, k|v), bins[n_layers][2], 1..1023, copied) of a
+ * lossy level before any chunk is added: a profile may pick its bins per model (kvloom
+ * codec-profile searches them on calibration text); chunks encoded with the profile use them.
+ * Errors: KVL_ERR_INVALID_ARG (after _add, bad values), KVL_ERR_CODEC_LEVEL. */
+kvl_status kvl_codec_profile_builder_set_bins(kvl_codec_profile_builder *b, int32_t level, const uint16_t *bins);
+
 /* Builds the profile (*out owned by the caller, kvl_codec_profile_free). The builder may be freed
  * afterwards. Fails with KVL_ERR_CODEC_PROFILE if nothing was added. */
 kvl_status kvl_codec_profile_builder_finish(kvl_codec_profile_builder *b, kvl_codec_profile **out);
@@ -157,6 +166,10 @@ kvl_status kvl_codec_profile_check(const kvl_codec_profile *p, const kvl_codec_s
 const uint8_t *kvl_codec_profile_fingerprint(const kvl_codec_profile *p); /* 32 bytes */
 const uint8_t *kvl_codec_profile_id(const kvl_codec_profile *p);          /* 16 bytes */
 kvl_codec_shape kvl_codec_profile_shape(const kvl_codec_profile *p);      /* n_tokens = 0 */
+/* bins[n_layers][2] of a lossy level (NULL if the level is absent) */
+const uint16_t *kvl_codec_profile_bins(const kvl_codec_profile *p, int32_t level);
+/* The built-in bins of a level/scheme for n_layers into bins[n_layers][2]. */
+kvl_status kvl_codec_level_bins(int32_t level, int32_t scheme, int32_t n_layers, uint16_t *bins);
 uint64_t kvl_codec_profile_calib_tokens(const kvl_codec_profile *p);
 
 #ifdef __cplusplus

@@ -11,7 +11,7 @@
 #define LOSSLESS_ZSTD_LEVEL 3
 
 kvl_codec_opts kvl_codec_opts_default(void) {
-    kvl_codec_opts o = {KVL_CODEC_LEVEL_DEFAULT, KVL_CODEC_SCHEME_KVLOOM, NULL, 1};
+    kvl_codec_opts o = {KVL_CODEC_LEVEL_DEFAULT, KVL_CODEC_SCHEME_KVLOOM, NULL, 1, NULL};
     return o;
 }
 
@@ -304,10 +304,9 @@ static void *encode_worker(void *arg) {
 static int profile_level_matches(const kvl_codec_profile *pr, const kvlc_params *p, const kvl_codec_shape *s) {
     if (pr->n_layers != s->n_layers || pr->n_kv_heads != s->n_kv_heads || pr->head_dim != s->head_dim) return 0;
     const kvlc_plevel *pl = &pr->lv[p->level];
-    if (!pl->present || pl->scale_mode != p->scale_mode || pl->delta_group != p->delta_group ||
-        pl->chan_group != p->chan_group)
-        return 0;
-    return memcmp(pl->q, p->q, (size_t)s->n_layers * 2 * sizeof *p->q) == 0;
+    /* bins may differ: a profile chooses its own per model (kvl_codec_profile_builder_set_bins) */
+    return pl->present && pl->scale_mode == p->scale_mode && pl->delta_group == p->delta_group &&
+           pl->chan_group == p->chan_group;
 }
 
 kvl_status kvl_codec_profile_check(const kvl_codec_profile *p, const kvl_codec_shape *shape, int32_t level) {
@@ -341,6 +340,20 @@ kvl_status kvl_codec_encode(const kvl_codec_shape *shape, kvl_codec_dtype dtype,
         kvlc_params_free(&p);
         return kvl_errorf(KVL_ERR_CODEC_PROFILE,
                           "the profile was built for another KV shape or other level-%d parameters", o.level);
+    }
+    if (o.bins && !p.lossless) {
+        for (int32_t i = 0; i < 2 * shape->n_layers; i++)
+            if (o.bins[i] < 1 || o.bins[i] > KVLC_MAX_Q) {
+                kvlc_params_free(&p);
+                return kvl_errorf(KVL_ERR_INVALID_ARG, "bins[%d] = %u outside [1, %d]", i, o.bins[i], KVLC_MAX_Q);
+            }
+        if (prof && memcmp(prof->lv[o.level].q, o.bins, (size_t)shape->n_layers * 2 * sizeof *o.bins) != 0) {
+            kvlc_params_free(&p);
+            return kvl_errorf(KVL_ERR_CODEC_PROFILE, "bins differ from the profile's level-%d bins", o.level);
+        }
+        memcpy(p.q, o.bins, (size_t)shape->n_layers * 2 * sizeof *p.q);
+    } else if (prof) {
+        memcpy(p.q, prof->lv[o.level].q, (size_t)shape->n_layers * 2 * sizeof *p.q);
     }
     int L = shape->n_layers, n_sec = 2 * L;
     int32_t C = shape->n_kv_heads * shape->head_dim;

@@ -80,6 +80,26 @@ kvl_status kvl_codec_profile_builder_create(const kvl_codec_shape *shape, const 
     return KVL_OK;
 }
 
+kvl_status kvl_codec_profile_builder_set_bins(kvl_codec_profile_builder *b, int32_t level, const uint16_t *bins) {
+    if (!b || !bins) return kvl_errorf(KVL_ERR_INVALID_ARG, "NULL argument");
+    if (level < 1 || level > KVL_CODEC_MAX_LEVEL) return kvl_errorf(KVL_ERR_CODEC_LEVEL, "level %d is not a lossy level", level);
+    if (b->tokens) return kvl_errorf(KVL_ERR_INVALID_ARG, "bins must be set before calibration chunks are added");
+    for (int32_t i = 0; i < 2 * b->L; i++)
+        if (bins[i] < 1 || bins[i] > KVLC_MAX_Q) return kvl_errorf(KVL_ERR_INVALID_ARG, "bins[%d] = %u outside [1, %d]", i, bins[i], KVLC_MAX_Q);
+    int hd = b->p[level].delta_group > 1;
+    uint64_t *cnt = calloc(level_entries(b->L, b->C, bins, hd, 0), sizeof(uint64_t));
+    if (!cnt) return KVL_ERR_NOMEM;
+    free(b->counts[level]);
+    b->counts[level] = cnt;
+    memcpy(b->p[level].q, bins, (size_t)2 * b->L * sizeof *bins);
+    size_t off = 0;
+    for (int32_t i = 0; i < 2 * b->L; i++) {
+        b->sec_off[level][i] = off;
+        off += (size_t)b->C * ((size_t)(2 * bins[i] + 1) + (hd ? (size_t)(4 * bins[i] + 1) : 0));
+    }
+    return KVL_OK;
+}
+
 kvl_status kvl_codec_profile_builder_add(kvl_codec_profile_builder *b, const float *kv, int32_t T) {
     if (!b || !kv) return kvl_errorf(KVL_ERR_INVALID_ARG, "NULL argument");
     if (T < 1 || T > KVLC_MAX_TOKENS) return kvl_errorf(KVL_ERR_INVALID_ARG, "%d calibration tokens", T);
@@ -465,4 +485,17 @@ kvl_codec_shape kvl_codec_profile_shape(const kvl_codec_profile *p) {
     kvl_codec_shape s = {p->n_layers, 0, p->n_kv_heads, p->head_dim};
     return s;
 }
+const uint16_t *kvl_codec_profile_bins(const kvl_codec_profile *p, int32_t level) {
+    return (level >= 1 && level <= KVL_CODEC_MAX_LEVEL && p->lv[level].present) ? p->lv[level].q : NULL;
+}
+
+kvl_status kvl_codec_level_bins(int32_t level, int32_t scheme, int32_t n_layers, uint16_t *bins) {
+    if (!bins) return kvl_errorf(KVL_ERR_INVALID_ARG, "NULL argument");
+    kvlc_params p;
+    KVL_TRY(kvlc_params_get(level, scheme, n_layers, &p));
+    memcpy(bins, p.q, (size_t)2 * n_layers * sizeof *bins);
+    kvlc_params_free(&p);
+    return KVL_OK;
+}
+
 uint64_t kvl_codec_profile_calib_tokens(const kvl_codec_profile *p) { return p->calib_tokens; }

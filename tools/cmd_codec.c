@@ -18,6 +18,13 @@ int kvl_cmd_codec_profile(int argc, char **argv);
 
 /* ---------------------------------------------------------------- profile building */
 
+typedef struct quality {
+    double kl, top1, conf_top1;
+    int n_conf;
+} quality;
+static quality compare(const float *ex, const float *de, int32_t n_pos, int32_t vocab);
+static kvl_status suffix_logits(kvl_model *m, kvl_kv *kv, const int32_t *ids, int32_t n, int32_t P, float *logits);
+
 typedef struct calib_opts {
     const char **files;
     int n_files;
@@ -25,6 +32,7 @@ typedef struct calib_opts {
     int seq_len;
     long seed;
     int chunk;
+    int search;     /* search per-model bins (else the built-in level bins) */
 } calib_opts;
 
 static kvl_codec_shape model_shape(const kvl_model *m, int32_t T) {
@@ -55,12 +63,188 @@ static kvl_status add_sequence(kvl_model *m, kvl_codec_profile_builder *b, const
     return s;
 }
 
+/* ---- per-model bins: each lossy level's bins are searched on self-generated calibration text so
+ * that its KL(exact || decoded) over 64 teacher-forced tokens reaches the level's target with the
+ * fewest bits. Keys get Qk bins in every layer, values max(1, Qk / r); r is chosen at the default
+ * level and kept for the others. */
+static const double LEVEL_KL_TARGET[KVL_CODEC_MAX_LEVEL + 1] = {0, 0.0015, 0.004, 0.012, 0.03};
+#define SEARCH_SEQS 4
+#define SEARCH_MAX_Q 255
+
+typedef struct search_seq {
+    int32_t n, P, n_chunks;
+    int32_t *ids;
+    float *kv_exact;  /* prefix KV, chunk after chunk in the codec layout */
+    float *logits;    /* exact logits of the 64 suffix positions */
+    kvl_kv *kv;
+} search_seq;
+
+typedef struct searcher {
+    kvl_model *m;
+    int chunk;
+    search_seq s[SEARCH_SEQS];
+    int ns;
+    float *dec, *lg;
+    int evals;
+} searcher;
+
+static void searcher_free(searcher *S) {
+    for (int i = 0; i < S->ns; i++) {
+        free(S->s[i].ids);
+        free(S->s[i].kv_exact);
+        free(S->s[i].logits);
+        kvl_kv_free(S->s[i].kv);
+    }
+    free(S->dec);
+    free(S->lg);
+}
+
+static kvl_status searcher_init(searcher *S, kvl_model *m, const calib_opts *co) {
+    const kvl_model_config *c = kvl_model_get_config(m);
+    memset(S, 0, sizeof *S);
+    S->m = m;
+    S->chunk = co->chunk;
+    int32_t len = c->max_seq < 192 ? c->max_seq : 192;
+    if (len < SUFFIX + 16) return kvl_errorf(KVL_ERR_RANGE, "context of %d tokens too short for the bin search", c->max_seq);
+    size_t per_tok = (size_t)c->n_layers * 2 * c->n_kv_heads * c->head_dim;
+    S->dec = malloc(per_tok * (size_t)len * 4);
+    S->lg = malloc((size_t)SUFFIX * c->vocab_size * 4);
+    if (!S->dec || !S->lg) return KVL_ERR_NOMEM;
+    /* seeds apart from the table-calibration seeds; sequences that end early are skipped */
+    for (int k = 0; k < 4 * SEARCH_SEQS && S->ns < SEARCH_SEQS; k++) {
+        search_seq *q = &S->s[S->ns];
+        q->ids = malloc((size_t)len * 4);
+        if (!q->ids) return KVL_ERR_NOMEM;
+        int32_t n_out = 0;
+        q->ids[0] = c->bos_id;
+        KVL_TRY(kvl_generate(m, q->ids, 1, len - 1, 1.0f, (uint64_t)(co->seed + 500000 + k), NULL, NULL, q->ids + 1, &n_out));
+        q->n = 1 + n_out;
+        if (q->n < SUFFIX + 16) {
+            free(q->ids);
+            q->ids = NULL;
+            continue;
+        }
+        q->P = q->n - SUFFIX;
+        q->kv_exact = malloc(per_tok * (size_t)q->P * 4);
+        q->logits = malloc((size_t)SUFFIX * c->vocab_size * 4);
+        int32_t *pos = malloc((size_t)q->n * 4);
+        kvl_status s = (q->kv_exact && q->logits && pos) ? KVL_OK : KVL_ERR_NOMEM;
+        S->ns++;
+        if (s == KVL_OK) s = kvl_kv_create(m, q->n, &q->kv);
+        for (int32_t i = 0; i < q->n && pos; i++) pos[i] = i;
+        if (s == KVL_OK) s = kvl_forward(m, q->kv, q->P, q->ids, pos, NULL, 0, NULL, NULL);
+        free(pos);
+        for (int32_t c0 = 0; s == KVL_OK && c0 < q->P; c0 += co->chunk) {
+            int32_t l = q->P - c0 < co->chunk ? q->P - c0 : co->chunk;
+            s = kvl_kv_read(q->kv, 0, c->n_layers, c0, l, q->kv_exact + per_tok * (size_t)c0);
+        }
+        if (s == KVL_OK) s = suffix_logits(m, q->kv, q->ids, q->n, q->P, q->logits);
+        KVL_TRY(s);
+    }
+    if (S->ns == 0) return kvl_errorf(KVL_ERR_RANGE, "the model generated no calibration sequence long enough for the bin search");
+    return KVL_OK;
+}
+
+/* mean KL and bits/element of level with bins over the search sequences */
+static kvl_status search_eval(searcher *S, int level, const uint16_t *bins, double *kl, double *bits) {
+    const kvl_model_config *c = kvl_model_get_config(S->m);
+    size_t per_tok = (size_t)c->n_layers * 2 * c->n_kv_heads * c->head_dim, bytes = 0, elems = 0;
+    kvl_codec_opts o = {level, KVL_CODEC_SCHEME_KVLOOM, NULL, 1, bins};
+    *kl = 0;
+    for (int i = 0; i < S->ns; i++) {
+        search_seq *q = &S->s[i];
+        for (int32_t c0 = 0; c0 < q->P; c0 += S->chunk) {
+            int32_t l = q->P - c0 < S->chunk ? q->P - c0 : S->chunk;
+            kvl_codec_shape sh = model_shape(S->m, l);
+            uint8_t *e = NULL;
+            size_t ne = 0;
+            KVL_TRY(kvl_codec_encode(&sh, KVL_CODEC_F32, q->kv_exact + per_tok * (size_t)c0, &o, &e, &ne));
+            kvl_status s = kvl_codec_decode(e, ne, NULL, 0, 0, KVL_CODEC_F32, S->dec, per_tok * (size_t)l * 4, 1);
+            free(e);
+            KVL_TRY(s);
+            KVL_TRY(kvl_kv_write(q->kv, 0, c->n_layers, c0, l, S->dec));
+            bytes += ne;
+            elems += per_tok * (size_t)l;
+        }
+        KVL_TRY(suffix_logits(S->m, q->kv, q->ids, q->n, q->P, S->lg));
+        *kl += compare(q->logits, S->lg, SUFFIX, c->vocab_size).kl / S->ns;
+    }
+    *bits = 8.0 * bytes / elems;
+    S->evals++;
+    return KVL_OK;
+}
+
+static void ratio_bins(int32_t L, int qk, double r, uint16_t *bins) {
+    int qv = (int)lround(qk / r);
+    for (int32_t l = 0; l < L; l++) {
+        bins[2 * l] = (uint16_t)qk;
+        bins[2 * l + 1] = (uint16_t)(qv < 1 ? 1 : qv);
+    }
+}
+
+/* smallest key bin count (ratio r) whose KL meets the level's target; its bits in *bits */
+static kvl_status search_level(searcher *S, int level, double r, uint16_t *bins, double *bits) {
+    int32_t L = kvl_model_get_config(S->m)->n_layers;
+    double tau = LEVEL_KL_TARGET[level], kl, b;
+    int lo = 1, hi = SEARCH_MAX_Q;
+    double hi_bits = 0;
+    ratio_bins(L, hi, r, bins);
+    KVL_TRY(search_eval(S, level, bins, &kl, &hi_bits));
+    while (hi - lo > 0) { /* invariant: hi meets the target (or is the cap) */
+        int mid = (lo + hi) / 2;
+        ratio_bins(L, mid, r, bins);
+        KVL_TRY(search_eval(S, level, bins, &kl, &b));
+        if (kl <= tau) {
+            hi = mid;
+            hi_bits = b;
+        } else lo = mid + 1;
+    }
+    ratio_bins(L, hi, r, bins);
+    *bits = hi_bits;
+    return KVL_OK;
+}
+
+static kvl_status search_bins(kvl_model *m, const calib_opts *co, kvl_codec_profile_builder *b) {
+    int32_t L = kvl_model_get_config(m)->n_layers;
+    searcher S;
+    kvl_status s = searcher_init(&S, m, co);
+    uint16_t *bins = malloc((size_t)L * 2 * sizeof *bins), *best = malloc((size_t)L * 2 * sizeof *best);
+    static const double ratios[] = {1.5, 2.5, 4.0};
+    double best_r = 2.5, best_bits = 1e9, bits = 0;
+    if (s == KVL_OK && (!bins || !best)) s = KVL_ERR_NOMEM;
+    for (size_t i = 0; s == KVL_OK && i < sizeof ratios / sizeof ratios[0]; i++) {
+        s = search_level(&S, KVL_CODEC_LEVEL_DEFAULT, ratios[i], bins, &bits);
+        if (s == KVL_OK && bits < best_bits) {
+            best_bits = bits;
+            best_r = ratios[i];
+            memcpy(best, bins, (size_t)L * 2 * sizeof *bins);
+        }
+    }
+    if (s == KVL_OK) s = kvl_codec_profile_builder_set_bins(b, KVL_CODEC_LEVEL_DEFAULT, best);
+    if (s == KVL_OK)
+        fprintf(stderr, "kvloom: level %d: key bins %u, value bins %u (%.3f bits/element on calibration)\n",
+                KVL_CODEC_LEVEL_DEFAULT, best[0], best[1], best_bits);
+    for (int lv = 1; s == KVL_OK && lv <= KVL_CODEC_MAX_LEVEL; lv++) {
+        if (lv == KVL_CODEC_LEVEL_DEFAULT) continue;
+        s = search_level(&S, lv, best_r, bins, &bits);
+        if (s == KVL_OK) s = kvl_codec_profile_builder_set_bins(b, lv, bins);
+        if (s == KVL_OK)
+            fprintf(stderr, "kvloom: level %d: key bins %u, value bins %u (%.3f bits/element on calibration)\n", lv,
+                    bins[0], bins[1], bits);
+    }
+    if (s == KVL_OK) fprintf(stderr, "kvloom: bin search: %d evaluations on %d sequences\n", S.evals, S.ns);
+    free(bins);
+    free(best);
+    searcher_free(&S);
+    return s;
+}
+
 static kvl_status build_profile(kvl_model *m, const calib_opts *co, kvl_codec_profile **out) {
     const kvl_model_config *c = kvl_model_get_config(m);
     kvl_codec_shape shape = model_shape(m, 0);
     kvl_codec_profile_builder *b = NULL;
     KVL_TRY(kvl_codec_profile_builder_create(&shape, kvl_model_fingerprint(m), &b));
-    kvl_status s = KVL_OK;
+    kvl_status s = co->search ? search_bins(m, co, b) : KVL_OK;
     if (co->n_files > 0) {
         for (int i = 0; s == KVL_OK && i < co->n_files; i++) {
             int32_t *ids = NULL, n = 0;
@@ -90,7 +274,8 @@ static kvl_status build_profile(kvl_model *m, const calib_opts *co, kvl_codec_pr
 }
 
 static const char *PROFILE_USAGE =
-    "kvloom codec-profile --model PATH [--calib TOKENS.i32 ...] [--seqs N --len N --seed S] [--chunk 256] --out FILE";
+    "kvloom codec-profile --model PATH [--calib TOKENS.i32 ...] [--seqs N --len N --seed S] [--chunk 256]\n"
+    "                     [--builtin-bins] --out FILE";
 
 static int parse_calib_arg(const char *cmd, const char *usage, int argc, char **argv, int *i, calib_opts *co) {
     long v;
@@ -113,7 +298,7 @@ static int parse_calib_arg(const char *cmd, const char *usage, int argc, char **
 }
 
 static calib_opts calib_defaults(const char **files) {
-    calib_opts co = {files, 0, 16, 256, 1000, 256};
+    calib_opts co = {files, 0, 16, 256, 1000, 256, 1};
     return co;
 }
 
@@ -128,6 +313,7 @@ int kvl_cmd_codec_profile(int argc, char **argv) {
         if (r) continue;
         if (i + 1 < argc && !strcmp(argv[i], "--model")) model = argv[++i];
         else if (i + 1 < argc && !strcmp(argv[i], "--out")) outp = argv[++i];
+        else if (!strcmp(argv[i], "--builtin-bins")) co.search = 0;
         else {
             free(files);
             return kvl_cli_usage("codec-profile", PROFILE_USAGE, "unknown or incomplete argument '%s'", argv[i]);
@@ -200,11 +386,6 @@ static kvl_status stored_profile(kvl_model *m, kvl_codec_profile **out) {
 }
 
 /* ---------------------------------------------------------------- evaluation */
-
-typedef struct quality {
-    double kl, top1, conf_top1;
-    int n_conf;
-} quality;
 
 static void softmax_d(const float *x, int32_t n, double *p) {
     double mx = x[0], z = 0;
@@ -367,7 +548,7 @@ int kvl_cmd_codec_eval(int argc, char **argv) {
         free(pos);
         if (s != KVL_OK) goto out;
     }
-    kvl_codec_opts o = {(int32_t)level, scheme, prof, (int32_t)threads};
+    kvl_codec_opts o = {(int32_t)level, scheme, prof, (int32_t)threads, NULL};
     for (int32_t c0 = 0; c0 < P; c0 += (int32_t)chunk) {
         int32_t len = P - c0 < chunk ? P - c0 : (int32_t)chunk;
         size_t ne = per_tok * (size_t)len;

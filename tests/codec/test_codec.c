@@ -60,7 +60,7 @@ static void roundtrip_all(const kvl_codec_shape *sh, const float *x, const kvl_c
         for (int level = 0; level <= KVL_CODEC_MAX_LEVEL; level++) {
             if (scheme == KVL_CODEC_SCHEME_LMCACHE && level == 0) continue;
             for (int use_prof = 0; use_prof <= (prof && scheme == 0 && level > 0); use_prof++) {
-                kvl_codec_opts o = {level, scheme, use_prof ? prof : NULL, 1};
+                kvl_codec_opts o = {level, scheme, use_prof ? prof : NULL, 1, NULL};
                 uint8_t *a = NULL, *b = NULL;
                 size_t na = 0, nb = 0;
                 CHECK_OK(kvl_codec_encode(sh, KVL_CODEC_F32, x, &o, &a, &na));
@@ -345,7 +345,7 @@ static int write_corpus(const char *dir) {
         for (int level = 0; level <= KVL_CODEC_MAX_LEVEL; level++)
             for (int up = 0; up < 2; up++) {
                 if ((scheme && (level == 0 || up)) || (up && level == 0)) continue;
-                kvl_codec_opts o = {level, scheme, up ? prof : NULL, 1};
+                kvl_codec_opts o = {level, scheme, up ? prof : NULL, 1, NULL};
                 uint8_t *e = NULL;
                 size_t ne = 0;
                 if (kvl_codec_encode(&sh, KVL_CODEC_F32, x, &o, &e, &ne) != KVL_OK) return 1;
