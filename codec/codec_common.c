@@ -8,8 +8,10 @@
 
 #include "codec_impl.h"
 
-/* Lossy levels of the KVLOOM scheme. Chosen by measurement on the shared models
- * (docs/BENCHMARKS.md, "Codec"): see there for the numbers behind every field. */
+/* Lossy levels of the KVLOOM scheme: scale granularity and the built-in bins used without a
+ * profile. A profile built by `kvloom codec-profile` replaces the bins with ones searched per model
+ * (per layer and k|v) to meet each level's KL target. Chosen by measurement on the shared models
+ * (docs/BENCHMARKS.md, "Codec"). */
 typedef struct level_def {
     int scale_mode, delta_group, chan_group;
     int qk_hi, qk_lo, qv_hi, qv_lo; /* max |symbol| in early / later layers */
@@ -22,10 +24,10 @@ static const level_def KVLOOM_LEVELS[KVL_CODEC_MAX_LEVEL + 1] = {
     {0},
     /* keys: per-channel scale + integer offset; values: one scale per (layer, v); same bins in
      * every layer (measured: no layer band is consistently more sensitive across the models) */
-    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 24, 24, 10, 10, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}},
-    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 14, 14, 6, 6, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}},
-    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 8, 8, 4, 4, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}},
-    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 5, 5, 2, 2, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}},
+    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 16, 16, 8, 8, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}},
+    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 8, 8, 5, 5, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}},
+    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 5, 5, 3, 3, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}},
+    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 3, 3, 2, 2, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}},
 };
 
 /* LMCache's shipped CacheGen: keys of layers 0-9 and values of layers 0-1 get 32 bins, the rest

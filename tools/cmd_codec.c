@@ -67,7 +67,7 @@ static kvl_status add_sequence(kvl_model *m, kvl_codec_profile_builder *b, const
  * that its KL(exact || decoded) over 64 teacher-forced tokens reaches the level's target with the
  * fewest bits. Keys get Qk bins in every layer, values max(1, Qk / r); r is chosen at the default
  * level and kept for the others. */
-static const double LEVEL_KL_TARGET[KVL_CODEC_MAX_LEVEL + 1] = {0, 0.0015, 0.004, 0.012, 0.03};
+static const double LEVEL_KL_TARGET[KVL_CODEC_MAX_LEVEL + 1] = {0, 0.002, 0.01, 0.025, 0.06};
 #define SEARCH_SEQS 4
 #define SEARCH_MAX_Q 255
 
@@ -174,32 +174,35 @@ static kvl_status search_eval(searcher *S, int level, const uint16_t *bins, doub
     return KVL_OK;
 }
 
-static void ratio_bins(int32_t L, int qk, double r, uint16_t *bins) {
-    int qv = (int)lround(qk / r);
-    for (int32_t l = 0; l < L; l++) {
-        bins[2 * l] = (uint16_t)qk;
-        bins[2 * l + 1] = (uint16_t)(qv < 1 ? 1 : qv);
+/* Bins from sensitivities: section i (layer, k|v) gets max(1, round(alpha * sens[i])), so that
+ * the step of section i shrinks where the logits react more to its error (equal marginal KL per
+ * bit when KL ~ w_i step_i^2 and every section has as many elements). */
+static void alloc_bins(int32_t L, const double *sens, double alpha, uint16_t *bins) {
+    for (int32_t i = 0; i < 2 * L; i++) {
+        double q = floor(alpha * sens[i] + 0.5);
+        bins[i] = (uint16_t)(q < 1 ? 1 : q > SEARCH_MAX_Q ? SEARCH_MAX_Q : q);
     }
 }
 
-/* smallest key bin count (ratio r) whose KL meets the level's target; its bits in *bits */
-static kvl_status search_level(searcher *S, int level, double r, uint16_t *bins, double *bits) {
+#define ALPHA_STEPS 80 /* alpha = 2^(k / 8), k in [0, ALPHA_STEPS] */
+
+/* the smallest alpha whose bins meet the level's KL target; the bins in bins, their bits in *bits */
+static kvl_status search_level(searcher *S, int level, const double *sens, uint16_t *bins, double *bits) {
     int32_t L = kvl_model_get_config(S->m)->n_layers;
-    double tau = LEVEL_KL_TARGET[level], kl, b;
-    int lo = 1, hi = SEARCH_MAX_Q;
-    double hi_bits = 0;
-    ratio_bins(L, hi, r, bins);
+    double tau = LEVEL_KL_TARGET[level], kl, b, hi_bits = 0;
+    int lo = 0, hi = ALPHA_STEPS;
+    alloc_bins(L, sens, exp2(hi / 8.0), bins);
     KVL_TRY(search_eval(S, level, bins, &kl, &hi_bits));
-    while (hi - lo > 0) { /* invariant: hi meets the target (or is the cap) */
+    while (hi > lo) { /* invariant: hi meets the target (or is the cap) */
         int mid = (lo + hi) / 2;
-        ratio_bins(L, mid, r, bins);
+        alloc_bins(L, sens, exp2(mid / 8.0), bins);
         KVL_TRY(search_eval(S, level, bins, &kl, &b));
         if (kl <= tau) {
             hi = mid;
             hi_bits = b;
         } else lo = mid + 1;
     }
-    ratio_bins(L, hi, r, bins);
+    alloc_bins(L, sens, exp2(hi / 8.0), bins);
     *bits = hi_bits;
     return KVL_OK;
 }
@@ -208,33 +211,33 @@ static kvl_status search_bins(kvl_model *m, const calib_opts *co, kvl_codec_prof
     int32_t L = kvl_model_get_config(m)->n_layers;
     searcher S;
     kvl_status s = searcher_init(&S, m, co);
-    uint16_t *bins = malloc((size_t)L * 2 * sizeof *bins), *best = malloc((size_t)L * 2 * sizeof *best);
-    static const double ratios[] = {1.5, 2.5, 4.0};
-    double best_r = 2.5, best_bits = 1e9, bits = 0;
-    if (s == KVL_OK && (!bins || !best)) s = KVL_ERR_NOMEM;
-    for (size_t i = 0; s == KVL_OK && i < sizeof ratios / sizeof ratios[0]; i++) {
-        s = search_level(&S, KVL_CODEC_LEVEL_DEFAULT, ratios[i], bins, &bits);
-        if (s == KVL_OK && bits < best_bits) {
-            best_bits = bits;
-            best_r = ratios[i];
-            memcpy(best, bins, (size_t)L * 2 * sizeof *bins);
-        }
+    uint16_t *bins = malloc((size_t)L * 2 * sizeof *bins);
+    double *sens = malloc((size_t)L * 2 * sizeof *sens), base = 0, bits = 0, mx = 0;
+    if (s == KVL_OK && (!bins || !sens)) s = KVL_ERR_NOMEM;
+    /* sensitivity of each (layer, k|v): KL when it alone is coarse (4) and the rest fine (64) */
+    for (int32_t i = 0; s == KVL_OK && i < 2 * L; i++) bins[i] = 64;
+    if (s == KVL_OK) s = search_eval(&S, KVL_CODEC_LEVEL_DEFAULT, bins, &base, &bits);
+    for (int32_t i = 0; s == KVL_OK && i < 2 * L; i++) {
+        double kl;
+        bins[i] = 4;
+        s = search_eval(&S, KVL_CODEC_LEVEL_DEFAULT, bins, &kl, &bits);
+        bins[i] = 64;
+        sens[i] = sqrt(fmax(kl - base, 1e-9));
+        mx = fmax(mx, sens[i]);
     }
-    if (s == KVL_OK) s = kvl_codec_profile_builder_set_bins(b, KVL_CODEC_LEVEL_DEFAULT, best);
-    if (s == KVL_OK)
-        fprintf(stderr, "kvloom: level %d: key bins %u, value bins %u (%.3f bits/element on calibration)\n",
-                KVL_CODEC_LEVEL_DEFAULT, best[0], best[1], best_bits);
+    for (int32_t i = 0; s == KVL_OK && i < 2 * L; i++) sens[i] /= mx;
     for (int lv = 1; s == KVL_OK && lv <= KVL_CODEC_MAX_LEVEL; lv++) {
-        if (lv == KVL_CODEC_LEVEL_DEFAULT) continue;
-        s = search_level(&S, lv, best_r, bins, &bits);
+        s = search_level(&S, lv, sens, bins, &bits);
         if (s == KVL_OK) s = kvl_codec_profile_builder_set_bins(b, lv, bins);
-        if (s == KVL_OK)
-            fprintf(stderr, "kvloom: level %d: key bins %u, value bins %u (%.3f bits/element on calibration)\n", lv,
-                    bins[0], bins[1], bits);
+        if (s == KVL_OK) {
+            fprintf(stderr, "kvloom: level %d bins (k,v per layer):", lv);
+            for (int32_t l = 0; l < L; l++) fprintf(stderr, " %u,%u", bins[2 * l], bins[2 * l + 1]);
+            fprintf(stderr, " (%.3f bits/element on calibration)\n", bits);
+        }
     }
     if (s == KVL_OK) fprintf(stderr, "kvloom: bin search: %d evaluations on %d sequences\n", S.evals, S.ns);
     free(bins);
-    free(best);
+    free(sens);
     searcher_free(&S);
     return s;
 }
