@@ -67,8 +67,8 @@ static kvl_status add_sequence(kvl_model *m, kvl_codec_profile_builder *b, const
  * that its KL(exact || decoded) over 64 teacher-forced tokens reaches the level's target with the
  * fewest bits. Keys get Qk bins in every layer, values max(1, Qk / r); r is chosen at the default
  * level and kept for the others. */
-static const double LEVEL_KL_TARGET[KVL_CODEC_MAX_LEVEL + 1] = {0, 0.002, 0.01, 0.025, 0.06};
-#define SEARCH_SEQS 4
+static const double LEVEL_KL_TARGET[KVL_CODEC_MAX_LEVEL + 1] = {0, 0.002, 0.007, 0.02, 0.05};
+#define SEARCH_SEQS 8
 #define SEARCH_MAX_Q 255
 
 typedef struct search_seq {
@@ -104,7 +104,9 @@ static kvl_status searcher_init(searcher *S, kvl_model *m, const calib_opts *co)
     memset(S, 0, sizeof *S);
     S->m = m;
     S->chunk = co->chunk;
-    int32_t len = c->max_seq < 192 ? c->max_seq : 192;
+    /* a full default chunk of context before the 64 scored tokens: the KL of a continuation
+     * shrinks as the context grows, so shorter calibration contexts would over-provision bins */
+    int32_t len = c->max_seq < co->chunk + SUFFIX ? c->max_seq : co->chunk + SUFFIX;
     if (len < SUFFIX + 16) return kvl_errorf(KVL_ERR_RANGE, "context of %d tokens too short for the bin search", c->max_seq);
     size_t per_tok = (size_t)c->n_layers * 2 * c->n_kv_heads * c->head_dim;
     S->dec = malloc(per_tok * (size_t)len * 4);
