@@ -217,9 +217,15 @@ static kvl_status encode_quant_section(const sec_job *j, int l, int kv, kvlc_buf
         if (st != KVL_OK) goto done;
     }
     uint8_t b2[2];
-    for (int32_t i = 0; i < n_sc; i++) {
+    int32_t n_bf = sm == KVLC_SCALE_CHANNEL_OFFSET ? C : n_sc;
+    for (int32_t i = 0; i < n_bf; i++) {
         kvlc_put16(b2, sc[i]);
         if (kvlc_buf_put(out, b2, 2)) { st = KVL_ERR_NOMEM; goto done; }
+    }
+    /* integer offsets as zigzag varints: most are small (a channel's mean in steps) */
+    for (int32_t i = n_bf; i < n_sc; i++) {
+        int32_t z = (int16_t)sc[i];
+        if (kvlc_buf_varint(out, ((uint32_t)z << 1) ^ (uint32_t)(z >> 31))) { st = KVL_ERR_NOMEM; goto done; }
     }
     size_t sizes_at = out->n;
     if (kvlc_buf_reserve(out, 4 * (size_t)n_streams)) { st = KVL_ERR_NOMEM; goto done; }
@@ -611,14 +617,18 @@ static kvl_status decode_quant_section(const dec_ctx *d, int l, int kv, const ui
             cum_off += (size_t)A + 1;
         }
     }
-    if ((size_t)(end - p) < 2 * (size_t)n_sc + 4 * (size_t)n_streams) { st = bad("section too short for its scales"); goto done; }
-    for (int32_t i = n_real; i < n_sc; i++) scale[i] = (float)(int16_t)kvlc_get16(p + 2 * (size_t)i);
+    if ((size_t)(end - p) < 2 * (size_t)n_real + 4 * (size_t)n_streams) { st = bad("section too short for its scales"); goto done; }
     for (int32_t i = 0; i < n_real; i++, p += 2) {
         float v = kvlc_bf16_to_f32(kvlc_get16(p));
         if (!isfinite(v) || v < 0 || signbit(v)) { st = bad("scale negative or not finite"); goto done; }
         scale[i] = v;
     }
-    p += 2 * (size_t)(n_sc - n_real);
+    for (int32_t i = n_real; i < n_sc; i++) {
+        uint32_t zz;
+        if (get_varint(&p, end, &zz) || zz > 65534) { st = bad("bad channel offset"); goto done; }
+        scale[i] = (float)(int32_t)((zz >> 1) ^ (0u - (zz & 1)));
+    }
+    if ((size_t)(end - p) < 4 * (size_t)n_streams) { st = bad("section too short for its stream sizes"); goto done; }
     const uint8_t *sizes = p;
     p += 4 * (size_t)n_streams;
     uint64_t total = 0;

@@ -16,19 +16,10 @@ static size_t n_elems(const kvl_codec_shape *s) {
     return (size_t)s->n_layers * 2 * s->n_tokens * s->n_kv_heads * s->head_dim;
 }
 
-/* largest |x| of the scale group of element (sec, t, c) for scale mode sm */
-static float group_max(const float *x, int32_t T, int32_t C, int sm, int32_t t, int32_t c) {
-    float m = 0;
-    for (int32_t tt = 0; tt < T; tt++)
-        for (int32_t cc = 0; cc < C; cc++) {
-            int in = sm == KVLC_SCALE_TOKEN ? tt == t : (sm == KVLC_SCALE_CHANNEL || sm == KVLC_SCALE_CHANNEL_OFFSET) ? cc == c : 1;
-            if (in) m = fmaxf(m, fabsf(x[(size_t)tt * C + cc]));
-        }
-    return m;
-}
-
-/* checks dec against x under the level's stated bound; returns the worst ratio error / bound */
-static double check_bound(const kvl_codec_shape *sh, const float *x, const float *dec, int level, int scheme) {
+/* checks dec against x under the stated bound for the bins the chunk was coded with (the level's
+ * built-in bins unless a profile or opts.bins chose others); returns the worst error / bound */
+static double check_bound(const kvl_codec_shape *sh, const float *x, const float *dec, int level, int scheme,
+                          const uint8_t *chunk) {
     int32_t T = sh->n_tokens, C = sh->n_kv_heads * sh->head_dim;
     kvlc_params p;
     CHECK_OK(kvlc_params_get(level, scheme, sh->n_layers, &p));
@@ -36,18 +27,28 @@ static double check_bound(const kvl_codec_shape *sh, const float *x, const float
     for (int32_t l = 0; l < sh->n_layers; l++)
         for (int kv = 0; kv < 2; kv++) {
             const float *xs = x + ((size_t)l * 2 + kv) * T * C, *ds = dec + ((size_t)l * 2 + kv) * T * C;
-            double rb = kvl_codec_level_error_bound(level, scheme, sh->n_layers, l, kv);
             int sm = kvlc_scale_of(p.scale_mode, kv);
-            /* group maxima: compute per row/channel once */
-            float *gm = malloc((size_t)T * C * sizeof *gm);
+            int Q = kvlc_get16(chunk + KVLC_HDR_FIXED + 4 * (size_t)l + 2 * (size_t)kv);
+            double rb = (sm == KVLC_SCALE_CHANNEL_OFFSET ? 1.5 : 0.5) / Q * (1.0 + 1.0 / 64) + 1e-6;
+            if (Q == p.q[2 * l + kv]) CHECK(rb == kvl_codec_level_error_bound(level, scheme, sh->n_layers, l, kv));
+            /* largest |x| of each token row, each channel and the whole section */
+            float *rowm = calloc((size_t)T, sizeof *rowm), *colm = calloc((size_t)C, sizeof *colm), all = 0;
             for (int32_t t = 0; t < T; t++)
-                for (int32_t c = 0; c < C; c++)
-                    gm[(size_t)t * C + c] = (sm == KVLC_SCALE_LAYER && (t || c)) ? gm[0] : group_max(xs, T, C, sm, t, c);
-            for (size_t i = 0; i < (size_t)T * C; i++) {
-                double e = fabs((double)xs[i] - ds[i]), b = rb * gm[i] + 1e-30;
-                if (e / b > worst) worst = e / b;
-            }
-            free(gm);
+                for (int32_t c = 0; c < C; c++) {
+                    float a = fabsf(xs[(size_t)t * C + c]);
+                    rowm[t] = fmaxf(rowm[t], a);
+                    colm[c] = fmaxf(colm[c], a);
+                    all = fmaxf(all, a);
+                }
+            for (int32_t t = 0; t < T; t++)
+                for (int32_t c = 0; c < C; c++) {
+                    size_t i = (size_t)t * C + c;
+                    float g = sm == KVLC_SCALE_TOKEN ? rowm[t] : sm == KVLC_SCALE_LAYER ? all : colm[c];
+                    double e = fabs((double)xs[i] - ds[i]), b = rb * g + 1e-30;
+                    if (e / b > worst) worst = e / b;
+                }
+            free(rowm);
+            free(colm);
         }
     kvlc_params_free(&p);
     return worst;
@@ -75,7 +76,7 @@ static void roundtrip_all(const kvl_codec_shape *sh, const float *x, const kvl_c
                 if (level == 0) {
                     CHECK_MSG(memcmp(dec, x, n * 4) == 0, "%s: lossless not exact", what);
                 } else {
-                    double w = check_bound(sh, x, dec, level, scheme);
+                    double w = check_bound(sh, x, dec, level, scheme, a);
                     CHECK_MSG(w <= 1.0, "%s: level %d scheme %d profile %d: error %.3f x its bound", what, level, scheme, use_prof, w);
                     printf("%-10s scheme %d level %d profile %d: %6.3f bits/element, worst error %.2f of bound\n", what, scheme,
                            level, use_prof, 8.0 * na / n, w);
@@ -137,7 +138,7 @@ static void test_dtypes(void) {
     for (size_t i = 0; i < n; i++) xf[i] = kvlc_f16_to_f32(h16[i]);
     CHECK_OK(kvl_codec_encode(&sh, KVL_CODEC_F16, h16, &o, &e, &ne));
     CHECK_OK(kvl_codec_decode(e, ne, NULL, 0, 0, KVL_CODEC_F32, dec, n * 4, 1));
-    CHECK(check_bound(&sh, xf, dec, 2, 0) <= 1.0);
+    CHECK(check_bound(&sh, xf, dec, 2, 0, e) <= 1.0);
     free(e);
     /* f16 conversion agrees with the compiler's for a sweep of values */
     size_t mism = 0;
@@ -288,8 +289,41 @@ static void test_profile(const kvl_codec_profile *prof) {
         r = NULL;
     }
     CHECK_MSG(accepted == 0, "%zu malformed profiles accepted", accepted);
-    free(m); free(x3); free(e3); free(e); free(d); free(x); free(b);
+    free(m); free(x3); free(e3); free(e); free(d); free(b);
     kvl_codec_profile_free(q);
+
+    /* per-model bins: set on the builder, carried by the profile, used by the encoder */
+    uint16_t bins[4] = {3, 1, 7, 2}, other_bins[4] = {3, 1, 7, 3};
+    CHECK_OK(kvl_codec_profile_builder_create(&sh, fp2, &bl));
+    CHECK_ST(kvl_codec_profile_builder_set_bins(bl, 0, bins), KVL_ERR_CODEC_LEVEL);
+    CHECK_OK(kvl_codec_profile_builder_set_bins(bl, 2, bins));
+    CHECK_OK(kvl_codec_profile_builder_add(bl, x, sh.n_tokens));
+    CHECK_ST(kvl_codec_profile_builder_set_bins(bl, 3, bins), KVL_ERR_INVALID_ARG); /* after _add */
+    q = NULL;
+    CHECK_OK(kvl_codec_profile_builder_finish(bl, &q));
+    kvl_codec_profile_builder_free(bl);
+    if (q) {
+        CHECK(memcmp(kvl_codec_profile_bins(q, 2), bins, sizeof bins) == 0);
+        o.profile = q;
+        e = NULL;
+        CHECK_OK(kvl_codec_encode(&sh, KVL_CODEC_F32, x, &o, &e, &ne));
+        d = malloc(n_elems(&sh) * 4);
+        CHECK_OK(kvl_codec_decode(e, ne, q, 0, 0, KVL_CODEC_F32, d, n_elems(&sh) * 4, 1));
+        CHECK(e && kvlc_get16(e + KVLC_HDR_FIXED + 4) == 7 && check_bound(&sh, x, d, 2, 0, e) <= 1.0);
+        free(e);
+        o.bins = other_bins;
+        CHECK_ST(kvl_codec_encode(&sh, KVL_CODEC_F32, x, &o, &e, &ne), KVL_ERR_CODEC_PROFILE);
+        o.profile = NULL; /* without a profile any valid bins go */
+        CHECK_OK(kvl_codec_encode(&sh, KVL_CODEC_F32, x, &o, &e, &ne));
+        CHECK_OK(kvl_codec_decode(e, ne, NULL, 0, 0, KVL_CODEC_F32, d, n_elems(&sh) * 4, 1));
+        CHECK(check_bound(&sh, x, d, 2, 0, e) <= 1.0);
+        free(e);
+        other_bins[0] = 0;
+        CHECK_ST(kvl_codec_encode(&sh, KVL_CODEC_F32, x, &o, &e, &ne), KVL_ERR_INVALID_ARG);
+        free(d);
+    }
+    kvl_codec_profile_free(q);
+    free(x);
 }
 
 /* real KV of a model (prefill of a token sequence) through every level */
