@@ -33,6 +33,7 @@ typedef struct calib_opts {
     long seed;
     int chunk;
     int search;     /* search per-model bins (else the built-in level bins) */
+    int search_seqs;
 } calib_opts;
 
 static kvl_codec_shape model_shape(const kvl_model *m, int32_t T) {
@@ -113,7 +114,7 @@ static kvl_status searcher_init(searcher *S, kvl_model *m, const calib_opts *co)
     S->lg = malloc((size_t)SUFFIX * c->vocab_size * 4);
     if (!S->dec || !S->lg) return KVL_ERR_NOMEM;
     /* seeds apart from the table-calibration seeds; sequences that end early are skipped */
-    for (int k = 0; k < 4 * SEARCH_SEQS && S->ns < SEARCH_SEQS; k++) {
+    for (int k = 0; k < 4 * co->search_seqs && S->ns < co->search_seqs; k++) {
         search_seq *q = &S->s[S->ns];
         q->ids = malloc((size_t)len * 4);
         if (!q->ids) return KVL_ERR_NOMEM;
@@ -280,7 +281,7 @@ static kvl_status build_profile(kvl_model *m, const calib_opts *co, kvl_codec_pr
 
 static const char *PROFILE_USAGE =
     "kvloom codec-profile --model PATH [--calib TOKENS.i32 ...] [--seqs N --len N --seed S] [--chunk 256]\n"
-    "                     [--builtin-bins] --out FILE";
+    "                     [--search-seqs N | --builtin-bins] --out FILE";
 
 static int parse_calib_arg(const char *cmd, const char *usage, int argc, char **argv, int *i, calib_opts *co) {
     long v;
@@ -288,6 +289,12 @@ static int parse_calib_arg(const char *cmd, const char *usage, int argc, char **
     if (*i + 1 >= argc) return 0;
     if (!strcmp(a, "--calib")) {
         co->files[co->n_files++] = argv[++*i];
+        return 1;
+    }
+    if (!strcmp(a, "--search-seqs")) {
+        if (kvl_cli_int(argv[++*i], 1, SEARCH_SEQS, &v))
+            return -kvl_cli_usage(cmd, usage, "--search-seqs needs 1..%d, got '%s'", SEARCH_SEQS, argv[*i]);
+        co->search_seqs = (int)v;
         return 1;
     }
     if (!strcmp(a, "--seqs") || !strcmp(a, "--len") || !strcmp(a, "--seed") || !strcmp(a, "--chunk")) {
@@ -303,7 +310,7 @@ static int parse_calib_arg(const char *cmd, const char *usage, int argc, char **
 }
 
 static calib_opts calib_defaults(const char **files) {
-    calib_opts co = {files, 0, 16, 256, 1000, 256, 1};
+    calib_opts co = {files, 0, 16, 256, 1000, 256, 1, SEARCH_SEQS};
     return co;
 }
 
