@@ -4,6 +4,8 @@
 
 int kvl_cmd_logits(int argc, char **argv);
 int kvl_cmd_generate(int argc, char **argv);
+int kvl_cmd_codec_eval(int argc, char **argv);
+int kvl_cmd_codec_profile(int argc, char **argv);
 
 static const struct {
     const char *name;
@@ -12,6 +14,8 @@ static const struct {
 } cmds[] = {
     {"logits", kvl_cmd_logits, "full prefill of a token file, writes float32 logits"},
     {"generate", kvl_cmd_generate, "generate text from a prompt"},
+    {"codec-eval", kvl_cmd_codec_eval, "measure the KV codec (size, KL, top-1) on a token file"},
+    {"codec-profile", kvl_cmd_codec_profile, "build a model's codec probability profile from calibration KV"},
 };
 
 static int usage(FILE *f) {
