@@ -1,0 +1,468 @@
+/* Attention kernels: causal-by-position GQA over an arbitrary set of queries (kvl_cuda.h).
+ *
+ * flash_k: bf16 tensor-core kernel (mma.sync m16n8k16, fp32 accumulation, online softmax; no
+ *   n_q x n_kv matrix in memory) for head_dim 64 and 128. A block takes 64 queries of one head;
+ *   K/V stream through shared memory in 64-key tiles (cp.async, double-buffered). Per-tile bounds
+ *   of the key positions let a block skip tiles that no query of it can see (the causal half of a
+ *   full prefill) and drop the mask on tiles every query sees in full.
+ * generic_k: float32 split-KV kernel for any head_dim and either KV type: one block per (query,
+ *   head, split); splits are merged by combine_k. Decode (one query) and the small test models run
+ *   here.
+ */
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <limits.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "kvl_cuda.h"
+
+namespace {
+
+constexpr int GEN_THREADS = 128;
+constexpr int GEN_CHUNK = 256; /* keys per shared-memory pass of generic_k */
+constexpr int GEN_MAX_SPLIT = 64;
+
+__device__ __forceinline__ float ldf(const void *p, kvl_cu_dtype t, int64_t i) {
+    return t == KVL_CU_BF16 ? __bfloat162float(((const __nv_bfloat16 *)p)[i]) : ((const float *)p)[i];
+}
+
+/* ---------------------------------------------------------------- generic */
+
+/* grid: x = query * n_split + split, y = head. Each split covers keys [s*per, (s+1)*per). */
+__global__ void __launch_bounds__(GEN_THREADS) generic_k(void *out, int64_t ldo, const void *q, int64_t ldq,
+                                                         kvl_cu_dtype qt, const int32_t *qpos, const void *k,
+                                                         const void *v, kvl_cu_dtype kvt, const int32_t *kpos,
+                                                         int64_t n_kv, int nh, int nkv, int hd, int n_split,
+                                                         int64_t per, float *ws_o, float *ws_ml) {
+    __shared__ float sq[1024];
+    __shared__ float sc[GEN_CHUNK];
+    __shared__ float red[GEN_THREADS / 32];
+    const int64_t qi = blockIdx.x / n_split;
+    const int split = blockIdx.x % n_split, h = blockIdx.y, kh = h / (nh / nkv);
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int64_t kvld = (int64_t)nkv * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int32_t qp = qpos[qi];
+    for (int d = tid; d < hd; d += GEN_THREADS) sq[d] = ldf(q, qt, qi * ldq + (int64_t)h * hd + d);
+    float o[8]; /* dims tid + 128 r, hd <= 1024 */
+#pragma unroll
+    for (int r = 0; r < 8; r++) o[r] = 0.f;
+    float m = -INFINITY, l = 0.f;
+    int64_t j0 = (int64_t)split * per, j1 = j0 + per < n_kv ? j0 + per : n_kv;
+    for (int64_t c0 = j0; c0 < j1; c0 += GEN_CHUNK) {
+        int cnt = (int)(j1 - c0 < GEN_CHUNK ? j1 - c0 : GEN_CHUNK);
+        __syncthreads(); /* sq written / previous chunk's sc consumed */
+        for (int jj = warp; jj < cnt; jj += GEN_THREADS / 32) {
+            int64_t j = c0 + jj;
+            float s = 0.f;
+            const int64_t kb = j * kvld + (int64_t)kh * hd;
+            for (int d = lane; d < hd; d += 32) s += sq[d] * ldf(k, kvt, kb + d);
+            for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+            if (lane == 0) sc[jj] = kpos[j] > qp ? -INFINITY : s * scale;
+        }
+        __syncthreads();
+        float cm = -INFINITY;
+        for (int jj = tid; jj < cnt; jj += GEN_THREADS) cm = fmaxf(cm, sc[jj]);
+        for (int off = 16; off > 0; off >>= 1) cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, off));
+        if (lane == 0) red[warp] = cm;
+        __syncthreads();
+        cm = red[0];
+        for (int w = 1; w < GEN_THREADS / 32; w++) cm = fmaxf(cm, red[w]);
+        float mn = fmaxf(m, cm);
+        if (mn == -INFINITY) continue; /* nothing visible yet */
+        float alpha = expf(m - mn); /* 0 when m = -inf */
+        __syncthreads();            /* red read by all before reuse */
+        float ps = 0.f;
+        for (int jj = tid; jj < cnt; jj += GEN_THREADS) {
+            float e = sc[jj] == -INFINITY ? 0.f : expf(sc[jj] - mn);
+            sc[jj] = e;
+            ps += e;
+        }
+        for (int off = 16; off > 0; off >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, off);
+        if (lane == 0) red[warp] = ps;
+        __syncthreads();
+        ps = 0.f;
+        for (int w = 0; w < GEN_THREADS / 32; w++) ps += red[w];
+        l = l * alpha + ps;
+        m = mn;
+#pragma unroll
+        for (int r = 0; r < 8; r++) {
+            int d = tid + r * GEN_THREADS;
+            if (d < hd) {
+                float acc = o[r] * alpha;
+                for (int jj = 0; jj < cnt; jj++) {
+                    float p = sc[jj];
+                    if (p != 0.f) acc += p * ldf(v, kvt, (c0 + jj) * kvld + (int64_t)kh * hd + d);
+                }
+                o[r] = acc;
+            }
+        }
+    }
+    if (n_split == 1) {
+        float inv = l > 0.f ? 1.0f / l : 0.f;
+#pragma unroll
+        for (int r = 0; r < 8; r++) {
+            int d = tid + r * GEN_THREADS;
+            if (d < hd) {
+                int64_t oi = qi * ldo + (int64_t)h * hd + d;
+                if (qt == KVL_CU_BF16)
+                    ((__nv_bfloat16 *)out)[oi] = __float2bfloat16_rn(o[r] * inv);
+                else
+                    ((float *)out)[oi] = o[r] * inv;
+            }
+        }
+    } else {
+        int64_t part = (qi * nh + h) * n_split + split;
+#pragma unroll
+        for (int r = 0; r < 8; r++) {
+            int d = tid + r * GEN_THREADS;
+            if (d < hd) ws_o[part * hd + d] = o[r];
+        }
+        if (tid == 0) {
+            ws_ml[2 * part] = m;
+            ws_ml[2 * part + 1] = l;
+        }
+    }
+}
+
+/* merges the n_split partial (m, l, o) of each (query, head) */
+__global__ void combine_k(void *out, int64_t ldo, kvl_cu_dtype ot, int nh, int hd, int n_split, const float *ws_o,
+                          const float *ws_ml) {
+    const int64_t qi = blockIdx.x;
+    const int h = blockIdx.y;
+    const int64_t base = (qi * nh + h) * n_split;
+    float M = -INFINITY;
+    for (int s = 0; s < n_split; s++) M = fmaxf(M, ws_ml[2 * (base + s)]);
+    float L = 0.f;
+    for (int s = 0; s < n_split; s++) {
+        float ms = ws_ml[2 * (base + s)];
+        if (ms != -INFINITY) L += ws_ml[2 * (base + s) + 1] * expf(ms - M);
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float acc = 0.f;
+        for (int s = 0; s < n_split; s++) {
+            float ms = ws_ml[2 * (base + s)];
+            if (ms != -INFINITY) acc += ws_o[(base + s) * hd + d] * expf(ms - M);
+        }
+        float r = L > 0.f ? acc / L : 0.f;
+        int64_t oi = qi * ldo + (int64_t)h * hd + d;
+        if (ot == KVL_CU_BF16)
+            ((__nv_bfloat16 *)out)[oi] = __float2bfloat16_rn(r);
+        else
+            ((float *)out)[oi] = r;
+    }
+}
+
+/* ---------------------------------------------------------------- flash (bf16, mma.sync) */
+
+constexpr int FBM = 64, FBN = 64, FTHREADS = 128;
+
+/* per 64-key tile: min and max position of its keys */
+__global__ void tile_bounds_k(int2 *tb, const int32_t *kpos, int64_t n_kv) {
+    int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    int64_t n_t = (n_kv + FBN - 1) / FBN;
+    if (t >= n_t) return;
+    int lo = INT_MAX, hi = INT_MIN;
+    for (int64_t j = t * FBN; j < (t + 1) * FBN && j < n_kv; j++) {
+        lo = min(lo, kpos[j]);
+        hi = max(hi, kpos[j]);
+    }
+    tb[t] = make_int2(lo, hi);
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3, const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3, const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(smem_u32(p)));
+}
+
+__device__ __forceinline__ void mma16816(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+template <int HD>
+constexpr int flash_smem() {
+    return (FBM + 4 * FBN) * (HD + 8) * 2 + 2 * FBN * 4;
+}
+
+template <int HD>
+__global__ void __launch_bounds__(FTHREADS) flash_k(__nv_bfloat16 *out, int64_t ldo, const __nv_bfloat16 *q,
+                                                    int64_t ldq, const int32_t *qpos, int64_t n_q,
+                                                    const __nv_bfloat16 *k, const __nv_bfloat16 *v,
+                                                    const int32_t *kpos, int64_t n_kv, const int2 *tb, int nh,
+                                                    int nkv, float sl2) {
+    constexpr int STR = HD + 8; /* padded rows: conflict-free ldmatrix */
+    constexpr int NT = FBN / 8; /* 8-key column tiles of S */
+    constexpr int DT = HD / 8;  /* 8-dim column tiles of O */
+    constexpr int KS = HD / 16; /* k-steps of Q K^T */
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __nv_bfloat16 *sQ = (__nv_bfloat16 *)smem_raw;
+    __nv_bfloat16 *sK = sQ + FBM * STR; /* [2][FBN][STR] */
+    __nv_bfloat16 *sV = sK + 2 * FBN * STR;
+    int *sKp = (int *)(sV + 2 * FBN * STR); /* [2][FBN] */
+    __shared__ int s_qmin[FTHREADS / 32], s_qmax[FTHREADS / 32];
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int64_t q0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * FBM; /* long rows of a causal prefill first */
+    const int h = blockIdx.y, kh = h / (nh / nkv);
+    const int64_t kvld = (int64_t)nkv * HD;
+    const int64_t n_tiles = (n_kv + FBN - 1) / FBN;
+
+    for (int c = tid; c < FBM * HD / 8; c += FTHREADS) {
+        int r = c / (HD / 8), col = (c % (HD / 8)) * 8;
+        bool ok = q0 + r < n_q;
+        cp_async16(sQ + r * STR + col, q + (ok ? (q0 + r) * ldq + (int64_t)h * HD + col : 0), ok);
+    }
+    cp_commit();
+    /* positions of this block's queries: bounds for tile skipping, and each thread's two rows */
+    {
+        int p = INT_MIN, pmin = INT_MAX, pmax = INT_MIN;
+        if (tid < FBM && q0 + tid < n_q) {
+            p = qpos[q0 + tid];
+            pmin = p;
+            pmax = p;
+        }
+        for (int off = 16; off > 0; off >>= 1) {
+            pmin = min(pmin, __shfl_xor_sync(0xffffffffu, pmin, off));
+            pmax = max(pmax, __shfl_xor_sync(0xffffffffu, pmax, off));
+        }
+        if (lane == 0) {
+            s_qmin[warp] = pmin;
+            s_qmax[warp] = pmax;
+        }
+    }
+    const int r0 = warp * 16 + lane / 4, r1 = r0 + 8, tq = lane % 4;
+    const int qp0 = q0 + r0 < n_q ? qpos[q0 + r0] : INT_MIN;
+    const int qp1 = q0 + r1 < n_q ? qpos[q0 + r1] : INT_MIN;
+    cp_wait<0>();
+    __syncthreads();
+    const int qmin = min(min(s_qmin[0], s_qmin[1]), min(s_qmin[2], s_qmin[3]));
+    const int qmax = max(max(s_qmax[0], s_qmax[1]), max(s_qmax[2], s_qmax[3]));
+
+    uint32_t qf[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++)
+        ldsm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], sQ + (warp * 16 + (lane % 16)) * STR + kk * 16 + (lane / 16) * 8);
+
+    float o[DT][4];
+#pragma unroll
+    for (int d = 0; d < DT; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+
+    auto next_tile = [&](int64_t t) {
+        while (t < n_tiles && tb[t].x > qmax) t++;
+        return t;
+    };
+    auto load_tile = [&](int64_t t, int buf) {
+        const int64_t j0 = t * FBN;
+        for (int c = tid; c < FBN * HD / 8; c += FTHREADS) {
+            int r = c / (HD / 8), col = (c % (HD / 8)) * 8;
+            bool ok = j0 + r < n_kv;
+            int64_t off = ok ? (j0 + r) * kvld + (int64_t)kh * HD + col : 0;
+            cp_async16(sK + (buf * FBN + r) * STR + col, k + off, ok);
+            cp_async16(sV + (buf * FBN + r) * STR + col, v + off, ok);
+        }
+        if (tid < FBN) sKp[buf * FBN + tid] = j0 + tid < n_kv ? kpos[j0 + tid] : INT_MAX;
+    };
+
+    int64_t t = qmax == INT_MIN ? n_tiles : next_tile(0);
+    if (t < n_tiles) load_tile(t, 0);
+    cp_commit();
+    for (int buf = 0; t < n_tiles; buf ^= 1) {
+        const int64_t tn = next_tile(t + 1);
+        if (tn < n_tiles) load_tile(tn, buf ^ 1);
+        cp_commit();
+        cp_wait<1>();
+        __syncthreads();
+        const __nv_bfloat16 *cK = sK + buf * FBN * STR, *cV = sV + buf * FBN * STR;
+        const int *cKp = sKp + buf * FBN;
+
+        float s[NT][4];
+#pragma unroll
+        for (int n = 0; n < NT; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++) {
+#pragma unroll
+            for (int n2 = 0; n2 < NT / 2; n2++) {
+                uint32_t b0, b1, b2, b3;
+                ldsm_x4(b0, b1, b2, b3, cK + (n2 * 16 + (lane / 16) * 8 + (lane % 8)) * STR + kk * 16 + ((lane / 8) % 2) * 8);
+                mma16816(s[2 * n2], qf[kk], b0, b1);
+                mma16816(s[2 * n2 + 1], qf[kk], b2, b3);
+            }
+        }
+        const int2 bnd = tb[t];
+        if (bnd.y > qmin) { /* some key of the tile is hidden from some query: mask */
+#pragma unroll
+            for (int n = 0; n < NT; n++) {
+                int kp0 = cKp[n * 8 + 2 * tq], kp1 = cKp[n * 8 + 2 * tq + 1];
+                if (kp0 > qp0) s[n][0] = -INFINITY;
+                if (kp1 > qp0) s[n][1] = -INFINITY;
+                if (kp0 > qp1) s[n][2] = -INFINITY;
+                if (kp1 > qp1) s[n][3] = -INFINITY;
+            }
+        } else if (n_kv - t * FBN < FBN) { /* tail tile: padded keys */
+#pragma unroll
+            for (int n = 0; n < NT; n++) {
+                if (cKp[n * 8 + 2 * tq] == INT_MAX) s[n][0] = s[n][2] = -INFINITY;
+                if (cKp[n * 8 + 2 * tq + 1] == INT_MAX) s[n][1] = s[n][3] = -INFINITY;
+            }
+        }
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float ms0 = mx0 == -INFINITY ? 0.f : mx0 * sl2, ms1 = mx1 == -INFINITY ? 0.f : mx1 * sl2;
+        const float a0 = exp2f(m0 * sl2 - ms0), a1 = exp2f(m1 * sl2 - ms1);
+        m0 = mx0;
+        m1 = mx1;
+        float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            s[n][0] = exp2f(s[n][0] * sl2 - ms0);
+            s[n][1] = exp2f(s[n][1] * sl2 - ms0);
+            s[n][2] = exp2f(s[n][2] * sl2 - ms1);
+            s[n][3] = exp2f(s[n][3] * sl2 - ms1);
+            ps0 += s[n][0] + s[n][1];
+            ps1 += s[n][2] + s[n][3];
+        }
+        l0 = l0 * a0 + ps0;
+        l1 = l1 * a1 + ps1;
+#pragma unroll
+        for (int d = 0; d < DT; d++) {
+            o[d][0] *= a0;
+            o[d][1] *= a0;
+            o[d][2] *= a1;
+            o[d][3] *= a1;
+        }
+#pragma unroll
+        for (int kk = 0; kk < FBN / 16; kk++) {
+            uint32_t pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                              pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int d2 = 0; d2 < DT / 2; d2++) {
+                uint32_t b0, b1, b2, b3;
+                ldsm_x4_t(b0, b1, b2, b3, cV + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * STR + d2 * 16 + (lane / 16) * 8);
+                mma16816(o[2 * d2], pa, b0, b1);
+                mma16816(o[2 * d2 + 1], pa, b2, b3);
+            }
+        }
+        __syncthreads(); /* this buffer is refilled next iteration */
+        t = tn;
+    }
+    cp_wait<0>();
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+    for (int d = 0; d < DT; d++) {
+        int col = h * HD + d * 8 + 2 * tq;
+        if (q0 + r0 < n_q)
+            *(__nv_bfloat162 *)(out + (q0 + r0) * ldo + col) = __floats2bfloat162_rn(o[d][0] * i0, o[d][1] * i0);
+        if (q0 + r1 < n_q)
+            *(__nv_bfloat162 *)(out + (q0 + r1) * ldo + col) = __floats2bfloat162_rn(o[d][2] * i1, o[d][3] * i1);
+    }
+}
+
+template <int HD>
+cudaError_t launch_flash(void *out, int64_t ldo, const void *q, int64_t ldq, const int32_t *qpos, int64_t n_q,
+                         const void *k, const void *v, const int32_t *kpos, int64_t n_kv, int nh, int nkv, void *ws,
+                         cudaStream_t s) {
+    int2 *tb = (int2 *)ws;
+    int64_t n_t = (n_kv + FBN - 1) / FBN;
+    tile_bounds_k<<<(unsigned)((n_t + 127) / 128), 128, 0, s>>>(tb, kpos, n_kv);
+    constexpr int smem = flash_smem<HD>();
+    static bool attr_set = false; /* idempotent: racing first calls set the same value */
+    if (!attr_set) {
+        cudaError_t e = cudaFuncSetAttribute(flash_k<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        if (e != cudaSuccess) return e;
+        attr_set = true;
+    }
+    dim3 grid((unsigned)((n_q + FBM - 1) / FBM), (unsigned)nh);
+    float sl2 = (1.0f / sqrtf((float)HD)) * 1.4426950408889634f;
+    flash_k<HD><<<grid, FTHREADS, smem, s>>>((__nv_bfloat16 *)out, ldo, (const __nv_bfloat16 *)q, ldq, qpos, n_q,
+                                             (const __nv_bfloat16 *)k, (const __nv_bfloat16 *)v, kpos, n_kv, tb, nh,
+                                             nkv, sl2);
+    return cudaGetLastError();
+}
+
+int gen_splits(int64_t n_q, int64_t n_kv, int nh) {
+    /* enough blocks to fill the GPU (~4 waves of 132 SMs x 8 blocks), at least GEN_CHUNK keys each */
+    int64_t want = (132 * 8 * 4 + n_q * nh - 1) / (n_q * nh);
+    int64_t maxs = (n_kv + GEN_CHUNK - 1) / GEN_CHUNK;
+    if (want > maxs) want = maxs;
+    if (want > GEN_MAX_SPLIT) want = GEN_MAX_SPLIT;
+    return want < 1 ? 1 : (int)want;
+}
+
+} // namespace
+
+extern "C" {
+
+size_t kvl_cu_attention_ws(int64_t n_q, int64_t n_kv, int nh, int hd) {
+    /* a bound for every n_q' <= n_q: gen_splits keeps n_q' * nh * splits below both terms */
+    size_t parts = (size_t)n_q * nh + 132 * 8 * 4, cap = (size_t)n_q * nh * GEN_MAX_SPLIT;
+    if (parts > cap) parts = cap;
+    size_t gen = parts * ((size_t)hd + 2) * sizeof(float);
+    size_t fl = (size_t)((n_kv + FBN - 1) / FBN) * sizeof(int2);
+    return (gen > fl ? gen : fl) + 256;
+}
+
+cudaError_t kvl_cu_attention(void *out, int64_t ldo, const void *q, int64_t ldq, kvl_cu_dtype qo_t,
+                             const int32_t *qpos, int64_t n_q, const void *k, const void *v, kvl_cu_dtype kv_t,
+                             const int32_t *kpos, int64_t n_kv, int nh, int nkv, int hd, void *ws, int force_generic,
+                             cudaStream_t s) {
+    if (n_q <= 0) return cudaSuccess;
+    if (hd > 1024 || nh % nkv || n_kv <= 0) return cudaErrorInvalidValue;
+    if (!force_generic && qo_t == KVL_CU_BF16 && kv_t == KVL_CU_BF16 && n_q >= 16 && (ldq % 8) == 0 &&
+        (ldo % 2) == 0) {
+        if (hd == 128) return launch_flash<128>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
+        if (hd == 64) return launch_flash<64>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
+    }
+    int sp = gen_splits(n_q, n_kv, nh);
+    int64_t per = (n_kv + sp - 1) / sp;
+    float *wo = (float *)ws, *wml = wo + (size_t)n_q * nh * sp * hd;
+    dim3 grid((unsigned)(n_q * sp), (unsigned)nh);
+    generic_k<<<grid, GEN_THREADS, 0, s>>>(out, ldo, q, ldq, qo_t, qpos, k, v, kv_t, kpos, n_kv, nh, nkv, hd, sp, per,
+                                           wo, wml);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess || sp == 1) return e;
+    combine_k<<<dim3((unsigned)n_q, (unsigned)nh), hd < 128 ? 32 : 128, 0, s>>>(out, ldo, qo_t, nh, hd, sp, wo, wml);
+    return cudaGetLastError();
+}
+
+} // extern "C"
