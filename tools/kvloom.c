@@ -4,6 +4,7 @@
 
 int kvl_cmd_logits(int argc, char **argv);
 int kvl_cmd_generate(int argc, char **argv);
+int kvl_cmd_gpu_bench(int argc, char **argv);
 
 static const struct {
     const char *name;
@@ -12,6 +13,7 @@ static const struct {
 } cmds[] = {
     {"logits", kvl_cmd_logits, "full prefill of a token file, writes float32 logits"},
     {"generate", kvl_cmd_generate, "generate text from a prompt"},
+    {"gpu-bench", kvl_cmd_gpu_bench, "prefill / selective recompute / decode timings on the CUDA backend"},
 };
 
 static int usage(FILE *f) {
