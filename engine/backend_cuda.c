@@ -44,7 +44,10 @@ typedef struct {
     cudaStream_t st;
     cublasLtHandle_t lt;
     void *lt_ws;
-    kvl_cu_dtype wt; /* weights, activations and KV */
+    kvl_cu_dtype wt; /* weights and GEMM inputs */
+    kvl_cu_dtype kt; /* Q/K/V, the KV cache and attention: bf16 where the tensor-core attention
+                      * kernel takes the head_dim, else float32 (the generic kernel computes in
+                      * float32; bf16 storage would only lose precision) */
     void *wbuf;
     void *emb, *cls;
     float *final_norm;
@@ -133,7 +136,11 @@ typedef struct {
     size_t tok, pos, x, xn, qkv, q, qg, kf, vf, att, tmp, gu, hb, kvout, dev, logit, ix[IX_N], att_ws, total;
 } fsizes;
 
-static fsizes fwd_sizes(const kvl_model_config *c, size_t es, int32_t n) {
+static kvl_cu_dtype kv_type(const kvl_model_config *c, kvl_cu_dtype wt) {
+    return wt == KVL_CU_BF16 && (c->head_dim == 64 || c->head_dim == 128) ? KVL_CU_BF16 : KVL_CU_F32;
+}
+
+static fsizes fwd_sizes(const kvl_model_config *c, size_t es, size_t ek, int32_t n) {
     size_t N = (size_t)n, D = (size_t)c->dim, qd = (size_t)c->n_heads * c->head_dim,
            kd = (size_t)c->n_kv_heads * c->head_dim, F = (size_t)c->hidden_dim;
     size_t ch = N < FFN_CHUNK ? N : FFN_CHUNK, lc = N < LOGIT_CHUNK ? N : LOGIT_CHUNK;
@@ -144,12 +151,12 @@ static fsizes fwd_sizes(const kvl_model_config *c, size_t es, int32_t n) {
     PUT(pos, N * 4);
     PUT(x, N * D * 4);
     PUT(xn, N * D * es);
-    PUT(qkv, N * (qd + 2 * kd) * es);
-    PUT(q, N * qd * es);
-    PUT(qg, N * qd * es);
-    PUT(kf, N * kd * es);
-    PUT(vf, N * kd * es);
-    PUT(att, N * qd * es);
+    PUT(qkv, N * (qd + 2 * kd) * ek);
+    PUT(q, N * qd * ek);
+    PUT(qg, N * qd * (ek > es ? ek : es));
+    PUT(kf, N * kd * ek);
+    PUT(vf, N * kd * ek);
+    PUT(att, N * qd * ek);
     PUT(tmp, N * D * 4);
     PUT(gu, ch * 2 * F * es);
     PUT(hb, ch * F * es);
@@ -164,11 +171,12 @@ static fsizes fwd_sizes(const kvl_model_config *c, size_t es, int32_t n) {
 }
 
 void kvl_cuda_plan_for(const kvl_model_config *c, int32_t wdt, int32_t n, kvl_cuda_plan *p) {
-    size_t es = wdt == KVL_WDTYPE_BF16 ? 2 : 4;
+    kvl_cu_dtype wt = wdt == KVL_WDTYPE_BF16 ? KVL_CU_BF16 : KVL_CU_F32;
+    size_t es = kvl_cu_dtype_size(wt), ek = kvl_cu_dtype_size(kv_type(c, wt));
     wsizes w = weight_sizes(c, es);
     p->weights = w.emb + w.cls + w.final_norm + (size_t)c->n_layers * w.layer;
-    p->kv_per_token = (size_t)c->n_layers * 2 * (size_t)c->n_kv_heads * c->head_dim * es;
-    p->fwd_bytes = fwd_sizes(c, es, n).total;
+    p->kv_per_token = (size_t)c->n_layers * 2 * (size_t)c->n_kv_heads * c->head_dim * ek;
+    p->fwd_bytes = fwd_sizes(c, es, ek, n).total;
     p->cublas_ws = LT_WS;
 }
 
@@ -380,6 +388,7 @@ static kvl_status model_init_impl(kvl_model *m) {
     m->be_state = c;
     c->dev = m->opts.gpu;
     c->wt = m->opts.weight_dtype == KVL_WDTYPE_BF16 ? KVL_CU_BF16 : KVL_CU_F32;
+    c->kt = kv_type(&m->cfg, c->wt);
     CU(cudaSetDevice(c->dev));
     CU(cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking));
     LT(cublasLtCreate(&c->lt));
@@ -411,13 +420,13 @@ static kvl_status cuda_model_init(kvl_model *m) {
 static size_t kvd(const kvl_model *m) { return (size_t)m->cfg.n_kv_heads * m->cfg.head_dim; }
 
 static char *kv_at(const kvl_kv *kv, int32_t l, int w, int32_t s) {
-    size_t es = kvl_cu_dtype_size(CM(kv->m)->wt);
+    size_t es = kvl_cu_dtype_size(CM(kv->m)->kt);
     return (char *)kv->data + ((((size_t)l * 2 + (size_t)w) * (size_t)kv->capacity + (size_t)s) * kvd(kv->m)) * es;
 }
 
 static kvl_status kv_alloc_impl(kvl_kv *kv) {
     cu_model *c = CM(kv->m);
-    size_t bytes = (size_t)kv->m->cfg.n_layers * 2 * (size_t)kv->capacity * kvd(kv->m) * kvl_cu_dtype_size(c->wt);
+    size_t bytes = (size_t)kv->m->cfg.n_layers * 2 * (size_t)kv->capacity * kvd(kv->m) * kvl_cu_dtype_size(c->kt);
     CU(cudaSetDevice(c->dev));
     cudaError_t e = cudaMalloc(&kv->data, bytes);
     if (e != cudaSuccess) {
@@ -455,21 +464,21 @@ static kvl_status kv_xfer(const kvl_kv *kv, int32_t l0, int32_t nl, int32_t s0, 
     size_t blk = (size_t)n * kvd(kv->m);
     CU(cudaSetDevice(c->dev));
     void *stage = NULL;
-    if (c->wt != KVL_CU_F32) CU(cudaMallocAsync(&stage, blk * 4, c->st));
+    if (c->kt != KVL_CU_F32) CU(cudaMallocAsync(&stage, blk * 4, c->st));
     kvl_status s = KVL_OK;
     for (int32_t l = 0; l < nl && s == KVL_OK; l++)
         for (int w = 0; w < 2 && s == KVL_OK; w++) {
             float *h = host + ((size_t)l * 2 + (size_t)w) * blk;
             char *d = kv_at(kv, l0 + l, w, s0);
             cudaError_t e;
-            if (c->wt == KVL_CU_F32) {
+            if (c->kt == KVL_CU_F32) {
                 e = to_dev ? cudaMemcpyAsync(d, h, blk * 4, cudaMemcpyHostToDevice, c->st)
                            : cudaMemcpyAsync(h, d, blk * 4, cudaMemcpyDeviceToHost, c->st);
             } else if (to_dev) {
                 e = cudaMemcpyAsync(stage, h, blk * 4, cudaMemcpyHostToDevice, c->st);
-                if (e == cudaSuccess) e = kvl_cu_convert(d, c->wt, stage, KVL_CU_F32, blk, c->st);
+                if (e == cudaSuccess) e = kvl_cu_convert(d, c->kt, stage, KVL_CU_F32, blk, c->st);
             } else {
-                e = kvl_cu_convert(stage, KVL_CU_F32, d, c->wt, blk, c->st);
+                e = kvl_cu_convert(stage, KVL_CU_F32, d, c->kt, blk, c->st);
                 if (e == cudaSuccess) e = cudaMemcpyAsync(h, stage, blk * 4, cudaMemcpyDeviceToHost, c->st);
             }
             if (e != cudaSuccess) s = cuda_err(e, to_dev ? "kv write" : "kv read");
@@ -490,7 +499,7 @@ static kvl_status cuda_kv_read(const kvl_kv *kv, int32_t l0, int32_t nl, int32_t
 
 static kvl_status kv_copy_impl(kvl_kv *dst, int32_t d0, const kvl_kv *src, int32_t s0, int32_t n) {
     cu_model *c = CM(dst->m);
-    size_t bytes = (size_t)n * kvd(dst->m) * kvl_cu_dtype_size(c->wt);
+    size_t bytes = (size_t)n * kvd(dst->m) * kvl_cu_dtype_size(c->kt);
     CU(cudaSetDevice(c->dev));
     int overlap = dst == src && d0 < s0 + n && s0 < d0 + n;
     void *tmp = NULL;
@@ -519,7 +528,7 @@ static kvl_status kv_rerotate_impl(kvl_kv *kv, int32_t s0, int32_t n, int32_t de
     cu_model *c = CM(kv->m);
     const kvl_model_config *k = &kv->m->cfg;
     CU(cudaSetDevice(c->dev));
-    CU(kvl_cu_rerotate(kv_at(kv, 0, 0, s0), c->wt, k->n_layers, (int64_t)(2 * (size_t)kv->capacity * kvd(kv->m)), n,
+    CU(kvl_cu_rerotate(kv_at(kv, 0, 0, s0), c->kt, k->n_layers, (int64_t)(2 * (size_t)kv->capacity * kvd(kv->m)), n,
                        (int64_t)kvd(kv->m), k->n_kv_heads, k->head_dim, k->rope_style, k->rope_theta, delta, c->st));
     return KVL_OK;
 }
@@ -538,7 +547,7 @@ static kvl_status fwd_init_impl(kvl_fwd *f) {
     cu_fwd *b = calloc(1, sizeof *b);
     if (!b) return KVL_ERR_NOMEM;
     f->be = b;
-    fsizes z = fwd_sizes(&f->m->cfg, es, f->n);
+    fsizes z = fwd_sizes(&f->m->cfg, es, kvl_cu_dtype_size(c->kt), f->n);
     CU(cudaSetDevice(c->dev));
     cudaError_t e = cudaMallocAsync(&b->block, z.total, c->st);
     if (e != cudaSuccess) {
@@ -646,12 +655,12 @@ static kvl_status fwd_qkv_impl(kvl_fwd *f, int32_t layer, const int32_t *idx, in
     KVL_TRY(s);
     if (layer == 0) CU(kvl_cu_copy_rows(b->x, KVL_CU_F32, D, d_idx, c->emb, c->wt, D, d_tok, n, D, c->st));
     CU(kvl_cu_add_rmsnorm(b->xn, c->wt, b->x, d_idx, NULL, L->attn_norm, n, D, k->norm_eps, c->st));
-    KVL_TRY(gemm(c, b->qkv, c->wt, qd + 2 * kd, b->xn, L->wqkv, qd + 2 * kd, n, D));
-    CU(kvl_cu_rope_split(b->q, c->wt, b->kf, b->vf, c->wt, b->qkv, c->wt, qd + 2 * kd, d_pos, n, k->n_heads,
+    KVL_TRY(gemm(c, b->qkv, c->kt, qd + 2 * kd, b->xn, L->wqkv, qd + 2 * kd, n, D));
+    CU(kvl_cu_rope_split(b->q, c->kt, b->kf, b->vf, c->kt, b->qkv, c->kt, qd + 2 * kd, d_pos, n, k->n_heads,
                          k->n_kv_heads, k->head_dim, k->rope_style, k->rope_theta, c->st));
     if (k_out || v_out) {
-        CU(kvl_cu_convert(b->kvout, KVL_CU_F32, b->kf, c->wt, (size_t)n * kd, c->st));
-        CU(kvl_cu_convert(b->kvout + (size_t)n * kd, KVL_CU_F32, b->vf, c->wt, (size_t)n * kd, c->st));
+        CU(kvl_cu_convert(b->kvout, KVL_CU_F32, b->kf, c->kt, (size_t)n * kd, c->st));
+        CU(kvl_cu_convert(b->kvout + (size_t)n * kd, KVL_CU_F32, b->vf, c->kt, (size_t)n * kd, c->st));
         if (k_out) CU(cudaMemcpyAsync(k_out, b->kvout, (size_t)n * kd * 4, cudaMemcpyDeviceToHost, c->st));
         if (v_out) CU(cudaMemcpyAsync(v_out, b->kvout + (size_t)n * kd, (size_t)n * kd * 4, cudaMemcpyDeviceToHost, c->st));
         CU(cudaStreamSynchronize(c->st));
@@ -680,7 +689,7 @@ static kvl_status fwd_deviation_impl(kvl_fwd *f, int32_t metric, float *dev) {
     kvl_status s = stage_ix(f, IX_QKV, f->n_pend, f->pend, tok, tok + f->n_pend, &d_idx, &d_tok, &d_pos);
     free(tok);
     KVL_TRY(s);
-    CU(kvl_cu_deviation(b->dev, b->kf, b->vf, kv_at(f->kv, f->layer, 0, 0), kv_at(f->kv, f->layer, 1, 0), c->wt, d_idx,
+    CU(kvl_cu_deviation(b->dev, b->kf, b->vf, kv_at(f->kv, f->layer, 0, 0), kv_at(f->kv, f->layer, 1, 0), c->kt, d_idx,
                         f->n_pend, kd, metric, c->st));
     CU(cudaMemcpyAsync(dev, b->dev, (size_t)f->n_pend * 4, cudaMemcpyDeviceToHost, c->st));
     CU(cudaStreamSynchronize(c->st));
@@ -703,8 +712,8 @@ static kvl_status fwd_commit_impl(kvl_fwd *f, const int32_t *sub, int32_t n) {
     kvl_status s = stage_ix(f, IX_COMMIT, n, sub, rows, NULL, &d_sub, &d_rows, NULL);
     free(rows);
     KVL_TRY(s);
-    CU(kvl_cu_copy_rows(kv_at(f->kv, f->layer, 0, 0), c->wt, kd, d_rows, b->kf, c->wt, kd, d_sub, n, kd, c->st));
-    CU(kvl_cu_copy_rows(kv_at(f->kv, f->layer, 1, 0), c->wt, kd, d_rows, b->vf, c->wt, kd, d_sub, n, kd, c->st));
+    CU(kvl_cu_copy_rows(kv_at(f->kv, f->layer, 0, 0), c->kt, kd, d_rows, b->kf, c->kt, kd, d_sub, n, kd, c->st));
+    CU(kvl_cu_copy_rows(kv_at(f->kv, f->layer, 1, 0), c->kt, kd, d_rows, b->vf, c->kt, kd, d_sub, n, kd, c->st));
     return KVL_OK;
 }
 
@@ -733,14 +742,19 @@ static kvl_status fwd_attn_ffn_impl(kvl_fwd *f, const int32_t *sub, int32_t n) {
     KVL_TRY(s);
     const void *qsrc = b->q;
     if (!identity) {
-        CU(kvl_cu_copy_rows(b->qg, c->wt, qd, NULL, b->q, c->wt, qd, d_sub, n, qd, c->st));
+        CU(kvl_cu_copy_rows(b->qg, c->kt, qd, NULL, b->q, c->kt, qd, d_sub, n, qd, c->st));
         qsrc = b->qg;
     }
-    CU(kvl_cu_attention(b->att, qd, qsrc, qd, c->wt, d_qpos, n, kv_at(f->kv, f->layer, 0, 0),
-                        kv_at(f->kv, f->layer, 1, 0), c->wt, b->d_pos, f->n, k->n_heads, k->n_kv_heads, k->head_dim,
+    CU(kvl_cu_attention(b->att, qd, qsrc, qd, c->kt, d_qpos, n, kv_at(f->kv, f->layer, 0, 0),
+                        kv_at(f->kv, f->layer, 1, 0), c->kt, b->d_pos, f->n, k->n_heads, k->n_kv_heads, k->head_dim,
                         b->att_ws, 0, c->st));
     (void)kd;
-    KVL_TRY(gemm(c, b->tmp, KVL_CU_F32, D, b->att, L->wo, D, n, qd));
+    const void *att = b->att;
+    if (c->kt != c->wt) { /* the output projection takes GEMM-input type; qg is free again */
+        CU(kvl_cu_convert(b->qg, c->wt, b->att, c->kt, (size_t)n * qd, c->st));
+        att = b->qg;
+    }
+    KVL_TRY(gemm(c, b->tmp, KVL_CU_F32, D, att, L->wo, D, n, qd));
     CU(kvl_cu_add_rmsnorm(b->xn, c->wt, b->x, d_rows, b->tmp, L->ffn_norm, n, D, k->norm_eps, c->st));
     size_t es = kvl_cu_dtype_size(c->wt);
     for (int64_t r0 = 0; r0 < n; r0 += FFN_CHUNK) {

@@ -1,7 +1,9 @@
 /* The CUDA backend through the engine API. Skips (exit 77) without a GPU.
  *   test_cuda_engine golden MODEL GOLDEN_DIR f32|bf16
  *       logits of every golden sequence: f32 weights rel err <= 1e-4 and every argmax equal;
- *       bf16 weights rel err <= 2e-2 per sequence and argmax agreement >= 99% overall.
+ *       bf16 weights rel err <= 2e-2 per sequence and argmax agreement >= 99% overall, or, for a
+ *       model where rounding the weights to bf16 alone (CPU, float32 arithmetic) already agrees on
+ *       fewer, no more than half a point below that bound (near-ties in tiny models).
  *   test_cuda_engine match MODEL
  *       GPU (f32) against the CPU backend on the same inputs: full prefill, KV read/write/copy/
  *       rerotate, and a CacheBlend-style pass (cached KV, fresh K/V + deviation at layer 0, a
@@ -11,6 +13,7 @@
  *       GPU f32 vs CPU f32 <= 1e-4 (same weights bit for bit) and GPU bf16 vs CPU f32 <= 2e-2. */
 #include <stdint.h>
 
+#include "engine_impl.h"
 #include "kvl_cpu.h"
 #include "kvl_cuda_backend.h"
 #include "kvl_engine.h"
@@ -29,7 +32,43 @@ static kvl_model *load(const char *path, int backend, int wdt) {
     return m;
 }
 
+/* argmax agreement with the goldens of model m over all sequences; -1 if none */
+static double agreement(kvl_model *m, const char *dir) {
+    size_t V = (size_t)kvl_model_get_config(m)->vocab_size;
+    long ag = 0, tot = 0;
+    for (int q = 0; q < 100; q++) {
+        char tp[4096], lp[4096];
+        size_t nt, nl;
+        snprintf(tp, sizeof tp, "%s/seq%02d.tokens.i32", dir, q);
+        snprintf(lp, sizeof lp, "%s/seq%02d.logits.f32", dir, q);
+        int32_t *tok = kvl_test_read(tp, &nt);
+        if (!tok) break;
+        float *gold = kvl_test_read(lp, &nl);
+        int32_t n = (int32_t)(nt / 4);
+        int32_t *pos = malloc((size_t)n * 4);
+        float *lg = malloc((size_t)n * V * 4);
+        for (int32_t i = 0; i < n; i++) pos[i] = i;
+        kvl_kv *kv = NULL;
+        if (gold && nl == (size_t)n * V * 4 && kvl_kv_create(m, n, &kv) == KVL_OK &&
+            kvl_forward(m, kv, n, tok, pos, NULL, n, pos, lg) == KVL_OK) {
+            for (int32_t i = 0; i < n; i++) ag += kvl_argmax(lg + i * V, V) == kvl_argmax(gold + i * V, V);
+            tot += n;
+        }
+        kvl_kv_free(kv);
+        free(tok); free(gold); free(pos); free(lg);
+    }
+    return tot ? (double)ag / (double)tot : -1;
+}
+
 static int golden(const char *model, const char *dir, int bf16) {
+    double bound = 1;
+    if (bf16) { /* what bf16 weights allow at all: CPU, float32 arithmetic, weights rounded to bf16 */
+        kvl_model *mc = load(model, KVL_BACKEND_CPU, KVL_WDTYPE_F32);
+        for (size_t i = 0; i < mc->w.n_floats; i++) mc->w.buf[i] = kvl_bf16_to_f32(kvl_f32_to_bf16(mc->w.buf[i]));
+        bound = agreement(mc, dir);
+        kvl_model_free(mc);
+        printf("bf16-rounded weights on the CPU (float32 arithmetic): argmax agreement %.4f\n", bound);
+    }
     kvl_model *m = load(model, KVL_BACKEND_CUDA, bf16 ? KVL_WDTYPE_BF16 : KVL_WDTYPE_F32);
     const kvl_model_config *c = kvl_model_get_config(m);
     double tol = bf16 ? 2e-2 : 1e-4, worst = 0;
@@ -68,7 +107,10 @@ static int golden(const char *model, const char *dir, int bf16) {
     double frac = n_all ? (double)agree_all / (double)n_all : 0;
     printf("%s on GPU (%s): worst rel err %.3e, argmax agreement %.4f (%ld/%ld)\n", model, bf16 ? "bf16" : "f32", worst,
            frac, agree_all, n_all);
-    if (bf16) CHECK_MSG(frac >= 0.99, "argmax agreement %.4f < 0.99", frac);
+    if (bf16) {
+        double need = bound >= 0.995 ? 0.99 : bound - 0.005;
+        CHECK_MSG(frac >= need, "argmax agreement %.4f < %.4f (bf16-weight bound %.4f)", frac, need, bound);
+    }
     kvl_model_free(m);
     KVL_TEST_END();
 }

@@ -4,6 +4,9 @@
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 
+/* gcc 13 follows constant-propagated sizes of unreachable paths into malloc and warns */
+#pragma GCC diagnostic ignored "-Walloc-size-larger-than="
+
 #include "kvl_cpu.h"
 #include "kvl_cuda.h"
 #include "kvl_synth.h"
@@ -42,11 +45,13 @@ static void fetch(void *h, const void *d, size_t bytes) {
     CK(cudaMemcpy(h, d, bytes, cudaMemcpyDeviceToHost));
 }
 static float *rand_f(size_t n) {
+    if (n > ((size_t)1 << 32)) exit(3); /* a bound the compiler can see */
     float *p = malloc(n * sizeof *p);
     for (size_t i = 0; i < n; i++) p[i] = frand();
     return p;
 }
 static uint16_t *to_bf(const float *x, size_t n) {
+    if (n > ((size_t)1 << 32)) exit(3);
     uint16_t *b = malloc(n * 2);
     for (size_t i = 0; i < n; i++) b[i] = kvl_f32_to_bf16(x[i]);
     return b;
@@ -55,6 +60,7 @@ static void round_bf(float *x, size_t n) {
     for (size_t i = 0; i < n; i++) x[i] = kvl_bf16_to_f32(kvl_f32_to_bf16(x[i]));
 }
 static float *bf_to_f(const uint16_t *b, size_t n) {
+    if (n > ((size_t)1 << 32)) exit(3);
     float *x = malloc(n * sizeof *x);
     for (size_t i = 0; i < n; i++) x[i] = kvl_bf16_to_f32(b[i]);
     return x;
