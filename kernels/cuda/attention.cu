@@ -420,6 +420,250 @@ cudaError_t launch_flash(void *out, int64_t ldo, const void *q, int64_t ldq, con
     return cudaGetLastError();
 }
 
+
+/* ---------------------------------------------------------------- flash on Hopper (wgmma, sm_90a) */
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || !defined(__CUDA_ARCH__)
+#define KVL_HAVE_WGMMA 1
+#include "wgmma_ops.cuh"
+#endif
+
+constexpr int WBN = 64; /* keys per tile */
+
+/* V^T of one layer for the wgmma kernel: vt[kvh*hd + d][j] = v[j][kvh*hd + d] for j < n_kv, 0 up to
+ * n_pad (the padded keys' P is 0, and 0 * garbage could be NaN) */
+__global__ void transpose_v_k(__nv_bfloat16 *vt, const __nv_bfloat16 *v, int64_t n_kv, int64_t n_pad, int64_t cols) {
+    __shared__ __nv_bfloat16 t[32][33];
+    int64_t j0 = (int64_t)blockIdx.x * 32, c0 = (int64_t)blockIdx.y * 32;
+    for (int r = threadIdx.y; r < 32; r += blockDim.y) {
+        int64_t j = j0 + r, c = c0 + threadIdx.x;
+        t[r][threadIdx.x] = (j < n_kv && c < cols) ? v[j * cols + c] : __float2bfloat16_rn(0.f);
+    }
+    __syncthreads();
+    for (int r = threadIdx.y; r < 32; r += blockDim.y) {
+        int64_t c = c0 + r, j = j0 + threadIdx.x;
+        if (c < cols && j < n_pad) vt[c * n_pad + j] = t[threadIdx.x][r];
+    }
+}
+
+/* byte offset of element (r, c) of a K-major tile with C columns in the no-swizzle wgmma layout:
+ * 8x8 "core matrices" of 128 contiguous bytes, K-adjacent ones 128 B apart (LBO), 8-row groups
+ * C/8 * 128 B apart (SBO) */
+__device__ __forceinline__ uint32_t core_off(int r, int c, int C) {
+    return (uint32_t)(((r >> 3) * (C >> 3) + (c >> 3)) * 128 + (r & 7) * 16 + (c & 7) * 2);
+}
+
+__device__ __forceinline__ uint64_t wg_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
+    return (uint64_t)((saddr >> 4) & 0x3FFF) | ((uint64_t)((lbo >> 4) & 0x3FFF) << 16) |
+           ((uint64_t)((sbo >> 4) & 0x3FFF) << 32);
+}
+
+template <int HD>
+constexpr int wg_smem() {
+    return (FBM * HD + 2 * WBN * HD + 2 * HD * WBN) * 2 + 2 * WBN * 4;
+}
+
+/* One warpgroup (128 threads) per 64 queries of one head. S = Q K^T and O += P V on wgmma (P from
+ * registers), online softmax in registers, K and V^T tiles double-buffered with cp.async. */
+template <int HD>
+__global__ void __launch_bounds__(128) flash_wg_k(__nv_bfloat16 *out, int64_t ldo, const __nv_bfloat16 *q,
+                                                  int64_t ldq, const int32_t *qpos, int64_t n_q,
+                                                  const __nv_bfloat16 *k, const __nv_bfloat16 *vt, int64_t n_pad,
+                                                  const int32_t *kpos, int64_t n_kv, const int2 *tb, int nh, int nkv,
+                                                  float sl2) {
+#ifdef KVL_HAVE_WGMMA
+    constexpr int NS = WBN / 2; /* S accumulators per thread */
+    constexpr int NO = HD / 2;  /* O accumulators per thread */
+    extern __shared__ __align__(128) unsigned char smem_wg[];
+    unsigned char *sQ = smem_wg;
+    unsigned char *sK = sQ + FBM * HD * 2;  /* [2][WBN x HD] */
+    unsigned char *sV = sK + 2 * WBN * HD * 2; /* [2][HD x WBN] (V^T) */
+    int *sKp = (int *)(sV + 2 * HD * WBN * 2);
+    __shared__ int s_qmin[4], s_qmax[4];
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int64_t q0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * FBM;
+    const int h = blockIdx.y, kh = h / (nh / nkv);
+    const int64_t kvld = (int64_t)nkv * HD;
+    const int64_t n_tiles = (n_kv + WBN - 1) / WBN;
+
+    for (int c = tid; c < FBM * HD / 8; c += 128) {
+        int r = c / (HD / 8), col = (c % (HD / 8)) * 8;
+        bool ok = q0 + r < n_q;
+        cp_async16(sQ + core_off(r, col, HD), q + (ok ? (q0 + r) * ldq + (int64_t)h * HD + col : 0), ok);
+    }
+    cp_commit();
+    {
+        int pmin = INT_MAX, pmax = INT_MIN;
+        if (tid < FBM && q0 + tid < n_q) pmin = pmax = qpos[q0 + tid];
+        for (int off = 16; off > 0; off >>= 1) {
+            pmin = min(pmin, __shfl_xor_sync(0xffffffffu, pmin, off));
+            pmax = max(pmax, __shfl_xor_sync(0xffffffffu, pmax, off));
+        }
+        if (lane == 0) { s_qmin[warp] = pmin; s_qmax[warp] = pmax; }
+    }
+    const int r0 = warp * 16 + lane / 4, r1 = r0 + 8, tq = lane % 4;
+    const int qp0 = q0 + r0 < n_q ? qpos[q0 + r0] : INT_MIN;
+    const int qp1 = q0 + r1 < n_q ? qpos[q0 + r1] : INT_MIN;
+    __syncthreads();
+    const int qmin = min(min(s_qmin[0], s_qmin[1]), min(s_qmin[2], s_qmin[3]));
+    const int qmax = max(max(s_qmax[0], s_qmax[1]), max(s_qmax[2], s_qmax[3]));
+
+    auto next_tile = [&](int64_t t) {
+        while (t < n_tiles && tb[t].x > qmax) t++;
+        return t;
+    };
+    auto load_tile = [&](int64_t t, int buf) {
+        const int64_t j0 = t * WBN;
+        unsigned char *dK = sK + buf * WBN * HD * 2, *dV = sV + buf * HD * WBN * 2;
+        for (int c = tid; c < WBN * HD / 8; c += 128) {
+            int r = c / (HD / 8), col = (c % (HD / 8)) * 8;
+            bool ok = j0 + r < n_kv;
+            cp_async16(dK + core_off(r, col, HD), k + (ok ? (j0 + r) * kvld + (int64_t)kh * HD + col : 0), ok);
+            int d = c / (WBN / 8), kc = (c % (WBN / 8)) * 8; /* V^T: row d, keys kc..kc+7 */
+            cp_async16(dV + core_off(d, kc, WBN), vt + ((int64_t)kh * HD + d) * n_pad + j0 + kc, true);
+        }
+        if (tid < WBN) sKp[buf * WBN + tid] = j0 + tid < n_kv ? kpos[j0 + tid] : INT_MAX;
+    };
+
+    float o[NO];
+#pragma unroll
+    for (int i = 0; i < NO; i++) o[i] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    const uint32_t aQ = smem_u32(sQ);
+
+    int64_t t = qmax == INT_MIN ? n_tiles : next_tile(0);
+    if (t < n_tiles) load_tile(t, 0);
+    cp_commit();
+    for (int buf = 0; t < n_tiles; buf ^= 1) {
+        const int64_t tn = next_tile(t + 1);
+        if (tn < n_tiles) load_tile(tn, buf ^ 1);
+        cp_commit();
+        cp_wait<1>();
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); /* cp.async data -> wgmma */
+        __syncthreads();
+        const uint32_t aK = smem_u32(sK + buf * WBN * HD * 2), aV = smem_u32(sV + buf * HD * WBN * 2);
+        const int *cKp = sKp + buf * WBN;
+
+        float s[NS];
+#pragma unroll
+        for (int i = 0; i < NS; i++) s[i] = 0.f;
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++)
+            wgmma_ss_n64(s, wg_desc(aQ + kk * 256, 128, (HD / 8) * 128), wg_desc(aK + kk * 256, 128, (HD / 8) * 128), 1);
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+
+        const int2 bnd = tb[t];
+        if (bnd.y > qmin || n_kv - t * WBN < WBN) {
+#pragma unroll
+            for (int n = 0; n < WBN / 8; n++) {
+                int kp0 = cKp[n * 8 + 2 * tq], kp1 = cKp[n * 8 + 2 * tq + 1];
+                if (kp0 > qp0) s[4 * n + 0] = -INFINITY;
+                if (kp1 > qp0) s[4 * n + 1] = -INFINITY;
+                if (kp0 > qp1) s[4 * n + 2] = -INFINITY;
+                if (kp1 > qp1) s[4 * n + 3] = -INFINITY;
+            }
+        }
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int n = 0; n < WBN / 8; n++) {
+            mx0 = fmaxf(mx0, fmaxf(s[4 * n], s[4 * n + 1]));
+            mx1 = fmaxf(mx1, fmaxf(s[4 * n + 2], s[4 * n + 3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float ms0 = mx0 == -INFINITY ? 0.f : mx0 * sl2, ms1 = mx1 == -INFINITY ? 0.f : mx1 * sl2;
+        const float a0 = exp2f(m0 * sl2 - ms0), a1 = exp2f(m1 * sl2 - ms1);
+        m0 = mx0;
+        m1 = mx1;
+        float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+        for (int n = 0; n < WBN / 8; n++) {
+            s[4 * n + 0] = exp2f(s[4 * n + 0] * sl2 - ms0);
+            s[4 * n + 1] = exp2f(s[4 * n + 1] * sl2 - ms0);
+            s[4 * n + 2] = exp2f(s[4 * n + 2] * sl2 - ms1);
+            s[4 * n + 3] = exp2f(s[4 * n + 3] * sl2 - ms1);
+            ps0 += s[4 * n] + s[4 * n + 1];
+            ps1 += s[4 * n + 2] + s[4 * n + 3];
+        }
+        l0 = l0 * a0 + ps0;
+        l1 = l1 * a1 + ps1;
+#pragma unroll
+        for (int d = 0; d < HD / 8; d++) {
+            o[4 * d + 0] *= a0;
+            o[4 * d + 1] *= a0;
+            o[4 * d + 2] *= a1;
+            o[4 * d + 3] *= a1;
+        }
+        uint32_t pa[WBN / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < WBN / 16; kk++) {
+            pa[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
+            pa[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
+            pa[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
+            pa[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int kk = 0; kk < WBN / 16; kk++) {
+            if constexpr (HD == 128)
+                wgmma_rs_n128(o, pa[kk], wg_desc(aV + kk * 256, 128, (WBN / 8) * 128), 1);
+            else
+                wgmma_rs_n64(o, pa[kk], wg_desc(aV + kk * 256, 128, (WBN / 8) * 128), 1);
+        }
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        __syncthreads(); /* this buffer is refilled next iteration */
+        t = tn;
+    }
+    cp_wait<0>();
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+    for (int d = 0; d < HD / 8; d++) {
+        int col = h * HD + d * 8 + 2 * tq;
+        if (q0 + r0 < n_q)
+            *(__nv_bfloat162 *)(out + (q0 + r0) * ldo + col) = __floats2bfloat162_rn(o[4 * d] * i0, o[4 * d + 1] * i0);
+        if (q0 + r1 < n_q)
+            *(__nv_bfloat162 *)(out + (q0 + r1) * ldo + col) = __floats2bfloat162_rn(o[4 * d + 2] * i1, o[4 * d + 3] * i1);
+    }
+#else
+    __trap(); /* built without sm_90a: the launcher never selects this kernel there */
+#endif
+}
+
+template <int HD>
+cudaError_t launch_flash_wg(void *out, int64_t ldo, const void *q, int64_t ldq, const int32_t *qpos, int64_t n_q,
+                            const void *k, const void *v, const int32_t *kpos, int64_t n_kv, int nh, int nkv, void *ws,
+                            cudaStream_t s) {
+    int64_t n_t = (n_kv + WBN - 1) / WBN, n_pad = n_t * WBN;
+    int2 *tb = (int2 *)ws;
+    __nv_bfloat16 *vt = (__nv_bfloat16 *)((char *)ws + ((n_t * sizeof(int2) + 255) & ~(size_t)255));
+    tile_bounds_k<<<(unsigned)((n_t + 127) / 128), 128, 0, s>>>(tb, kpos, n_kv);
+    int64_t cols = (int64_t)nkv * HD;
+    transpose_v_k<<<dim3((unsigned)(n_pad / 32), (unsigned)((cols + 31) / 32)), dim3(32, 8), 0, s>>>(
+        vt, (const __nv_bfloat16 *)v, n_kv, n_pad, cols);
+    constexpr int smem = wg_smem<HD>();
+    static bool attr_set = false; /* idempotent: racing first calls set the same value */
+    if (!attr_set) {
+        cudaError_t e = cudaFuncSetAttribute(flash_wg_k<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        if (e != cudaSuccess) return e;
+        attr_set = true;
+    }
+    dim3 grid((unsigned)((n_q + FBM - 1) / FBM), (unsigned)nh);
+    float sl2 = (1.0f / sqrtf((float)HD)) * 1.4426950408889634f;
+    flash_wg_k<HD><<<grid, 128, smem, s>>>((__nv_bfloat16 *)out, ldo, (const __nv_bfloat16 *)q, ldq, qpos, n_q,
+                                           (const __nv_bfloat16 *)k, vt, n_pad, kpos, n_kv, tb, nh, nkv, sl2);
+    return cudaGetLastError();
+}
+
 int gen_splits(int64_t n_q, int64_t n_kv, int nh) {
     /* enough blocks to fill the GPU (~4 waves of 132 SMs x 8 blocks), at least GEN_CHUNK keys each */
     int64_t want = (132 * 8 * 4 + n_q * nh - 1) / (n_q * nh);
@@ -438,20 +682,25 @@ size_t kvl_cu_attention_ws(int64_t n_q, int64_t n_kv, int nh, int hd) {
     size_t parts = (size_t)n_q * nh + 132 * 8 * 4, cap = (size_t)n_q * nh * GEN_MAX_SPLIT;
     if (parts > cap) parts = cap;
     size_t gen = parts * ((size_t)hd + 2) * sizeof(float);
-    size_t fl = (size_t)((n_kv + FBN - 1) / FBN) * sizeof(int2);
+    size_t n_t = (size_t)((n_kv + FBN - 1) / FBN);
+    size_t fl = ((n_t * sizeof(int2) + 255) & ~(size_t)255) + n_t * FBN * (size_t)hd * 2 * (size_t)nh; /* + V^T */
     return (gen > fl ? gen : fl) + 256;
 }
 
 cudaError_t kvl_cu_attention(void *out, int64_t ldo, const void *q, int64_t ldq, kvl_cu_dtype qo_t,
                              const int32_t *qpos, int64_t n_q, const void *k, const void *v, kvl_cu_dtype kv_t,
-                             const int32_t *kpos, int64_t n_kv, int nh, int nkv, int hd, void *ws, int force_generic,
+                             const int32_t *kpos, int64_t n_kv, int nh, int nkv, int hd, void *ws, int mode,
                              cudaStream_t s) {
     if (n_q <= 0) return cudaSuccess;
     if (hd > 1024 || nh % nkv || n_kv <= 0) return cudaErrorInvalidValue;
-    if (!force_generic && qo_t == KVL_CU_BF16 && kv_t == KVL_CU_BF16 && n_q >= 16 && (ldq % 8) == 0 &&
-        (ldo % 2) == 0) {
-        if (hd == 128) return launch_flash<128>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
-        if (hd == 64) return launch_flash<64>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
+    if (mode != KVL_CU_ATT_GENERIC && qo_t == KVL_CU_BF16 && kv_t == KVL_CU_BF16 && n_q >= 16 && (ldq % 8) == 0 &&
+        (ldo % 2) == 0 && (hd == 64 || hd == 128)) {
+        if (mode == KVL_CU_ATT_MMA) {
+            if (hd == 128) return launch_flash<128>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
+            return launch_flash<64>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
+        }
+        if (hd == 128) return launch_flash_wg<128>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
+        return launch_flash_wg<64>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
     }
     int sp = gen_splits(n_q, n_kv, nh);
     int64_t per = (n_kv + sp - 1) / sp;

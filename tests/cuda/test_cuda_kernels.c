@@ -288,7 +288,7 @@ static void test_swiglu_dev_argmax(void) {
 
 /* one attention case: kind 0 = full causal prefill, 1 = random query subset, random key positions,
  * 2 = queries before every key (see nothing: zeros) mixed with ordinary ones */
-static void attn_case(int hd, int nh, int nkv, int64_t n_kv, int64_t n_q, int kind, int bf16, int force_generic) {
+static void attn_case(int hd, int nh, int nkv, int64_t n_kv, int64_t n_q, int kind, int bf16, int mode) {
     int64_t qd = (int64_t)nh * hd, kd = (int64_t)nkv * hd, ldq = qd + (bf16 ? 8 : 3);
     float *q = rand_f((size_t)n_q * ldq), *k = rand_f((size_t)n_kv * kd), *v = rand_f((size_t)n_kv * kd);
     for (size_t i = 0; i < (size_t)n_q * ldq; i++) q[i] *= 3; /* sharper softmax */
@@ -313,7 +313,7 @@ static void attn_case(int hd, int nh, int nkv, int64_t n_kv, int64_t n_q, int ki
     int32_t *dqp = dup_dev(qpos, (size_t)n_q * 4), *dkp = dup_dev(kpos, (size_t)n_kv * 4);
     int64_t ldo = qd + 2;
     void *dout = poisoned((size_t)n_q * ldo * es), *ws = poisoned(kvl_cu_attention_ws(n_q, n_kv, nh, hd));
-    CK(kvl_cu_attention(dout, ldo, dq, ldq, t, dqp, n_q, dk, dv, t, dkp, n_kv, nh, nkv, hd, ws, force_generic, 0));
+    CK(kvl_cu_attention(dout, ldo, dq, ldq, t, dqp, n_q, dk, dv, t, dkp, n_kv, nh, nkv, hd, ws, mode, 0));
     void *h = malloc((size_t)n_q * ldo * es);
     fetch(h, dout, (size_t)n_q * ldo * es);
     float *got = malloc((size_t)n_q * qd * 4), *ref = malloc((size_t)n_q * qd * 4);
@@ -324,7 +324,7 @@ static void attn_case(int hd, int nh, int nkv, int64_t n_kv, int64_t n_q, int ki
     double e = kvl_rel_err(got, ref, (size_t)n_q * qd);
     double tol = bf16 ? 1.5e-2 : 1e-5;
     CHECK_MSG(e <= tol && all_finite(got, (size_t)n_q * qd), "attention hd %d nh %d/%d n_kv %lld n_q %lld kind %d %s%s: rel err %.3e",
-              hd, nh, nkv, (long long)n_kv, (long long)n_q, kind, bf16 ? "bf16" : "f32", force_generic ? " generic" : "", e);
+              hd, nh, nkv, (long long)n_kv, (long long)n_q, kind, bf16 ? "bf16" : "f32", mode == KVL_CU_ATT_GENERIC ? " generic" : mode == KVL_CU_ATT_MMA ? " mma.sync" : "", e);
     if (kind == 2) { /* the blind queries must be exact zeros */
         int z = 1;
         for (int64_t i = 0; i < n_q; i++)
@@ -341,19 +341,20 @@ static void test_attention(int longer) {
     const int ghd[] = {8, 16, 6, 64, 100, 128, 256};
     for (int i = 0; i < 7; i++)
         for (int kind = 0; kind < 3; kind++) {
-            attn_case(ghd[i], 4, 2, 300, kind == 0 ? 300 : 37, kind, 0, 1);
-            attn_case(ghd[i], 8, 8, 1000, 1, kind == 2 ? 1 : kind, 0, 1); /* split-KV decode */
-            attn_case(ghd[i], 4, 1, 777, 5, kind, 1, 1);
+            attn_case(ghd[i], 4, 2, 300, kind == 0 ? 300 : 37, kind, 0, KVL_CU_ATT_GENERIC);
+            attn_case(ghd[i], 8, 8, 1000, 1, kind == 2 ? 1 : kind, 0, KVL_CU_ATT_GENERIC); /* split-KV decode */
+            attn_case(ghd[i], 4, 1, 777, 5, kind, 1, KVL_CU_ATT_GENERIC);
         }
-    /* flash kernel: bf16, head_dim 64 / 128, tails that are not multiples of 64 */
+    /* flash kernels (wgmma and mma.sync): bf16, head_dim 64 / 128, tails not multiples of 64 */
     const int fhd[] = {64, 128};
-    for (int i = 0; i < 2; i++)
-        for (int kind = 0; kind < 3; kind++) {
-            attn_case(fhd[i], 8, 2, 200, kind == 0 ? 200 : 77, kind, 1, 0);
-            attn_case(fhd[i], 4, 4, 1000, kind == 0 ? 1000 : 16, kind, 1, 0);
-            attn_case(fhd[i], 32, 8, 513, kind == 0 ? 130 : 300, kind, 1, 0);
-            if (longer) attn_case(fhd[i], 32, 8, 4100, kind == 0 ? 4100 : 700, kind, 1, 0);
-        }
+    for (int mode = KVL_CU_ATT_AUTO; mode <= KVL_CU_ATT_MMA; mode += 2)
+        for (int i = 0; i < 2; i++)
+            for (int kind = 0; kind < 3; kind++) {
+                attn_case(fhd[i], 8, 2, 200, kind == 0 ? 200 : 77, kind, 1, mode);
+                attn_case(fhd[i], 4, 4, 1000, kind == 0 ? 1000 : 16, kind, 1, mode);
+                attn_case(fhd[i], 32, 8, 513, kind == 0 ? 130 : 300, kind, 1, mode);
+                if (longer) attn_case(fhd[i], 32, 8, 4100, kind == 0 ? 4100 : 700, kind, 1, mode);
+            }
     printf("attention ok\n");
 }
 
