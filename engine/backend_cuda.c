@@ -6,6 +6,7 @@
  * with float32 accumulation; the residual stream and norms stay float32.
  * Device weight layout per layer: wqkv [q|k|v rows][dim] (one GEMM), wo, wgu [gate|up rows][dim]
  * (one GEMM), wdown; norm gains float32.
+ * $KVL_CUDA_ATTN (auto, generic, mma, wg1) picks the attention kernel for comparisons (kvl_cuda.h).
  * Concurrency: one stream and one cuBLASLt handle per model; every entry point holds the model's
  * mutex, so forward passes of several threads interleave but never overlap on the GPU.
  */
@@ -54,6 +55,7 @@ typedef struct {
     cu_layer *L;
     gemm_entry gc[GEMM_CACHE];
     int gc_next;
+    int att_mode; /* KVL_CU_ATT_* */
 } cu_model;
 
 /* staged index lists of a forward pass: uploaded only when they change */
@@ -389,6 +391,14 @@ static kvl_status model_init_impl(kvl_model *m) {
     c->dev = m->opts.gpu;
     c->wt = m->opts.weight_dtype == KVL_WDTYPE_BF16 ? KVL_CU_BF16 : KVL_CU_F32;
     c->kt = kv_type(&m->cfg, c->wt);
+    const char *am = getenv("KVL_CUDA_ATTN");
+    if (am && *am) {
+        if (!strcmp(am, "auto")) c->att_mode = KVL_CU_ATT_AUTO;
+        else if (!strcmp(am, "generic")) c->att_mode = KVL_CU_ATT_GENERIC;
+        else if (!strcmp(am, "mma")) c->att_mode = KVL_CU_ATT_MMA;
+        else if (!strcmp(am, "wg1")) c->att_mode = KVL_CU_ATT_WG1;
+        else return kvl_errorf(KVL_ERR_INVALID_ARG, "KVL_CUDA_ATTN=%s: use auto, generic, mma or wg1", am);
+    }
     CU(cudaSetDevice(c->dev));
     CU(cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking));
     LT(cublasLtCreate(&c->lt));
@@ -747,7 +757,7 @@ static kvl_status fwd_attn_ffn_impl(kvl_fwd *f, const int32_t *sub, int32_t n) {
     }
     CU(kvl_cu_attention(b->att, qd, qsrc, qd, c->kt, d_qpos, n, kv_at(f->kv, f->layer, 0, 0),
                         kv_at(f->kv, f->layer, 1, 0), c->kt, b->d_pos, f->n, k->n_heads, k->n_kv_heads, k->head_dim,
-                        b->att_ws, 0, c->st));
+                        b->att_ws, c->att_mode, c->st));
     (void)kd;
     const void *att = b->att;
     if (c->kt != c->wt) { /* the output projection takes GEMM-input type; qg is free again */

@@ -446,27 +446,31 @@ __global__ void transpose_v_k(__nv_bfloat16 *vt, const __nv_bfloat16 *v, int64_t
     }
 }
 
-/* byte offset of element (r, c) of a K-major tile with C columns in the no-swizzle wgmma layout:
- * 8x8 "core matrices" of 128 contiguous bytes, K-adjacent ones 128 B apart (LBO), 8-row groups
- * C/8 * 128 B apart (SBO) */
-__device__ __forceinline__ uint32_t core_off(int r, int c, int C) {
-    return (uint32_t)(((r >> 3) * (C >> 3) + (c >> 3)) * 128 + (r & 7) * 16 + (c & 7) * 2);
+/* byte offset of element (r, c), c a multiple of 8, of a K-major bf16 tile of R rows in the
+ * 128-byte-swizzle wgmma layout: 64-column slabs of R rows x 128 B; in each 8-row x 128 B atom the
+ * 16-byte chunk index is XORed with the row (conflict-free for the tensor cores and for cp.async) */
+__device__ __forceinline__ uint32_t sw_off(int r, int c, int R) {
+    return (uint32_t)((c >> 6) * R * 128 + r * 128 + ((((c & 63) >> 3) ^ (r & 7)) << 4));
 }
 
-__device__ __forceinline__ uint64_t wg_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
-    return (uint64_t)((saddr >> 4) & 0x3FFF) | ((uint64_t)((lbo >> 4) & 0x3FFF) << 16) |
-           ((uint64_t)((sbo >> 4) & 0x3FFF) << 32);
+/* descriptor of a 128B-swizzled K-major tile at shared address saddr (1024-byte aligned atoms):
+ * 8-row groups 1024 B apart (SBO), swizzle mode 1 */
+__device__ __forceinline__ uint64_t wg_desc(uint32_t saddr) {
+    return (uint64_t)((saddr >> 4) & 0x3FFF) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
+           ((uint64_t)1 << 62);
 }
+/* the k16 step kk of a tile of R rows: 32 B inside a 64-column slab, then the next slab */
+__device__ __forceinline__ uint32_t wg_kstep(int kk, int R) { return (uint32_t)((kk >> 2) * R * 128 + (kk & 3) * 32); }
 
-template <int HD>
+template <int HD, int NW>
 constexpr int wg_smem() {
-    return (FBM * HD + 2 * WBN * HD + 2 * HD * WBN) * 2 + 2 * WBN * 4;
+    return (NW * 64 * HD + 2 * WBN * HD + 2 * HD * WBN) * 2 + 2 * WBN * 4 + 1024; /* + alignment slack */
 }
 
-/* One warpgroup (128 threads) per 64 queries of one head. S = Q K^T and O += P V on wgmma (P from
+/* NW warpgroups (128 threads each) per 64*NW queries of one head, sharing each K/V tile. S = Q K^T and O += P V on wgmma (P from
  * registers), online softmax in registers, K and V^T tiles double-buffered with cp.async. */
-template <int HD>
-__global__ void __launch_bounds__(128) flash_wg_k(__nv_bfloat16 *out, int64_t ldo, const __nv_bfloat16 *q,
+template <int HD, int NW>
+__global__ void __launch_bounds__(128 * NW) flash_wg_k(__nv_bfloat16 *out, int64_t ldo, const __nv_bfloat16 *q,
                                                   int64_t ldq, const int32_t *qpos, int64_t n_q,
                                                   const __nv_bfloat16 *k, const __nv_bfloat16 *vt, int64_t n_pad,
                                                   const int32_t *kpos, int64_t n_kv, const int2 *tb, int nh, int nkv,
@@ -475,39 +479,45 @@ __global__ void __launch_bounds__(128) flash_wg_k(__nv_bfloat16 *out, int64_t ld
     constexpr int NS = WBN / 2; /* S accumulators per thread */
     constexpr int NO = HD / 2;  /* O accumulators per thread */
     extern __shared__ __align__(128) unsigned char smem_wg[];
-    unsigned char *sQ = smem_wg;
-    unsigned char *sK = sQ + FBM * HD * 2;  /* [2][WBN x HD] */
+    unsigned char *sQ = smem_wg + ((1024 - (smem_u32(smem_wg) & 1023)) & 1023); /* swizzle atoms: 1024 B */
+    constexpr int BMW = 64 * NW, NT = 128 * NW;
+    unsigned char *sK = sQ + BMW * HD * 2;  /* [2][WBN x HD] */
     unsigned char *sV = sK + 2 * WBN * HD * 2; /* [2][HD x WBN] (V^T) */
     int *sKp = (int *)(sV + 2 * HD * WBN * 2);
-    __shared__ int s_qmin[4], s_qmax[4];
+    __shared__ int s_qmin[4 * NW], s_qmax[4 * NW];
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int64_t q0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * FBM;
+    const int64_t q0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * BMW;
+    const int wg = tid / 128;
     const int h = blockIdx.y, kh = h / (nh / nkv);
     const int64_t kvld = (int64_t)nkv * HD;
     const int64_t n_tiles = (n_kv + WBN - 1) / WBN;
 
-    for (int c = tid; c < FBM * HD / 8; c += 128) {
+    for (int c = tid; c < BMW * HD / 8; c += NT) {
         int r = c / (HD / 8), col = (c % (HD / 8)) * 8;
         bool ok = q0 + r < n_q;
-        cp_async16(sQ + core_off(r, col, HD), q + (ok ? (q0 + r) * ldq + (int64_t)h * HD + col : 0), ok);
+        cp_async16(sQ + (r / 64) * 64 * HD * 2 + sw_off(r % 64, col, 64), q + (ok ? (q0 + r) * ldq + (int64_t)h * HD + col : 0), ok);
     }
     cp_commit();
     {
         int pmin = INT_MAX, pmax = INT_MIN;
-        if (tid < FBM && q0 + tid < n_q) pmin = pmax = qpos[q0 + tid];
+        if (tid < BMW && q0 + tid < n_q) pmin = pmax = qpos[q0 + tid];
         for (int off = 16; off > 0; off >>= 1) {
             pmin = min(pmin, __shfl_xor_sync(0xffffffffu, pmin, off));
             pmax = max(pmax, __shfl_xor_sync(0xffffffffu, pmax, off));
         }
         if (lane == 0) { s_qmin[warp] = pmin; s_qmax[warp] = pmax; }
     }
-    const int r0 = warp * 16 + lane / 4, r1 = r0 + 8, tq = lane % 4;
+    const int r0 = warp * 16 + lane / 4, r1 = r0 + 8, tq = lane % 4; /* rows of the CTA's tile */
     const int qp0 = q0 + r0 < n_q ? qpos[q0 + r0] : INT_MIN;
     const int qp1 = q0 + r1 < n_q ? qpos[q0 + r1] : INT_MIN;
     __syncthreads();
-    const int qmin = min(min(s_qmin[0], s_qmin[1]), min(s_qmin[2], s_qmin[3]));
-    const int qmax = max(max(s_qmax[0], s_qmax[1]), max(s_qmax[2], s_qmax[3]));
+    int qmin = s_qmin[0], qmax = s_qmax[0];
+#pragma unroll
+    for (int w = 1; w < 4 * NW; w++) {
+        qmin = min(qmin, s_qmin[w]);
+        qmax = max(qmax, s_qmax[w]);
+    }
 
     auto next_tile = [&](int64_t t) {
         while (t < n_tiles && tb[t].x > qmax) t++;
@@ -516,12 +526,12 @@ __global__ void __launch_bounds__(128) flash_wg_k(__nv_bfloat16 *out, int64_t ld
     auto load_tile = [&](int64_t t, int buf) {
         const int64_t j0 = t * WBN;
         unsigned char *dK = sK + buf * WBN * HD * 2, *dV = sV + buf * HD * WBN * 2;
-        for (int c = tid; c < WBN * HD / 8; c += 128) {
+        for (int c = tid; c < WBN * HD / 8; c += NT) {
             int r = c / (HD / 8), col = (c % (HD / 8)) * 8;
             bool ok = j0 + r < n_kv;
-            cp_async16(dK + core_off(r, col, HD), k + (ok ? (j0 + r) * kvld + (int64_t)kh * HD + col : 0), ok);
+            cp_async16(dK + sw_off(r, col, WBN), k + (ok ? (j0 + r) * kvld + (int64_t)kh * HD + col : 0), ok);
             int d = c / (WBN / 8), kc = (c % (WBN / 8)) * 8; /* V^T: row d, keys kc..kc+7 */
-            cp_async16(dV + core_off(d, kc, WBN), vt + ((int64_t)kh * HD + d) * n_pad + j0 + kc, true);
+            cp_async16(dV + sw_off(d, kc, HD), vt + ((int64_t)kh * HD + d) * n_pad + j0 + kc, true);
         }
         if (tid < WBN) sKp[buf * WBN + tid] = j0 + tid < n_kv ? kpos[j0 + tid] : INT_MAX;
     };
@@ -530,7 +540,7 @@ __global__ void __launch_bounds__(128) flash_wg_k(__nv_bfloat16 *out, int64_t ld
 #pragma unroll
     for (int i = 0; i < NO; i++) o[i] = 0.f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
-    const uint32_t aQ = smem_u32(sQ);
+    const uint32_t aQ = smem_u32(sQ + wg * 64 * HD * 2);
 
     int64_t t = qmax == INT_MIN ? n_tiles : next_tile(0);
     if (t < n_tiles) load_tile(t, 0);
@@ -551,7 +561,7 @@ __global__ void __launch_bounds__(128) flash_wg_k(__nv_bfloat16 *out, int64_t ld
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
         for (int kk = 0; kk < HD / 16; kk++)
-            wgmma_ss_n64(s, wg_desc(aQ + kk * 256, 128, (HD / 8) * 128), wg_desc(aK + kk * 256, 128, (HD / 8) * 128), 1);
+            wgmma_ss_n64(s, wg_desc(aQ + wg_kstep(kk, 64)), wg_desc(aK + wg_kstep(kk, WBN)), 1);
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 
@@ -611,9 +621,9 @@ __global__ void __launch_bounds__(128) flash_wg_k(__nv_bfloat16 *out, int64_t ld
 #pragma unroll
         for (int kk = 0; kk < WBN / 16; kk++) {
             if constexpr (HD == 128)
-                wgmma_rs_n128(o, pa[kk], wg_desc(aV + kk * 256, 128, (WBN / 8) * 128), 1);
+                wgmma_rs_n128(o, pa[kk], wg_desc(aV + wg_kstep(kk, HD)), 1);
             else
-                wgmma_rs_n64(o, pa[kk], wg_desc(aV + kk * 256, 128, (WBN / 8) * 128), 1);
+                wgmma_rs_n64(o, pa[kk], wg_desc(aV + wg_kstep(kk, HD)), 1);
         }
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
@@ -639,7 +649,7 @@ __global__ void __launch_bounds__(128) flash_wg_k(__nv_bfloat16 *out, int64_t ld
 #endif
 }
 
-template <int HD>
+template <int HD, int NW>
 cudaError_t launch_flash_wg(void *out, int64_t ldo, const void *q, int64_t ldq, const int32_t *qpos, int64_t n_q,
                             const void *k, const void *v, const int32_t *kpos, int64_t n_kv, int nh, int nkv, void *ws,
                             cudaStream_t s) {
@@ -650,16 +660,16 @@ cudaError_t launch_flash_wg(void *out, int64_t ldo, const void *q, int64_t ldq, 
     int64_t cols = (int64_t)nkv * HD;
     transpose_v_k<<<dim3((unsigned)(n_pad / 32), (unsigned)((cols + 31) / 32)), dim3(32, 8), 0, s>>>(
         vt, (const __nv_bfloat16 *)v, n_kv, n_pad, cols);
-    constexpr int smem = wg_smem<HD>();
+    constexpr int smem = wg_smem<HD, NW>();
     static bool attr_set = false; /* idempotent: racing first calls set the same value */
     if (!attr_set) {
-        cudaError_t e = cudaFuncSetAttribute(flash_wg_k<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        cudaError_t e = cudaFuncSetAttribute(flash_wg_k<HD, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         if (e != cudaSuccess) return e;
         attr_set = true;
     }
-    dim3 grid((unsigned)((n_q + FBM - 1) / FBM), (unsigned)nh);
+    dim3 grid((unsigned)((n_q + 64 * NW - 1) / (64 * NW)), (unsigned)nh);
     float sl2 = (1.0f / sqrtf((float)HD)) * 1.4426950408889634f;
-    flash_wg_k<HD><<<grid, 128, smem, s>>>((__nv_bfloat16 *)out, ldo, (const __nv_bfloat16 *)q, ldq, qpos, n_q,
+    flash_wg_k<HD, NW><<<grid, 128 * NW, smem, s>>>((__nv_bfloat16 *)out, ldo, (const __nv_bfloat16 *)q, ldq, qpos, n_q,
                                            (const __nv_bfloat16 *)k, vt, n_pad, kpos, n_kv, tb, nh, nkv, sl2);
     return cudaGetLastError();
 }
@@ -699,8 +709,12 @@ cudaError_t kvl_cu_attention(void *out, int64_t ldo, const void *q, int64_t ldq,
             if (hd == 128) return launch_flash<128>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
             return launch_flash<64>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
         }
-        if (hd == 128) return launch_flash_wg<128>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
-        return launch_flash_wg<64>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
+        if (mode == KVL_CU_ATT_WG1) {
+            if (hd == 128) return launch_flash_wg<128, 1>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
+            return launch_flash_wg<64, 1>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
+        }
+        if (hd == 128) return launch_flash_wg<128, 2>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
+        return launch_flash_wg<64, 2>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
     }
     int sp = gen_splits(n_q, n_kv, nh);
     int64_t per = (n_kv + sp - 1) / sp;

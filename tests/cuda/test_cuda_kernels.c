@@ -324,7 +324,7 @@ static void attn_case(int hd, int nh, int nkv, int64_t n_kv, int64_t n_q, int ki
     double e = kvl_rel_err(got, ref, (size_t)n_q * qd);
     double tol = bf16 ? 1.5e-2 : 1e-5;
     CHECK_MSG(e <= tol && all_finite(got, (size_t)n_q * qd), "attention hd %d nh %d/%d n_kv %lld n_q %lld kind %d %s%s: rel err %.3e",
-              hd, nh, nkv, (long long)n_kv, (long long)n_q, kind, bf16 ? "bf16" : "f32", mode == KVL_CU_ATT_GENERIC ? " generic" : mode == KVL_CU_ATT_MMA ? " mma.sync" : "", e);
+              hd, nh, nkv, (long long)n_kv, (long long)n_q, kind, bf16 ? "bf16" : "f32", mode == KVL_CU_ATT_GENERIC ? " generic" : mode == KVL_CU_ATT_MMA ? " mma.sync" : mode == KVL_CU_ATT_WG1 ? " wgmma x1" : "", e);
     if (kind == 2) { /* the blind queries must be exact zeros */
         int z = 1;
         for (int64_t i = 0; i < n_q; i++)
@@ -347,13 +347,14 @@ static void test_attention(int longer) {
         }
     /* flash kernels (wgmma and mma.sync): bf16, head_dim 64 / 128, tails not multiples of 64 */
     const int fhd[] = {64, 128};
-    for (int mode = KVL_CU_ATT_AUTO; mode <= KVL_CU_ATT_MMA; mode += 2)
+    const int modes[] = {KVL_CU_ATT_AUTO, KVL_CU_ATT_MMA, KVL_CU_ATT_WG1};
+    for (int mi = 0; mi < 3; mi++)
         for (int i = 0; i < 2; i++)
             for (int kind = 0; kind < 3; kind++) {
-                attn_case(fhd[i], 8, 2, 200, kind == 0 ? 200 : 77, kind, 1, mode);
-                attn_case(fhd[i], 4, 4, 1000, kind == 0 ? 1000 : 16, kind, 1, mode);
-                attn_case(fhd[i], 32, 8, 513, kind == 0 ? 130 : 300, kind, 1, mode);
-                if (longer) attn_case(fhd[i], 32, 8, 4100, kind == 0 ? 4100 : 700, kind, 1, mode);
+                attn_case(fhd[i], 8, 2, 200, kind == 0 ? 200 : 77, kind, 1, modes[mi]);
+                attn_case(fhd[i], 4, 4, 1000, kind == 0 ? 1000 : 16, kind, 1, modes[mi]);
+                attn_case(fhd[i], 32, 8, 513, kind == 0 ? 130 : 300, kind, 1, modes[mi]);
+                if (longer) attn_case(fhd[i], 32, 8, 4100, kind == 0 ? 4100 : 700, kind, 1, modes[mi]);
             }
     printf("attention ok\n");
 }
