@@ -467,10 +467,12 @@ constexpr int wg_smem() {
     return (NW * 64 * HD + 2 * WBN * HD + 2 * HD * WBN) * 2 + 2 * WBN * 4 + 1024; /* + alignment slack */
 }
 
-/* NW warpgroups (128 threads each) per 64*NW queries of one head, sharing each K/V tile. S = Q K^T and O += P V on wgmma (P from
+/* NW warpgroups (128 threads each) per 64*NW queries of one head, sharing each K/V tile. Two
+ * warpgroups are held to 128 registers a thread so that two blocks fit an SM (their softmax
+ * overlaps the other block's tensor-core work). S = Q K^T and O += P V on wgmma (P from
  * registers), online softmax in registers, K and V^T tiles double-buffered with cp.async. */
 template <int HD, int NW>
-__global__ void __launch_bounds__(128 * NW) flash_wg_k(__nv_bfloat16 *out, int64_t ldo, const __nv_bfloat16 *q,
+__global__ void __launch_bounds__(128 * NW, 3 - NW) flash_wg_k(__nv_bfloat16 *out, int64_t ldo, const __nv_bfloat16 *q,
                                                   int64_t ldq, const int32_t *qpos, int64_t n_q,
                                                   const __nv_bfloat16 *k, const __nv_bfloat16 *vt, int64_t n_pad,
                                                   const int32_t *kpos, int64_t n_kv, const int2 *tb, int nh, int nkv,

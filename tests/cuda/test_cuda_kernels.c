@@ -359,10 +359,50 @@ static void test_attention(int longer) {
     printf("attention ok\n");
 }
 
+/* KVL_ATTN_BENCH=N: times a causal prefill attention of N tokens (32 heads, 8 KV heads, hd 128,
+ * bf16) with each kernel; prints TFLOP/s (causal FLOPs: 4 * heads * hd * N(N+1)/2). */
+static void attn_bench(int64_t n) {
+    int nh = 32, nkv = 8, hd = 128;
+    int64_t qd = (int64_t)nh * hd, kd = (int64_t)nkv * hd;
+    size_t nq = (size_t)n * qd, nk = (size_t)n * kd;
+    float *x = rand_f(nq > nk ? nq : nk);
+    uint16_t *b = to_bf(x, nq > nk ? nq : nk);
+    int32_t *pos = malloc((size_t)n * 4);
+    for (int64_t i = 0; i < n; i++) pos[i] = (int32_t)i;
+    void *dq = dup_dev(b, nq * 2), *dk = dup_dev(b, nk * 2), *dv = dup_dev(b, nk * 2), *dout = poisoned(nq * 2);
+    int32_t *dp = dup_dev(pos, (size_t)n * 4);
+    void *ws = poisoned(kvl_cu_attention_ws(n, n, nh, hd));
+    const int modes[] = {KVL_CU_ATT_AUTO, KVL_CU_ATT_WG1, KVL_CU_ATT_MMA};
+    const char *names[] = {"wgmma x2", "wgmma x1", "mma.sync"};
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    double fl = 4.0 * nh * hd * (double)n * (double)(n + 1) / 2;
+    for (int mi = 0; mi < 3; mi++) {
+        float best = 1e30f;
+        for (int r = 0; r < 4; r++) {
+            CK(cudaEventRecord(e0, 0));
+            CK(kvl_cu_attention(dout, qd, dq, qd, KVL_CU_BF16, dp, n, dk, dv, KVL_CU_BF16, dp, n, nh, nkv, hd, ws, modes[mi], 0));
+            CK(cudaEventRecord(e1, 0));
+            CK(cudaEventSynchronize(e1));
+            float ms;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            if (r > 0 && ms < best) best = ms;
+        }
+        printf("attention bench n=%lld %s: %.2f ms, %.1f TFLOP/s\n", (long long)n, names[mi], best, fl / best / 1e9);
+    }
+    free(x); free(b); free(pos);
+    cudaFree(dq); cudaFree(dk); cudaFree(dv); cudaFree(dout); cudaFree(dp); cudaFree(ws);
+}
+
 int main(void) {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) KVL_SKIP("no GPU");
-    const char *lg = getenv("KVL_LONG");
+    const char *lg = getenv("KVL_LONG"), *ab = getenv("KVL_ATTN_BENCH");
+    if (ab && atol(ab) > 0) {
+        attn_bench(atol(ab));
+        return 0;
+    }
     test_synth_convert();
     test_copy_rows();
     test_rmsnorm();
