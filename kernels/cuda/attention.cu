@@ -467,12 +467,12 @@ constexpr int wg_smem() {
     return (NW * 64 * HD + 2 * WBN * HD + 2 * HD * WBN) * 2 + 2 * WBN * 4 + 1024; /* + alignment slack */
 }
 
-/* NW warpgroups (128 threads each) per 64*NW queries of one head, sharing each K/V tile. Two
- * warpgroups are held to 128 registers a thread so that two blocks fit an SM (their softmax
- * overlaps the other block's tensor-core work). S = Q K^T and O += P V on wgmma (P from
+/* NW warpgroups (128 threads each) per 64*NW queries of one head, sharing each K/V tile; MB blocks
+ * per SM (MB = 2 with NW = 2 holds a thread to 128 registers, so that one block's softmax can
+ * overlap the other's tensor-core work). S = Q K^T and O += P V on wgmma (P from
  * registers), online softmax in registers, K and V^T tiles double-buffered with cp.async. */
-template <int HD, int NW>
-__global__ void __launch_bounds__(128 * NW, 3 - NW) flash_wg_k(__nv_bfloat16 *out, int64_t ldo, const __nv_bfloat16 *q,
+template <int HD, int NW, int MB>
+__global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, int64_t ldo, const __nv_bfloat16 *q,
                                                   int64_t ldq, const int32_t *qpos, int64_t n_q,
                                                   const __nv_bfloat16 *k, const __nv_bfloat16 *vt, int64_t n_pad,
                                                   const int32_t *kpos, int64_t n_kv, const int2 *tb, int nh, int nkv,
@@ -544,29 +544,33 @@ __global__ void __launch_bounds__(128 * NW, 3 - NW) flash_wg_k(__nv_bfloat16 *ou
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
     const uint32_t aQ = smem_u32(sQ + wg * 64 * HD * 2);
 
+    /* Pipeline per tile t: wait for QK(t) (and PV(t-1), queued before it) -> barrier (buffer of
+     * t-1 free) -> prefetch t+1 into it -> softmax(t) -> queue PV(t) -> once t+1 has landed, queue
+     * QK(t+1) behind PV(t), so the tensor cores run the two back to back. */
+    float s[NS];
     int64_t t = qmax == INT_MIN ? n_tiles : next_tile(0);
-    if (t < n_tiles) load_tile(t, 0);
-    cp_commit();
+    if (t < n_tiles) {
+        load_tile(t, 0);
+        cp_commit();
+        cp_wait<0>();
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); /* cp.async data -> wgmma */
+        __syncthreads();
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+        const uint32_t aK = smem_u32(sK);
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++)
+            wgmma_ss_n64(s, wg_desc(aQ + wg_kstep(kk, 64)), wg_desc(aK + wg_kstep(kk, WBN)), kk > 0);
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    }
+    uint32_t pa[WBN / 16][4];
     for (int buf = 0; t < n_tiles; buf ^= 1) {
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        __syncthreads(); /* every warp's PV(t-1) is done: buffer buf^1 may be refilled */
         const int64_t tn = next_tile(t + 1);
         if (tn < n_tiles) load_tile(tn, buf ^ 1);
         cp_commit();
-        cp_wait<1>();
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); /* cp.async data -> wgmma */
-        __syncthreads();
-        const uint32_t aK = smem_u32(sK + buf * WBN * HD * 2), aV = smem_u32(sV + buf * HD * WBN * 2);
+        const uint32_t aV = smem_u32(sV + buf * HD * WBN * 2);
         const int *cKp = sKp + buf * WBN;
-
-        float s[NS];
-#pragma unroll
-        for (int i = 0; i < NS; i++) s[i] = 0.f;
-        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++)
-            wgmma_ss_n64(s, wg_desc(aQ + wg_kstep(kk, 64)), wg_desc(aK + wg_kstep(kk, WBN)), 1);
-        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-
         const int2 bnd = tb[t];
         if (bnd.y > qmin || n_kv - t * WBN < WBN) {
 #pragma unroll
@@ -611,7 +615,6 @@ __global__ void __launch_bounds__(128 * NW, 3 - NW) flash_wg_k(__nv_bfloat16 *ou
             o[4 * d + 2] *= a1;
             o[4 * d + 3] *= a1;
         }
-        uint32_t pa[WBN / 16][4];
 #pragma unroll
         for (int kk = 0; kk < WBN / 16; kk++) {
             pa[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
@@ -628,10 +631,19 @@ __global__ void __launch_bounds__(128 * NW, 3 - NW) flash_wg_k(__nv_bfloat16 *ou
                 wgmma_rs_n64(o, pa[kk], wg_desc(aV + wg_kstep(kk, HD)), 1);
         }
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-        __syncthreads(); /* this buffer is refilled next iteration */
+        if (tn < n_tiles) {
+            cp_wait<0>();
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            __syncthreads(); /* tile tn is in buffer buf^1 for every warp */
+            const uint32_t aK = smem_u32(sK + (buf ^ 1) * WBN * HD * 2);
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++)
+                wgmma_ss_n64(s, wg_desc(aQ + wg_kstep(kk, 64)), wg_desc(aK + wg_kstep(kk, WBN)), kk > 0);
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        }
         t = tn;
     }
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     cp_wait<0>();
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
@@ -651,7 +663,7 @@ __global__ void __launch_bounds__(128 * NW, 3 - NW) flash_wg_k(__nv_bfloat16 *ou
 #endif
 }
 
-template <int HD, int NW>
+template <int HD, int NW, int MB>
 cudaError_t launch_flash_wg(void *out, int64_t ldo, const void *q, int64_t ldq, const int32_t *qpos, int64_t n_q,
                             const void *k, const void *v, const int32_t *kpos, int64_t n_kv, int nh, int nkv, void *ws,
                             cudaStream_t s) {
@@ -665,13 +677,13 @@ cudaError_t launch_flash_wg(void *out, int64_t ldo, const void *q, int64_t ldq, 
     constexpr int smem = wg_smem<HD, NW>();
     static bool attr_set = false; /* idempotent: racing first calls set the same value */
     if (!attr_set) {
-        cudaError_t e = cudaFuncSetAttribute(flash_wg_k<HD, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        cudaError_t e = cudaFuncSetAttribute(flash_wg_k<HD, NW, MB>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         if (e != cudaSuccess) return e;
         attr_set = true;
     }
     dim3 grid((unsigned)((n_q + 64 * NW - 1) / (64 * NW)), (unsigned)nh);
     float sl2 = (1.0f / sqrtf((float)HD)) * 1.4426950408889634f;
-    flash_wg_k<HD, NW><<<grid, 128 * NW, smem, s>>>((__nv_bfloat16 *)out, ldo, (const __nv_bfloat16 *)q, ldq, qpos, n_q,
+    flash_wg_k<HD, NW, MB><<<grid, 128 * NW, smem, s>>>((__nv_bfloat16 *)out, ldo, (const __nv_bfloat16 *)q, ldq, qpos, n_q,
                                            (const __nv_bfloat16 *)k, vt, n_pad, kpos, n_kv, tb, nh, nkv, sl2);
     return cudaGetLastError();
 }
@@ -712,11 +724,15 @@ cudaError_t kvl_cu_attention(void *out, int64_t ldo, const void *q, int64_t ldq,
             return launch_flash<64>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
         }
         if (mode == KVL_CU_ATT_WG1) {
-            if (hd == 128) return launch_flash_wg<128, 1>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
-            return launch_flash_wg<64, 1>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
+            if (hd == 128) return launch_flash_wg<128, 1, 2>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
+            return launch_flash_wg<64, 1, 2>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
         }
-        if (hd == 128) return launch_flash_wg<128, 2>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
-        return launch_flash_wg<64, 2>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
+        if (mode == KVL_CU_ATT_WG2R) {
+            if (hd == 128) return launch_flash_wg<128, 2, 1>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
+            return launch_flash_wg<64, 2, 1>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
+        }
+        if (hd == 128) return launch_flash_wg<128, 2, 2>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
+        return launch_flash_wg<64, 2, 2>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
     }
     int sp = gen_splits(n_q, n_kv, nh);
     int64_t per = (n_kv + sp - 1) / sp;
