@@ -471,7 +471,7 @@ constexpr int wg_smem() {
  * per SM (MB = 2 with NW = 2 holds a thread to 128 registers, so that one block's softmax can
  * overlap the other's tensor-core work). S = Q K^T and O += P V on wgmma (P from
  * registers), online softmax in registers, K and V^T tiles double-buffered with cp.async. */
-template <int HD, int NW, int MB>
+template <int HD, int NW, int MB, int HP>
 __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, int64_t ldo, const __nv_bfloat16 *q,
                                                   int64_t ldq, const int32_t *qpos, int64_t n_q,
                                                   const __nv_bfloat16 *k, const __nv_bfloat16 *vt, int64_t n_pad,
@@ -482,8 +482,11 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
     constexpr int NO = HD / 2;  /* O accumulators per thread */
     extern __shared__ __align__(128) unsigned char smem_wg[];
     unsigned char *sQ = smem_wg + ((1024 - (smem_u32(smem_wg) & 1023)) & 1023); /* swizzle atoms: 1024 B */
-    constexpr int BMW = 64 * NW, NT = 128 * NW;
-    unsigned char *sK = sQ + BMW * HD * 2;  /* [2][WBN x HD] */
+    /* HP = 1: warpgroup w takes query rows 64w.. of head blockIdx.y; HP = NW: every warpgroup takes
+     * the same 64 rows for its own head of one KV group (each K/V tile then serves NW heads) */
+    static_assert(HP == 1 || HP == NW, "heads per block");
+    constexpr int BMW = HP == 1 ? 64 * NW : 64, NT = 128 * NW;
+    unsigned char *sK = sQ + NW * 64 * HD * 2;  /* [2][WBN x HD] */
     unsigned char *sV = sK + 2 * WBN * HD * 2; /* [2][HD x WBN] (V^T) */
     int *sKp = (int *)(sV + 2 * HD * WBN * 2);
     __shared__ int s_qmin[4 * NW], s_qmax[4 * NW];
@@ -491,14 +494,16 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int64_t q0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * BMW;
     const int wg = tid / 128;
-    const int h = blockIdx.y, kh = h / (nh / nkv);
+    const int hb = blockIdx.y * HP, kh = hb / (nh / nkv), h = HP == 1 ? hb : hb + tid / 128;
     const int64_t kvld = (int64_t)nkv * HD;
     const int64_t n_tiles = (n_kv + WBN - 1) / WBN;
 
-    for (int c = tid; c < BMW * HD / 8; c += NT) {
-        int r = c / (HD / 8), col = (c % (HD / 8)) * 8;
-        bool ok = q0 + r < n_q;
-        cp_async16(sQ + (r / 64) * 64 * HD * 2 + sw_off(r % 64, col, 64), q + (ok ? (q0 + r) * ldq + (int64_t)h * HD + col : 0), ok);
+    for (int c = tid; c < NW * 64 * HD / 8; c += NT) {
+        int r = c / (HD / 8), col = (c % (HD / 8)) * 8; /* r: row of the NW x 64-row Q buffer */
+        int64_t qr = HP == 1 ? q0 + r : q0 + r % 64;
+        int qh = HP == 1 ? hb : hb + r / 64;
+        bool ok = qr < n_q;
+        cp_async16(sQ + (r / 64) * 64 * HD * 2 + sw_off(r % 64, col, 64), q + (ok ? qr * ldq + (int64_t)qh * HD + col : 0), ok);
     }
     cp_commit();
     {
@@ -510,7 +515,7 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
         }
         if (lane == 0) { s_qmin[warp] = pmin; s_qmax[warp] = pmax; }
     }
-    const int r0 = warp * 16 + lane / 4, r1 = r0 + 8, tq = lane % 4; /* rows of the CTA's tile */
+    const int r0 = (HP == 1 ? warp : warp % 4) * 16 + lane / 4, r1 = r0 + 8, tq = lane % 4; /* rows of the tile */
     const int qp0 = q0 + r0 < n_q ? qpos[q0 + r0] : INT_MIN;
     const int qp1 = q0 + r1 < n_q ? qpos[q0 + r1] : INT_MIN;
     __syncthreads();
@@ -663,7 +668,7 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
 #endif
 }
 
-template <int HD, int NW, int MB>
+template <int HD, int NW, int MB, int HP>
 cudaError_t launch_flash_wg(void *out, int64_t ldo, const void *q, int64_t ldq, const int32_t *qpos, int64_t n_q,
                             const void *k, const void *v, const int32_t *kpos, int64_t n_kv, int nh, int nkv, void *ws,
                             cudaStream_t s) {
@@ -677,13 +682,14 @@ cudaError_t launch_flash_wg(void *out, int64_t ldo, const void *q, int64_t ldq, 
     constexpr int smem = wg_smem<HD, NW>();
     static bool attr_set = false; /* idempotent: racing first calls set the same value */
     if (!attr_set) {
-        cudaError_t e = cudaFuncSetAttribute(flash_wg_k<HD, NW, MB>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        cudaError_t e = cudaFuncSetAttribute(flash_wg_k<HD, NW, MB, HP>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         if (e != cudaSuccess) return e;
         attr_set = true;
     }
-    dim3 grid((unsigned)((n_q + 64 * NW - 1) / (64 * NW)), (unsigned)nh);
+    constexpr int rows = HP == 1 ? 64 * NW : 64;
+    dim3 grid((unsigned)((n_q + rows - 1) / rows), (unsigned)(nh / HP));
     float sl2 = (1.0f / sqrtf((float)HD)) * 1.4426950408889634f;
-    flash_wg_k<HD, NW, MB><<<grid, 128 * NW, smem, s>>>((__nv_bfloat16 *)out, ldo, (const __nv_bfloat16 *)q, ldq, qpos, n_q,
+    flash_wg_k<HD, NW, MB, HP><<<grid, 128 * NW, smem, s>>>((__nv_bfloat16 *)out, ldo, (const __nv_bfloat16 *)q, ldq, qpos, n_q,
                                            (const __nv_bfloat16 *)k, vt, n_pad, kpos, n_kv, tb, nh, nkv, sl2);
     return cudaGetLastError();
 }
@@ -723,16 +729,14 @@ cudaError_t kvl_cu_attention(void *out, int64_t ldo, const void *q, int64_t ldq,
             if (hd == 128) return launch_flash<128>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
             return launch_flash<64>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
         }
-        if (mode == KVL_CU_ATT_WG1) {
-            if (hd == 128) return launch_flash_wg<128, 1, 2>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
-            return launch_flash_wg<64, 1, 2>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
-        }
-        if (mode == KVL_CU_ATT_WG2R) {
-            if (hd == 128) return launch_flash_wg<128, 2, 1>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
-            return launch_flash_wg<64, 2, 1>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
-        }
-        if (hd == 128) return launch_flash_wg<128, 2, 2>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
-        return launch_flash_wg<64, 2, 2>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
+#define KVL_WG(NW, MB, HP)                                                                              \
+    return hd == 128 ? launch_flash_wg<128, NW, MB, HP>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s) \
+                     : launch_flash_wg<64, NW, MB, HP>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s)
+        if (mode == KVL_CU_ATT_WG1) KVL_WG(1, 2, 1);
+        if (mode == KVL_CU_ATT_WG2R) KVL_WG(2, 1, 1);
+        if (mode == KVL_CU_ATT_WG2Q || (nh / nkv) % 2) KVL_WG(2, 2, 1);
+        KVL_WG(2, 2, 2); /* two heads of one KV group per block */
+#undef KVL_WG
     }
     int sp = gen_splits(n_q, n_kv, nh);
     int64_t per = (n_kv + sp - 1) / sp;
