@@ -6,7 +6,7 @@
  * with float32 accumulation; the residual stream and norms stay float32.
  * Device weight layout per layer: wqkv [q|k|v rows][dim] (one GEMM), wo, wgu [gate|up rows][dim]
  * (one GEMM), wdown; norm gains float32.
- * $KVL_CUDA_ATTN (auto, generic, mma, wg1, wg2r, wg2q) picks the attention kernel for comparisons (kvl_cuda.h).
+ * $KVL_CUDA_ATTN (auto, generic, mma, wg1, wg2r, wg2h) picks the attention kernel for comparisons (kvl_cuda.h).
  * Concurrency: one stream and one cuBLASLt handle per model; every entry point holds the model's
  * mutex, so forward passes of several threads interleave but never overlap on the GPU.
  */
@@ -25,6 +25,7 @@
 #define LOGIT_CHUNK 256  /* rows of logits produced per GEMM */
 #define LT_WS (32u << 20)
 #define GEMM_CACHE 48
+#define GEMM_TRY 8 /* cuBLASLt candidates timed for a large product */
 
 typedef struct {
     int used;
@@ -228,9 +229,9 @@ static kvl_status gemm(cu_model *c, void *out, kvl_cu_dtype ot, int64_t ldo, con
         LT(cublasLtMatmulPreferenceCreate(&pref));
         uint64_t wsz = LT_WS;
         cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsz, sizeof wsz);
-        cublasLtMatmulHeuristicResult_t res;
+        cublasLtMatmulHeuristicResult_t res[GEMM_TRY];
         int nres = 0;
-        cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(c->lt, g->op, g->la, g->lb, g->lc, g->lc, pref, 1, &res, &nres);
+        cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(c->lt, g->op, g->la, g->lb, g->lc, g->lc, pref, GEMM_TRY, res, &nres);
         cublasLtMatmulPreferenceDestroy(pref);
         if (hs != CUBLAS_STATUS_SUCCESS || nres < 1) {
             cublasLtMatmulDescDestroy(g->op);
@@ -240,7 +241,36 @@ static kvl_status gemm(cu_model *c, void *out, kvl_cu_dtype ot, int64_t ldo, con
             return kvl_errorf(KVL_ERR_CUBLAS, "no cuBLASLt algorithm for %lldx%lldx%lld (status %d)", (long long)M,
                               (long long)N, (long long)K, (int)hs);
         }
-        g->algo = res.algo;
+        g->algo = res[0].algo;
+        /* large products: time the candidates once on the real operands and keep the fastest
+         * (the output is recomputed below with the chosen one) */
+        if ((double)M * (double)N * (double)K >= 1e10 && nres > 1) {
+            cudaEvent_t e0, e1;
+            float best = 1e30f;
+            if (cudaEventCreate(&e0) == cudaSuccess) {
+                if (cudaEventCreate(&e1) == cudaSuccess) {
+                    float one = 1.0f, zero = 0.0f;
+                    for (int i = 0; i < nres; i++) {
+                        int ok = cublasLtMatmul(c->lt, g->op, &one, w, g->la, x, g->lb, &zero, out, g->lc, out, g->lc,
+                                                &res[i].algo, c->lt_ws, LT_WS, c->st) == CUBLAS_STATUS_SUCCESS;
+                        cudaEventRecord(e0, c->st);
+                        for (int r = 0; r < 2 && ok; r++)
+                            ok = cublasLtMatmul(c->lt, g->op, &one, w, g->la, x, g->lb, &zero, out, g->lc, out, g->lc,
+                                                &res[i].algo, c->lt_ws, LT_WS, c->st) == CUBLAS_STATUS_SUCCESS;
+                        cudaEventRecord(e1, c->st);
+                        float ms = 0;
+                        if (ok && cudaEventSynchronize(e1) == cudaSuccess && cudaEventElapsedTime(&ms, e0, e1) == cudaSuccess &&
+                            ms < best) {
+                            best = ms;
+                            g->algo = res[i].algo;
+                        }
+                    }
+                    cudaEventDestroy(e1);
+                }
+                cudaEventDestroy(e0);
+            }
+            (void)cudaGetLastError();
+        }
         g->M = M; g->N = N; g->K = K; g->ldo = ldo; g->at = at; g->ot = odt;
         g->used = 1;
     }
@@ -398,8 +428,8 @@ static kvl_status model_init_impl(kvl_model *m) {
         else if (!strcmp(am, "mma")) c->att_mode = KVL_CU_ATT_MMA;
         else if (!strcmp(am, "wg1")) c->att_mode = KVL_CU_ATT_WG1;
         else if (!strcmp(am, "wg2r")) c->att_mode = KVL_CU_ATT_WG2R;
-        else if (!strcmp(am, "wg2q")) c->att_mode = KVL_CU_ATT_WG2Q;
-        else return kvl_errorf(KVL_ERR_INVALID_ARG, "KVL_CUDA_ATTN=%s: use auto, generic, mma, wg1, wg2r or wg2q", am);
+        else if (!strcmp(am, "wg2h")) c->att_mode = KVL_CU_ATT_WG2H;
+        else return kvl_errorf(KVL_ERR_INVALID_ARG, "KVL_CUDA_ATTN=%s: use auto, generic, mma, wg1, wg2r or wg2h", am);
     }
     CU(cudaSetDevice(c->dev));
     CU(cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking));

@@ -471,6 +471,13 @@ constexpr int wg_smem() {
  * per SM (MB = 2 with NW = 2 holds a thread to 128 registers, so that one block's softmax can
  * overlap the other's tensor-core work). S = Q K^T and O += P V on wgmma (P from
  * registers), online softmax in registers, K and V^T tiles double-buffered with cp.async. */
+/* 2^x on the special-function unit (flush-to-zero: softmax weights below 2^-126 are 0 anyway) */
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 template <int HD, int NW, int MB, int HP>
 __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, int64_t ldo, const __nv_bfloat16 *q,
                                                   int64_t ldq, const int32_t *qpos, int64_t n_q,
@@ -598,16 +605,16 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
         const float ms0 = mx0 == -INFINITY ? 0.f : mx0 * sl2, ms1 = mx1 == -INFINITY ? 0.f : mx1 * sl2;
-        const float a0 = exp2f(m0 * sl2 - ms0), a1 = exp2f(m1 * sl2 - ms1);
+        const float a0 = ex2(m0 * sl2 - ms0), a1 = ex2(m1 * sl2 - ms1);
         m0 = mx0;
         m1 = mx1;
         float ps0 = 0.f, ps1 = 0.f;
 #pragma unroll
         for (int n = 0; n < WBN / 8; n++) {
-            s[4 * n + 0] = exp2f(s[4 * n + 0] * sl2 - ms0);
-            s[4 * n + 1] = exp2f(s[4 * n + 1] * sl2 - ms0);
-            s[4 * n + 2] = exp2f(s[4 * n + 2] * sl2 - ms1);
-            s[4 * n + 3] = exp2f(s[4 * n + 3] * sl2 - ms1);
+            s[4 * n + 0] = ex2(s[4 * n + 0] * sl2 - ms0);
+            s[4 * n + 1] = ex2(s[4 * n + 1] * sl2 - ms0);
+            s[4 * n + 2] = ex2(s[4 * n + 2] * sl2 - ms1);
+            s[4 * n + 3] = ex2(s[4 * n + 3] * sl2 - ms1);
             ps0 += s[4 * n] + s[4 * n + 1];
             ps1 += s[4 * n + 2] + s[4 * n + 3];
         }
@@ -734,8 +741,8 @@ cudaError_t kvl_cu_attention(void *out, int64_t ldo, const void *q, int64_t ldq,
                      : launch_flash_wg<64, NW, MB, HP>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s)
         if (mode == KVL_CU_ATT_WG1) KVL_WG(1, 2, 1);
         if (mode == KVL_CU_ATT_WG2R) KVL_WG(2, 1, 1);
-        if (mode == KVL_CU_ATT_WG2Q || (nh / nkv) % 2) KVL_WG(2, 2, 1);
-        KVL_WG(2, 2, 2); /* two heads of one KV group per block */
+        if (mode == KVL_CU_ATT_WG2H && (nh / nkv) % 2 == 0) KVL_WG(2, 2, 2);
+        KVL_WG(2, 2, 1);
 #undef KVL_WG
     }
     int sp = gen_splits(n_q, n_kv, nh);

@@ -324,7 +324,7 @@ static void attn_case(int hd, int nh, int nkv, int64_t n_kv, int64_t n_q, int ki
     double e = kvl_rel_err(got, ref, (size_t)n_q * qd);
     double tol = bf16 ? 1.5e-2 : 1e-5;
     CHECK_MSG(e <= tol && all_finite(got, (size_t)n_q * qd), "attention hd %d nh %d/%d n_kv %lld n_q %lld kind %d %s%s: rel err %.3e",
-              hd, nh, nkv, (long long)n_kv, (long long)n_q, kind, bf16 ? "bf16" : "f32", mode == KVL_CU_ATT_GENERIC ? " generic" : mode == KVL_CU_ATT_MMA ? " mma.sync" : mode == KVL_CU_ATT_WG1 ? " wgmma x1" : mode == KVL_CU_ATT_WG2R ? " wgmma x2r" : mode == KVL_CU_ATT_WG2Q ? " wgmma x2q" : "", e);
+              hd, nh, nkv, (long long)n_kv, (long long)n_q, kind, bf16 ? "bf16" : "f32", mode == KVL_CU_ATT_GENERIC ? " generic" : mode == KVL_CU_ATT_MMA ? " mma.sync" : mode == KVL_CU_ATT_WG1 ? " wgmma x1" : mode == KVL_CU_ATT_WG2R ? " wgmma x2r" : mode == KVL_CU_ATT_WG2H ? " wgmma x2h" : "", e);
     if (kind == 2) { /* the blind queries must be exact zeros */
         int z = 1;
         for (int64_t i = 0; i < n_q; i++)
@@ -347,7 +347,7 @@ static void test_attention(int longer) {
         }
     /* flash kernels (wgmma and mma.sync): bf16, head_dim 64 / 128, tails not multiples of 64 */
     const int fhd[] = {64, 128};
-    const int modes[] = {KVL_CU_ATT_AUTO, KVL_CU_ATT_MMA, KVL_CU_ATT_WG1, KVL_CU_ATT_WG2R, KVL_CU_ATT_WG2Q};
+    const int modes[] = {KVL_CU_ATT_AUTO, KVL_CU_ATT_MMA, KVL_CU_ATT_WG1, KVL_CU_ATT_WG2R, KVL_CU_ATT_WG2H};
     for (int mi = 0; mi < 5; mi++)
         for (int i = 0; i < 2; i++)
             for (int kind = 0; kind < 3; kind++) {
@@ -372,8 +372,8 @@ static void attn_bench(int64_t n) {
     void *dq = dup_dev(b, nq * 2), *dk = dup_dev(b, nk * 2), *dv = dup_dev(b, nk * 2), *dout = poisoned(nq * 2);
     int32_t *dp = dup_dev(pos, (size_t)n * 4);
     void *ws = poisoned(kvl_cu_attention_ws(n, n, nh, hd));
-    const int modes[] = {KVL_CU_ATT_AUTO, KVL_CU_ATT_WG2Q, KVL_CU_ATT_WG1, KVL_CU_ATT_MMA};
-    const char *names[] = {"wgmma 2 heads x 64 q", "wgmma 1 head x 128 q", "wgmma x1", "mma.sync"};
+    const int modes[] = {KVL_CU_ATT_AUTO, KVL_CU_ATT_WG2H, KVL_CU_ATT_WG1, KVL_CU_ATT_MMA};
+    const char *names[] = {"wgmma 1 head x 128 q", "wgmma 2 heads x 64 q", "wgmma x1", "mma.sync"};
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
