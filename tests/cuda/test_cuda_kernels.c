@@ -372,8 +372,8 @@ static void attn_bench(int64_t n) {
     void *dq = dup_dev(b, nq * 2), *dk = dup_dev(b, nk * 2), *dv = dup_dev(b, nk * 2), *dout = poisoned(nq * 2);
     int32_t *dp = dup_dev(pos, (size_t)n * 4);
     void *ws = poisoned(kvl_cu_attention_ws(n, n, nh, hd));
-    const int modes[] = {KVL_CU_ATT_AUTO, KVL_CU_ATT_WG2H, KVL_CU_ATT_WG1, KVL_CU_ATT_MMA};
-    const char *names[] = {"wgmma 1 head x 128 q", "wgmma 2 heads x 64 q", "wgmma x1", "mma.sync"};
+    const int modes[] = {KVL_CU_ATT_AUTO, KVL_CU_ATT_WG2R, KVL_CU_ATT_WG1, KVL_CU_ATT_MMA};
+    const char *names[] = {"wgmma 2 blocks/SM", "wgmma 1 block/SM", "wgmma x1", "mma.sync"};
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
