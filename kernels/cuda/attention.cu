@@ -545,20 +545,14 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
         while (t < n_tiles && tb[t].x > qmax) t++;
         return t;
     };
-    auto load_k = [&](int64_t t, int buf) {
+    auto load_tile = [&](int64_t t, int buf) {
         const int64_t j0 = t * WBN;
-        unsigned char *dK = sK + buf * WBN * HD * 2;
+        unsigned char *dK = sK + buf * WBN * HD * 2, *dV = sV + buf * HD * WBN * 2;
         for (int c = tid; c < WBN * HD / 8; c += NT) {
             int r = c / (HD / 8), col = (c % (HD / 8)) * 8;
             bool ok = j0 + r < n_kv;
             cp_async16(dK + sw_off(r, col, WBN), k + (ok ? (j0 + r) * kvld + (int64_t)kh * HD + col : 0), ok);
-        }
-    };
-    auto load_v = [&](int64_t t, int buf) { /* V^T tile and the key positions */
-        const int64_t j0 = t * WBN;
-        unsigned char *dV = sV + buf * HD * WBN * 2;
-        for (int c = tid; c < WBN * HD / 8; c += NT) {
-            int d = c / (WBN / 8), kc = (c % (WBN / 8)) * 8; /* row d, keys kc..kc+7 */
+            int d = c / (WBN / 8), kc = (c % (WBN / 8)) * 8; /* V^T: row d, keys kc..kc+7 */
             cp_async16(dV + sw_off(d, kc, HD), vt + ((int64_t)kh * HD + d) * n_pad + j0 + kc, true);
         }
         if (tid < WBN) sKp[buf * WBN + tid] = j0 + tid < n_kv ? kpos[j0 + tid] : INT_MAX;
@@ -570,24 +564,21 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
     const uint32_t aQ = smem_u32(sQ + wg * 64 * HD * 2);
 
-    /* Tile t sits in buffer b. K runs two tiles ahead, V one: at the top of step t (QK(t) and
-     * PV(t-1) done) K(t+2) goes where K(t) was and V(t+1) where V(t-1) was; softmax(t) runs while
-     * they load; then PV(t) and QK(t+1) are queued back to back on the tensor cores. One cp.async
-     * group per load keeps the waits exact (empty groups past the last tile). */
+    /* Pipeline per tile t: wait for QK(t) (and PV(t-1), queued before it) -> barrier (buffer of
+     * t-1 free) -> prefetch t+1 into it -> softmax(t) -> queue PV(t) -> once t+1 has landed, queue
+     * QK(t+1) behind PV(t), so the tensor cores run the two back to back. */
     float s[NS];
 #pragma unroll
     for (int i = 0; i < NS; i++) s[i] = 0.f;
     int64_t t = qmax == INT_MIN ? n_tiles : next_tile(0);
-    int64_t tn = t < n_tiles ? next_tile(t + 1) : n_tiles;
     if (t < n_tiles) {
-        load_k(t, 0);
-        load_v(t, 0);
-        if (tn < n_tiles) load_k(tn, 1);
+        load_tile(t, 0);
         cp_commit();
         cp_wait<0>();
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); /* cp.async data -> wgmma */
         __syncthreads();
         fence_regs<NS>(s);
+        fence_regs<NO>(o);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
         const uint32_t aK = smem_u32(sK);
 #pragma unroll
@@ -595,17 +586,16 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
             wgmma_ss_n64(s, wg_desc(aQ + wg_kstep(kk, 64)), wg_desc(aK + wg_kstep(kk, WBN)), kk > 0);
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         fence_regs<NS>(s);
+        fence_regs<NO>(o);
     }
     uint32_t pa[WBN / 16][4];
     for (int buf = 0; t < n_tiles; buf ^= 1) {
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         fence_regs<NS>(s);
         fence_regs<NO>(o);
-        __syncthreads(); /* QK(t), PV(t-1) done in every warp: K buffer buf and V buffer buf^1 are free */
-        const int64_t tnn = tn < n_tiles ? next_tile(tn + 1) : n_tiles;
-        if (tnn < n_tiles) load_k(tnn, buf);
-        cp_commit();
-        if (tn < n_tiles) load_v(tn, buf ^ 1);
+        __syncthreads(); /* every warp's PV(t-1) is done: buffer buf^1 may be refilled */
+        const int64_t tn = next_tile(t + 1);
+        if (tn < n_tiles) load_tile(tn, buf ^ 1);
         cp_commit();
         const uint32_t aV = smem_u32(sV + buf * HD * WBN * 2);
         const int *cKp = sKp + buf * WBN;
@@ -660,9 +650,6 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
             pa[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
             pa[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
         }
-        cp_wait<2>(); /* all but the two loads just issued: V(t) and K(t+1) */
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        __syncthreads();
         fence_regs<NS>(s);
         fence_regs<NO>(o);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -673,20 +660,24 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
             else
                 wgmma_rs_n64(o, pa[kk], wg_desc(aV + wg_kstep(kk, HD)), 1);
         }
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        fence_regs<NS>(s);
+        fence_regs<NO>(o);
         if (tn < n_tiles) {
+            cp_wait<0>();
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            __syncthreads(); /* tile tn is in buffer buf^1 for every warp */
             const uint32_t aK = smem_u32(sK + (buf ^ 1) * WBN * HD * 2);
 #pragma unroll
             for (int kk = 0; kk < HD / 16; kk++)
                 wgmma_ss_n64(s, wg_desc(aQ + wg_kstep(kk, 64)), wg_desc(aK + wg_kstep(kk, WBN)), kk > 0);
-        }
-        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         fence_regs<NS>(s);
         fence_regs<NO>(o);
+        }
         t = tn;
-        tn = tnn;
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-    fence_regs<NO>(o);
     cp_wait<0>();
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
