@@ -462,9 +462,9 @@ __device__ __forceinline__ uint64_t wg_desc(uint32_t saddr) {
 /* the k16 step kk of a tile of R rows: 32 B inside a 64-column slab, then the next slab */
 __device__ __forceinline__ uint32_t wg_kstep(int kk, int R) { return (uint32_t)((kk >> 2) * R * 128 + (kk & 3) * 32); }
 
-template <int HD, int NW>
+template <int HD, int NW, int ST>
 constexpr int wg_smem() {
-    return (NW * 64 * HD + 2 * WBN * HD + 2 * HD * WBN) * 2 + 2 * WBN * 4 + 1024; /* + alignment slack */
+    return (NW * 64 * HD + ST * WBN * HD + ST * HD * WBN) * 2 + ST * WBN * 4 + 1024; /* + alignment slack */
 }
 
 /* NW warpgroups (128 threads each) per 64*NW queries of one head, sharing each K/V tile; MB blocks
@@ -486,7 +486,7 @@ __device__ __forceinline__ float ex2(float x) {
     return y;
 }
 
-template <int HD, int NW, int MB, int HP>
+template <int HD, int NW, int MB, int HP, int ST>
 __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, int64_t ldo, const __nv_bfloat16 *q,
                                                   int64_t ldq, const int32_t *qpos, int64_t n_q,
                                                   const __nv_bfloat16 *k, const __nv_bfloat16 *vt, int64_t n_pad,
@@ -501,9 +501,10 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
      * the same 64 rows for its own head of one KV group (each K/V tile then serves NW heads) */
     static_assert(HP == 1 || HP == NW, "heads per block");
     constexpr int BMW = HP == 1 ? 64 * NW : 64, NT = 128 * NW;
-    unsigned char *sK = sQ + NW * 64 * HD * 2;  /* [2][WBN x HD] */
-    unsigned char *sV = sK + 2 * WBN * HD * 2; /* [2][HD x WBN] (V^T) */
-    int *sKp = (int *)(sV + 2 * HD * WBN * 2);
+    static_assert(ST == 2 || ST == 3, "pipeline stages");
+    unsigned char *sK = sQ + NW * 64 * HD * 2;  /* [ST][WBN x HD] */
+    unsigned char *sV = sK + ST * WBN * HD * 2; /* [ST][HD x WBN] (V^T) */
+    int *sKp = (int *)(sV + ST * HD * WBN * 2);
     __shared__ int s_qmin[4 * NW], s_qmax[4 * NW];
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -571,10 +572,17 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
 #pragma unroll
     for (int i = 0; i < NS; i++) s[i] = 0.f;
     int64_t t = qmax == INT_MIN ? n_tiles : next_tile(0);
+    int64_t tn = ST == 3 && t < n_tiles ? next_tile(t + 1) : n_tiles; /* ST = 3: loaded one step ahead */
     if (t < n_tiles) {
         load_tile(t, 0);
         cp_commit();
-        cp_wait<0>();
+        if constexpr (ST == 3) {
+            if (tn < n_tiles) load_tile(tn, 1);
+            cp_commit();
+            cp_wait<1>();
+        } else {
+            cp_wait<0>();
+        }
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); /* cp.async data -> wgmma */
         __syncthreads();
         fence_regs<NS>(s);
@@ -589,13 +597,20 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
         fence_regs<NO>(o);
     }
     uint32_t pa[WBN / 16][4];
-    for (int buf = 0; t < n_tiles; buf ^= 1) {
+    for (int buf = 0; t < n_tiles; buf = buf + 1 == ST ? 0 : buf + 1) {
+        const int nbuf = buf + 1 == ST ? 0 : buf + 1;
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         fence_regs<NS>(s);
         fence_regs<NO>(o);
-        __syncthreads(); /* every warp's PV(t-1) is done: buffer buf^1 may be refilled */
-        const int64_t tn = next_tile(t + 1);
-        if (tn < n_tiles) load_tile(tn, buf ^ 1);
+        __syncthreads(); /* every warp's PV(t-1) is done: the buffer of t-1 may be refilled */
+        int64_t tnn = n_tiles;
+        if constexpr (ST == 3) { /* t+2 into the buffer of t-1 */
+            tnn = tn < n_tiles ? next_tile(tn + 1) : n_tiles;
+            if (tnn < n_tiles) load_tile(tnn, nbuf + 1 == ST ? 0 : nbuf + 1);
+        } else { /* t+1 into the buffer of t-1 */
+            tn = next_tile(t + 1);
+            if (tn < n_tiles) load_tile(tn, nbuf);
+        }
         cp_commit();
         const uint32_t aV = smem_u32(sV + buf * HD * WBN * 2);
         const int *cKp = sKp + buf * WBN;
@@ -664,10 +679,11 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
         fence_regs<NS>(s);
         fence_regs<NO>(o);
         if (tn < n_tiles) {
-            cp_wait<0>();
+            if constexpr (ST == 3) cp_wait<1>(); /* tile t+1 landed; t+2 may still load */
+            else cp_wait<0>();
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
             __syncthreads(); /* tile tn is in buffer buf^1 for every warp */
-            const uint32_t aK = smem_u32(sK + (buf ^ 1) * WBN * HD * 2);
+            const uint32_t aK = smem_u32(sK + nbuf * WBN * HD * 2);
 #pragma unroll
             for (int kk = 0; kk < HD / 16; kk++)
                 wgmma_ss_n64(s, wg_desc(aQ + wg_kstep(kk, 64)), wg_desc(aK + wg_kstep(kk, WBN)), kk > 0);
@@ -676,6 +692,7 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
         fence_regs<NO>(o);
         }
         t = tn;
+        if constexpr (ST == 3) tn = tnn;
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     cp_wait<0>();
@@ -697,7 +714,7 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
 #endif
 }
 
-template <int HD, int NW, int MB, int HP>
+template <int HD, int NW, int MB, int HP, int ST>
 cudaError_t launch_flash_wg(void *out, int64_t ldo, const void *q, int64_t ldq, const int32_t *qpos, int64_t n_q,
                             const void *k, const void *v, const int32_t *kpos, int64_t n_kv, int nh, int nkv, void *ws,
                             cudaStream_t s) {
@@ -708,17 +725,17 @@ cudaError_t launch_flash_wg(void *out, int64_t ldo, const void *q, int64_t ldq, 
     int64_t cols = (int64_t)nkv * HD;
     transpose_v_k<<<dim3((unsigned)(n_pad / 32), (unsigned)((cols + 31) / 32)), dim3(32, 8), 0, s>>>(
         vt, (const __nv_bfloat16 *)v, n_kv, n_pad, cols);
-    constexpr int smem = wg_smem<HD, NW>();
+    constexpr int smem = wg_smem<HD, NW, ST>();
     static bool attr_set = false; /* idempotent: racing first calls set the same value */
     if (!attr_set) {
-        cudaError_t e = cudaFuncSetAttribute(flash_wg_k<HD, NW, MB, HP>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        cudaError_t e = cudaFuncSetAttribute(flash_wg_k<HD, NW, MB, HP, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         if (e != cudaSuccess) return e;
         attr_set = true;
     }
     constexpr int rows = HP == 1 ? 64 * NW : 64;
     dim3 grid((unsigned)((n_q + rows - 1) / rows), (unsigned)(nh / HP));
     float sl2 = (1.0f / sqrtf((float)HD)) * 1.4426950408889634f;
-    flash_wg_k<HD, NW, MB, HP><<<grid, 128 * NW, smem, s>>>((__nv_bfloat16 *)out, ldo, (const __nv_bfloat16 *)q, ldq, qpos, n_q,
+    flash_wg_k<HD, NW, MB, HP, ST><<<grid, 128 * NW, smem, s>>>((__nv_bfloat16 *)out, ldo, (const __nv_bfloat16 *)q, ldq, qpos, n_q,
                                            (const __nv_bfloat16 *)k, vt, n_pad, kpos, n_kv, tb, nh, nkv, sl2);
     return cudaGetLastError();
 }
@@ -758,13 +775,16 @@ cudaError_t kvl_cu_attention(void *out, int64_t ldo, const void *q, int64_t ldq,
             if (hd == 128) return launch_flash<128>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
             return launch_flash<64>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
         }
-#define KVL_WG(NW, MB, HP)                                                                              \
-    return hd == 128 ? launch_flash_wg<128, NW, MB, HP>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s) \
-                     : launch_flash_wg<64, NW, MB, HP>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s)
-        if (mode == KVL_CU_ATT_WG1) KVL_WG(1, 2, 1);
-        if (mode == KVL_CU_ATT_WG2R) KVL_WG(2, 1, 1);
-        if (mode == KVL_CU_ATT_WG2H && (nh / nkv) % 2 == 0) KVL_WG(2, 2, 2);
-        KVL_WG(2, 2, 1);
+#define KVL_WG(NW, MB, HP, ST)                                                                              \
+    return hd == 128 ? launch_flash_wg<128, NW, MB, HP, ST>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s) \
+                     : launch_flash_wg<64, NW, MB, HP, ST>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s)
+        if (mode == KVL_CU_ATT_WG1) KVL_WG(1, 2, 1, 2);
+        if (mode == KVL_CU_ATT_WG2R) KVL_WG(2, 1, 1, 2);
+        if (mode == KVL_CU_ATT_WG2H && (nh / nkv) % 2 == 0) KVL_WG(2, 2, 2, 2);
+        if (mode == KVL_CU_ATT_WG3) KVL_WG(3, 1, 1, 2);
+        if (mode == KVL_CU_ATT_WG4) KVL_WG(4, 1, 1, 2);
+        if (mode == KVL_CU_ATT_WG4S3) KVL_WG(4, 1, 1, 3);
+        KVL_WG(2, 2, 1, 2);
 #undef KVL_WG
     }
     int sp = gen_splits(n_q, n_kv, nh);
