@@ -6,7 +6,7 @@
  * with float32 accumulation; the residual stream and norms stay float32.
  * Device weight layout per layer: wqkv [q|k|v rows][dim] (one GEMM), wo, wgu [gate|up rows][dim]
  * (one GEMM), wdown; norm gains float32.
- * $KVL_CUDA_ATTN (auto, generic, mma, wg1, wg2r, wg2h, wg3, wg4, wg4s3) picks the attention kernel for comparisons (kvl_cuda.h).
+ * $KVL_CUDA_ATTN (auto, generic, mma, wg1, wg2, wg2r, wg2h, wg3, wg4, wg4s3) picks the attention kernel for comparisons (kvl_cuda.h).
  * Concurrency: one stream and one cuBLASLt handle per model; every entry point holds the model's
  * mutex, so forward passes of several threads interleave but never overlap on the GPU.
  */
@@ -432,7 +432,8 @@ static kvl_status model_init_impl(kvl_model *m) {
         else if (!strcmp(am, "wg3")) c->att_mode = KVL_CU_ATT_WG3;
         else if (!strcmp(am, "wg4")) c->att_mode = KVL_CU_ATT_WG4;
         else if (!strcmp(am, "wg4s3")) c->att_mode = KVL_CU_ATT_WG4S3;
-        else return kvl_errorf(KVL_ERR_INVALID_ARG, "KVL_CUDA_ATTN=%s: use auto, generic, mma, wg1, wg2r, wg2h, wg3, wg4 or wg4s3", am);
+        else if (!strcmp(am, "wg2")) c->att_mode = KVL_CU_ATT_WG2;
+        else return kvl_errorf(KVL_ERR_INVALID_ARG, "KVL_CUDA_ATTN=%s: use auto, generic, mma, wg1, wg2, wg2r, wg2h, wg3, wg4 or wg4s3", am);
     }
     CU(cudaSetDevice(c->dev));
     CU(cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking));

@@ -784,6 +784,10 @@ cudaError_t kvl_cu_attention(void *out, int64_t ldo, const void *q, int64_t ldq,
         if (mode == KVL_CU_ATT_WG3) KVL_WG(3, 1, 1, 2);
         if (mode == KVL_CU_ATT_WG4) KVL_WG(4, 1, 1, 2);
         if (mode == KVL_CU_ATT_WG4S3) KVL_WG(4, 1, 1, 3);
+        if (mode == KVL_CU_ATT_WG2) KVL_WG(2, 2, 1, 2);
+        /* default: 256 queries a block where that still gives two waves of blocks (long prefills),
+         * else 128 queries a block, two blocks an SM (short query sets: selective recompute) */
+        if ((n_q + 255) / 256 * nh >= 2 * 132) KVL_WG(4, 1, 1, 2);
         KVL_WG(2, 2, 1, 2);
 #undef KVL_WG
     }

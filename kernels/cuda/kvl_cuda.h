@@ -83,14 +83,15 @@ cudaError_t kvl_cu_argmax(int32_t *out, const float *logits, int64_t n, int64_t 
  * mode KVL_CU_ATT_AUTO: bf16 with hd 64 or 128 and n_q >= 16 takes the Hopper wgmma flash kernel,
  * everything else the generic float32 split-KV kernel (any hd up to 1024); KVL_CU_ATT_GENERIC
  * forces the latter, KVL_CU_ATT_MMA takes the mma.sync flash kernel where the wgmma one would run
- * The wgmma kernel runs two warpgroups per block on 128 queries of one head, two blocks per SM.
- * For tests and comparisons: KVL_CU_ATT_WG1 one warpgroup per block; KVL_CU_ATT_WG2R one block per
- * SM; KVL_CU_ATT_WG2H 64 queries of two heads of one KV group (each K/V tile serves both; GQA
- * groups of even size); KVL_CU_ATT_WG3 / WG4 three / four warpgroups (192 / 256 queries of one
- * head) in one block per SM; KVL_CU_ATT_WG4S3 the latter with a three-stage K/V pipeline. */
+ * The wgmma kernel runs four warpgroups per block on 256 queries of one head (one block per SM)
+ * when that still makes two waves of blocks, else (KVL_CU_ATT_WG2) two warpgroups on 128 queries,
+ * two blocks per SM. For tests and comparisons: KVL_CU_ATT_WG1 one warpgroup per block;
+ * KVL_CU_ATT_WG2R two warpgroups, one block per SM; KVL_CU_ATT_WG2H 64 queries of two heads of one
+ * KV group (GQA groups of even size); KVL_CU_ATT_WG3 / WG4 three / four warpgroups always;
+ * KVL_CU_ATT_WG4S3 four with a three-stage K/V pipeline. */
 enum { KVL_CU_ATT_AUTO = 0, KVL_CU_ATT_GENERIC = 1, KVL_CU_ATT_MMA = 2, KVL_CU_ATT_WG1 = 3, KVL_CU_ATT_WG2R = 4,
        KVL_CU_ATT_WG2H = 5, KVL_CU_ATT_WG3 = 6, KVL_CU_ATT_WG4 = 7,
-       KVL_CU_ATT_WG4S3 = 8 };
+       KVL_CU_ATT_WG4S3 = 8, KVL_CU_ATT_WG2 = 9 };
 size_t kvl_cu_attention_ws(int64_t n_q, int64_t n_kv, int n_heads, int hd);
 cudaError_t kvl_cu_attention(void *out, int64_t ldo, const void *q, int64_t ldq, kvl_cu_dtype qo_t,
                              const int32_t *qpos, int64_t n_q, const void *k, const void *v, kvl_cu_dtype kv_t,

@@ -324,7 +324,7 @@ static void attn_case(int hd, int nh, int nkv, int64_t n_kv, int64_t n_q, int ki
     double e = kvl_rel_err(got, ref, (size_t)n_q * qd);
     double tol = bf16 ? 1.5e-2 : 1e-5;
     CHECK_MSG(e <= tol && all_finite(got, (size_t)n_q * qd), "attention hd %d nh %d/%d n_kv %lld n_q %lld kind %d %s%s: rel err %.3e",
-              hd, nh, nkv, (long long)n_kv, (long long)n_q, kind, bf16 ? "bf16" : "f32", mode == KVL_CU_ATT_GENERIC ? " generic" : mode == KVL_CU_ATT_MMA ? " mma.sync" : mode == KVL_CU_ATT_WG1 ? " wgmma x1" : mode == KVL_CU_ATT_WG2R ? " wgmma x2r" : mode == KVL_CU_ATT_WG2H ? " wgmma x2h" : mode == KVL_CU_ATT_WG3 ? " wgmma x3" : mode == KVL_CU_ATT_WG4 ? " wgmma x4" : mode == KVL_CU_ATT_WG4S3 ? " wgmma x4s3" : "", e);
+              hd, nh, nkv, (long long)n_kv, (long long)n_q, kind, bf16 ? "bf16" : "f32", mode == KVL_CU_ATT_GENERIC ? " generic" : mode == KVL_CU_ATT_MMA ? " mma.sync" : mode == KVL_CU_ATT_WG1 ? " wgmma x1" : mode == KVL_CU_ATT_WG2R ? " wgmma x2r" : mode == KVL_CU_ATT_WG2H ? " wgmma x2h" : mode == KVL_CU_ATT_WG3 ? " wgmma x3" : mode == KVL_CU_ATT_WG4 ? " wgmma x4" : mode == KVL_CU_ATT_WG4S3 ? " wgmma x4s3" : mode == KVL_CU_ATT_WG2 ? " wgmma x2" : "", e);
     if (kind == 2) { /* the blind queries must be exact zeros */
         int z = 1;
         for (int64_t i = 0; i < n_q; i++)
@@ -348,8 +348,8 @@ static void test_attention(int longer) {
     /* flash kernels (wgmma and mma.sync): bf16, head_dim 64 / 128, tails not multiples of 64 */
     const int fhd[] = {64, 128};
     const int modes[] = {KVL_CU_ATT_AUTO, KVL_CU_ATT_MMA, KVL_CU_ATT_WG1, KVL_CU_ATT_WG2R, KVL_CU_ATT_WG2H,
-                         KVL_CU_ATT_WG3, KVL_CU_ATT_WG4, KVL_CU_ATT_WG4S3};
-    for (int mi = 0; mi < 8; mi++)
+                         KVL_CU_ATT_WG3, KVL_CU_ATT_WG4, KVL_CU_ATT_WG4S3, KVL_CU_ATT_WG2};
+    for (int mi = 0; mi < 9; mi++)
         for (int i = 0; i < 2; i++)
             for (int kind = 0; kind < 3; kind++) {
                 attn_case(fhd[i], 8, 2, 200, kind == 0 ? 200 : 77, kind, 1, modes[mi]);
@@ -373,10 +373,10 @@ static void attn_bench(int64_t n) {
     void *dq = dup_dev(b, nq * 2), *dk = dup_dev(b, nk * 2), *dv = dup_dev(b, nk * 2), *dout = poisoned(nq * 2);
     int32_t *dp = dup_dev(pos, (size_t)n * 4);
     void *ws = poisoned(kvl_cu_attention_ws(n, n, nh, hd));
-    const int modes[] = {KVL_CU_ATT_AUTO, KVL_CU_ATT_WG2R, KVL_CU_ATT_WG1, KVL_CU_ATT_MMA, KVL_CU_ATT_WG3, KVL_CU_ATT_WG4,
-                         KVL_CU_ATT_WG4S3};
-    const char *names[] = {"wgmma 2 blocks/SM", "wgmma 1 block/SM", "wgmma x1", "mma.sync", "wgmma x3", "wgmma x4",
-                           "wgmma x4, 3 stages"};
+    const int modes[] = {KVL_CU_ATT_AUTO, KVL_CU_ATT_WG2, KVL_CU_ATT_WG2R, KVL_CU_ATT_WG1, KVL_CU_ATT_MMA,
+                         KVL_CU_ATT_WG3, KVL_CU_ATT_WG4S3};
+    const char *names[] = {"default (wgmma x4 here)", "wgmma x2, 2 blocks/SM", "wgmma x2, 1 block/SM", "wgmma x1",
+                           "mma.sync", "wgmma x3", "wgmma x4, 3 stages"};
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
