@@ -167,7 +167,7 @@ static fsizes fwd_sizes(const kvl_model_config *c, size_t es, size_t ek, int32_t
     PUT(dev, N * 4);
     PUT(logit, lc * (size_t)c->vocab_size * 4);
     for (int i = 0; i < IX_N; i++) PUT(ix[i], 3 * N * 4);
-    PUT(att_ws, kvl_cu_attention_ws(n, n, c->n_heads, c->head_dim));
+    PUT(att_ws, kvl_cu_attention_ws(n, n, c->n_heads, c->n_kv_heads, c->head_dim));
 #undef PUT
     f.total = o;
     return f;

@@ -1,13 +1,17 @@
 /* Attention kernels: causal-by-position GQA over an arbitrary set of queries (kvl_cuda.h).
  *
- * flash_k: bf16 tensor-core kernel (mma.sync m16n8k16, fp32 accumulation, online softmax; no
- *   n_q x n_kv matrix in memory) for head_dim 64 and 128. A block takes 64 queries of one head;
- *   K/V stream through shared memory in 64-key tiles (cp.async, double-buffered). Per-tile bounds
- *   of the key positions let a block skip tiles that no query of it can see (the causal half of a
- *   full prefill) and drop the mask on tiles every query sees in full.
+ * flash_wg_k (default for bf16, head_dim 64/128, n_q >= 16; sm_90a): Hopper tensor cores through
+ *   wgmma. Each warpgroup takes 64 queries of one head; S = Q K^T with both operands in 128-byte-
+ *   swizzled shared memory, online softmax in registers (fp32), O += P V with P from registers and
+ *   V^T (transposed per call into the workspace) from shared memory. K/V^T tiles of 64 keys stream
+ *   in by cp.async, double-buffered; PV(t) and QK(t+1) are queued back to back. Per-tile bounds of
+ *   the key positions let a block skip tiles that none of its queries can see (the causal half of
+ *   a full prefill) and drop the mask on tiles that every query sees in full. No n_q x n_kv matrix
+ *   is ever in memory.
+ * flash_k: the same algorithm on mma.sync m16n8k16 (FA2-style, any sm_80+), kept for comparison.
  * generic_k: float32 split-KV kernel for any head_dim and either KV type: one block per (query,
- *   head, split); splits are merged by combine_k. Decode (one query) and the small test models run
- *   here.
+ *   head, split); splits are merged by combine_k. Decode (one query), float32 models and head_dims
+ *   other than 64/128 (the small test models) run here.
  */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -753,13 +757,13 @@ int gen_splits(int64_t n_q, int64_t n_kv, int nh) {
 
 extern "C" {
 
-size_t kvl_cu_attention_ws(int64_t n_q, int64_t n_kv, int nh, int hd) {
+size_t kvl_cu_attention_ws(int64_t n_q, int64_t n_kv, int nh, int nkv, int hd) {
     /* a bound for every n_q' <= n_q: gen_splits keeps n_q' * nh * splits below both terms */
     size_t parts = (size_t)n_q * nh + 132 * 8 * 4, cap = (size_t)n_q * nh * GEN_MAX_SPLIT;
     if (parts > cap) parts = cap;
     size_t gen = parts * ((size_t)hd + 2) * sizeof(float);
     size_t n_t = (size_t)((n_kv + FBN - 1) / FBN);
-    size_t fl = ((n_t * sizeof(int2) + 255) & ~(size_t)255) + n_t * FBN * (size_t)hd * 2 * (size_t)nh; /* + V^T */
+    size_t fl = ((n_t * sizeof(int2) + 255) & ~(size_t)255) + n_t * FBN * (size_t)hd * 2 * (size_t)nkv; /* + V^T */
     return (gen > fl ? gen : fl) + 256;
 }
 

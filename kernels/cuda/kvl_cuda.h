@@ -79,7 +79,7 @@ cudaError_t kvl_cu_argmax(int32_t *out, const float *logits, int64_t n, int64_t 
  *   out [n_q][n_heads*hd] (row stride ldo, type qo_t).
  * Query i sees key j iff kpos[j] <= qpos[i]; a query that sees no key gets zeros.
  * ws: workspace of kvl_cu_attention_ws(n, n_kv, ...) bytes for any n_q <= n (split-KV partials,
- * per-tile position bounds).
+ * per-tile position bounds, V^T for the wgmma kernel).
  * mode KVL_CU_ATT_AUTO: bf16 with hd 64 or 128 and n_q >= 16 takes the Hopper wgmma flash kernel,
  * everything else the generic float32 split-KV kernel (any hd up to 1024); KVL_CU_ATT_GENERIC
  * forces the latter, KVL_CU_ATT_MMA takes the mma.sync flash kernel where the wgmma one would run
@@ -92,7 +92,7 @@ cudaError_t kvl_cu_argmax(int32_t *out, const float *logits, int64_t n, int64_t 
 enum { KVL_CU_ATT_AUTO = 0, KVL_CU_ATT_GENERIC = 1, KVL_CU_ATT_MMA = 2, KVL_CU_ATT_WG1 = 3, KVL_CU_ATT_WG2R = 4,
        KVL_CU_ATT_WG2H = 5, KVL_CU_ATT_WG3 = 6, KVL_CU_ATT_WG4 = 7,
        KVL_CU_ATT_WG4S3 = 8, KVL_CU_ATT_WG2 = 9 };
-size_t kvl_cu_attention_ws(int64_t n_q, int64_t n_kv, int n_heads, int hd);
+size_t kvl_cu_attention_ws(int64_t n_q, int64_t n_kv, int n_heads, int n_kv_heads, int hd);
 cudaError_t kvl_cu_attention(void *out, int64_t ldo, const void *q, int64_t ldq, kvl_cu_dtype qo_t,
                              const int32_t *qpos, int64_t n_q, const void *k, const void *v, kvl_cu_dtype kv_t,
                              const int32_t *kpos, int64_t n_kv, int n_heads, int n_kv_heads, int hd, void *ws,

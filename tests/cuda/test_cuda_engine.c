@@ -8,6 +8,9 @@
  *       GPU (f32) against the CPU backend on the same inputs: full prefill, KV read/write/copy/
  *       rerotate, and a CacheBlend-style pass (cached KV, fresh K/V + deviation at layer 0, a
  *       recomputed subset from then on) through the kvl_fwd_* steps.
+ *   test_cuda_engine plan
+ *       the device-memory plan's arithmetic (no GPU needed): Llama-3-8B bf16 weights and KV bytes,
+ *       float32 KV where the tensor-core attention does not apply, workspace growing with tokens.
  *   test_cuda_engine synth [LAYERS]
  *       Llama-3-8B-shaped synthetic weights (LAYERS layers, default 2) generated on the device:
  *       GPU f32 vs CPU f32 <= 1e-4 (same weights bit for bit) and GPU bf16 vs CPU f32 <= 2e-2. */
@@ -266,11 +269,36 @@ static int synth(int layers) {
     KVL_TEST_END();
 }
 
+static int plan(void) {
+    kvl_model_config c = {0};
+    c.dim = 4096; c.hidden_dim = 14336; c.n_layers = 32; c.n_heads = 32; c.n_kv_heads = 8; c.head_dim = 128;
+    c.vocab_size = 128256; c.max_seq = 8192; c.rope_theta = 500000.0f; c.norm_eps = 1e-5f;
+    kvl_cuda_plan p8, p32, pf;
+    kvl_cuda_plan_for(&c, KVL_WDTYPE_BF16, 8192, &p8);
+    kvl_cuda_plan_for(&c, KVL_WDTYPE_BF16, 32768, &p32);
+    kvl_cuda_plan_for(&c, KVL_WDTYPE_F32, 8192, &pf);
+    size_t D = 4096, V = 128256, lin = D * (4096 + 2 * 1024) + D * 4096 + 3 * D * 14336;
+    size_t w16 = 2 * (2 * V * D + 32 * lin) + 4 * (D + 32 * 2 * D); /* matrices bf16, norms f32 */
+    CHECK_MSG(p8.weights == w16, "bf16 weights %zu bytes, expected %zu", p8.weights, w16);
+    CHECK_MSG(pf.weights == 2 * w16 - 4 * (D + 64 * D), "f32 weights %zu bytes", pf.weights);
+    CHECK_MSG(p8.kv_per_token == 32 * 2 * 1024 * 2, "bf16 KV %zu bytes a token", p8.kv_per_token);
+    CHECK_MSG(pf.kv_per_token == 32 * 2 * 1024 * 4, "f32 KV %zu bytes a token", pf.kv_per_token);
+    CHECK(p32.weights == p8.weights && p32.fwd_bytes > p8.fwd_bytes && p8.fwd_bytes > 0);
+    printf("8B bf16: weights %.2f GiB, KV %.2f GiB at 8k / %.2f GiB at 32k, workspace %.2f / %.2f GiB\n",
+           p8.weights / 1073741824.0, p8.kv_per_token * 8192 / 1073741824.0, p32.kv_per_token * 32768 / 1073741824.0,
+           p8.fwd_bytes / 1073741824.0, p32.fwd_bytes / 1073741824.0);
+    c.head_dim = 8; /* no tensor-core attention for this head_dim: the KV stays float32 */
+    kvl_cuda_plan_for(&c, KVL_WDTYPE_BF16, 16, &pf);
+    CHECK_MSG(pf.kv_per_token == 32 * 2 * 8 * 8 * 4, "hd 8 KV %zu bytes a token", pf.kv_per_token);
+    KVL_TEST_END();
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s golden MODEL DIR f32|bf16 | match MODEL | synth [LAYERS]\n", argv[0]);
+        fprintf(stderr, "usage: %s golden MODEL DIR f32|bf16 | match MODEL | synth [LAYERS] | plan\n", argv[0]);
         return 2;
     }
+    if (strcmp(argv[1], "plan") == 0) return plan();
     if (kvl_cuda_device_count() == 0) KVL_SKIP("no GPU");
     if (strcmp(argv[1], "golden") == 0 && argc == 5) return golden(argv[2], argv[3], strcmp(argv[4], "bf16") == 0);
     if (strcmp(argv[1], "match") == 0 && argc == 3) return match(argv[2]);

@@ -312,7 +312,7 @@ static void attn_case(int hd, int nh, int nkv, int64_t n_kv, int64_t n_q, int ki
     }
     int32_t *dqp = dup_dev(qpos, (size_t)n_q * 4), *dkp = dup_dev(kpos, (size_t)n_kv * 4);
     int64_t ldo = qd + 2;
-    void *dout = poisoned((size_t)n_q * ldo * es), *ws = poisoned(kvl_cu_attention_ws(n_q, n_kv, nh, hd));
+    void *dout = poisoned((size_t)n_q * ldo * es), *ws = poisoned(kvl_cu_attention_ws(n_q, n_kv, nh, nkv, hd));
     CK(kvl_cu_attention(dout, ldo, dq, ldq, t, dqp, n_q, dk, dv, t, dkp, n_kv, nh, nkv, hd, ws, mode, 0));
     void *h = malloc((size_t)n_q * ldo * es);
     fetch(h, dout, (size_t)n_q * ldo * es);
@@ -372,7 +372,7 @@ static void attn_bench(int64_t n) {
     for (int64_t i = 0; i < n; i++) pos[i] = (int32_t)i;
     void *dq = dup_dev(b, nq * 2), *dk = dup_dev(b, nk * 2), *dv = dup_dev(b, nk * 2), *dout = poisoned(nq * 2);
     int32_t *dp = dup_dev(pos, (size_t)n * 4);
-    void *ws = poisoned(kvl_cu_attention_ws(n, n, nh, hd));
+    void *ws = poisoned(kvl_cu_attention_ws(n, n, nh, nkv, hd));
     const int modes[] = {KVL_CU_ATT_AUTO, KVL_CU_ATT_WG2, KVL_CU_ATT_WG2R, KVL_CU_ATT_WG1, KVL_CU_ATT_MMA,
                          KVL_CU_ATT_WG3, KVL_CU_ATT_WG4S3};
     const char *names[] = {"default (wgmma x4 here)", "wgmma x2, 2 blocks/SM", "wgmma x2, 1 block/SM", "wgmma x1",
