@@ -192,7 +192,7 @@ static kvl_status encode_quant_section(const sec_job *j, int l, int kv, kvlc_buf
     }
     size_t base = ((size_t)l * 2 + kv) * n;
     for (size_t i = 0; i < n; i++) x[i] = load_elem(j->kv, j->dtype, base + i);
-    if (kvlc_quantize_section(x, T, C, sm, Q, sc, q) != 0) {
+    if (kvlc_quantize_section(x, T, C, sm, Q, p->deadzone, sc, q) != 0) {
         st = kvl_errorf(KVL_ERR_RANGE, "layer %d %s: a value is not finite or its scale overflows", l, kv ? "v" : "k");
         goto done;
     }

@@ -117,7 +117,7 @@ kvl_status kvl_codec_profile_builder_add(kvl_codec_profile_builder *b, const flo
         int hd = p->delta_group > 1;
         for (int32_t i = 0; i < 2 * b->L; i++) {
             int Q = p->q[i];
-            if (kvlc_quantize_section(kv + (size_t)i * n, T, b->C, kvlc_scale_of(p->scale_mode, i % 2), Q, sc, q) != 0) {
+            if (kvlc_quantize_section(kv + (size_t)i * n, T, b->C, kvlc_scale_of(p->scale_mode, i % 2), Q, p->deadzone, sc, q) != 0) {
                 st = kvl_errorf(KVL_ERR_RANGE, "calibration KV has a non-finite value (layer %d)", i / 2);
                 break;
             }
