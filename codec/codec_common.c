@@ -204,6 +204,16 @@ static inline float round_dz(float u, float dz) {
     return u < 0 ? -a : a;
 }
 
+void kvlc_table_lut(kvlc_table *t, uint16_t *lut) {
+    int32_t A = 2 * t->amax + 1, s = 0;
+    for (uint32_t k = 0; k < 256; k++) {
+        uint32_t slot = k << (t->pb - 8);
+        while (s < A - 1 && t->cum[s + 1] <= slot) s++;
+        lut[k] = (uint16_t)s;
+    }
+    t->lut = lut;
+}
+
 static inline int16_t quant1(float x, float s, int Q, float dz) {
     if (!(s > 0)) return 0;
     float r = round_dz(x / s, dz);

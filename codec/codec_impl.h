@@ -60,7 +60,11 @@ typedef struct kvlc_table {
     int32_t amax;
     int32_t pb;
     uint32_t *cum; /* [2*amax+2]; cum[0] = 0, cum[A] = 1 << pb; freq = cum[s+1] - cum[s] */
+    uint16_t *lut; /* [256] decoder only: symbol holding slot k << (pb - 8) (search starts there) */
 } kvlc_table;
+
+/* Fills lut[256] for t (whose cum is complete) and points t->lut at it. */
+void kvlc_table_lut(kvlc_table *t, uint16_t *lut);
 
 /* Normalises counts[A] to frequencies summing to 1 << pb. all_nonzero: every symbol gets >= 1
  * (profiles: any symbol may occur later); else only symbols with a count. Deterministic, integer.
@@ -82,6 +86,7 @@ typedef struct kvlc_plevel {
     uint16_t *q;         /* [L][2] */
     kvlc_table *tables;  /* [L][2][C][1 + has_delta] */
     uint32_t *cum_store; /* backing store of every table's cum */
+    uint16_t *lut_store; /* backing store of every table's decode lookup */
 } kvlc_plevel;
 
 struct kvl_codec_profile {
