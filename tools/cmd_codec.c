@@ -122,15 +122,24 @@ static kvl_status searcher_init(searcher *S, kvl_model *m, const calib_opts *co)
     S->dec = malloc(per_tok * (size_t)len * 4);
     S->lg = malloc((size_t)SUFFIX * c->vocab_size * 4);
     if (!S->dec || !S->lg) return KVL_ERR_NOMEM;
-    /* seeds apart from the table-calibration seeds; sequences that end early are skipped */
-    for (int k = 0; k < 4 * co->search_seqs && S->ns < co->search_seqs; k++) {
+    /* the calibration files (their first len tokens) when given, else the model's own samples with
+     * seeds apart from the table-calibration seeds; sequences that are too short are skipped */
+    int tries = co->n_files > 0 ? co->n_files : 4 * co->search_seqs;
+    for (int k = 0; k < tries && S->ns < co->search_seqs; k++) {
         search_seq *q = &S->s[S->ns];
-        q->ids = malloc((size_t)len * 4);
-        if (!q->ids) return KVL_ERR_NOMEM;
-        int32_t n_out = 0;
-        q->ids[0] = c->bos_id;
-        KVL_TRY(kvl_generate(m, q->ids, 1, len - 1, 1.0f, (uint64_t)(co->seed + 500000 + k), NULL, NULL, q->ids + 1, &n_out));
-        q->n = 1 + n_out;
+        if (co->n_files > 0) {
+            int32_t nf = 0;
+            KVL_TRY(kvl_cli_read_i32(co->files[k], &q->ids, &nf));
+            q->n = nf < len ? nf : len;
+        } else {
+            q->ids = malloc((size_t)len * 4);
+            if (!q->ids) return KVL_ERR_NOMEM;
+            int32_t n_out = 0;
+            q->ids[0] = c->bos_id;
+            KVL_TRY(kvl_generate(m, q->ids, 1, len - 1, 1.0f, (uint64_t)(co->seed + 500000 + k), NULL, NULL, q->ids + 1,
+                                 &n_out));
+            q->n = 1 + n_out;
+        }
         if (q->n < SUFFIX + 16) {
             free(q->ids);
             q->ids = NULL;
@@ -264,9 +273,9 @@ static kvl_status build_profile(kvl_model *m, const calib_opts *co, kvl_codec_pr
         for (int i = 0; s == KVL_OK && i < co->n_files; i++) {
             int32_t *ids = NULL, n = 0;
             s = kvl_cli_read_i32(co->files[i], &ids, &n);
-            if (s == KVL_OK && (n < 1 || n > c->max_seq))
-                s = kvl_errorf(KVL_ERR_RANGE, "%s: %d tokens (need 1..%d)", co->files[i], n, c->max_seq);
-            if (s == KVL_OK) s = add_sequence(m, b, ids, n, co->chunk);
+            if (s == KVL_OK && n < 1) s = kvl_errorf(KVL_ERR_RANGE, "%s holds no tokens", co->files[i]);
+            /* longer files contribute their first max_seq tokens */
+            if (s == KVL_OK) s = add_sequence(m, b, ids, n < c->max_seq ? n : c->max_seq, co->chunk);
             free(ids);
         }
     } else {
@@ -290,7 +299,10 @@ static kvl_status build_profile(kvl_model *m, const calib_opts *co, kvl_codec_pr
 
 static const char *PROFILE_USAGE =
     "kvloom codec-profile --model PATH [--calib TOKENS.i32 ...] [--seqs N --len N --seed S] [--chunk 256]\n"
-    "                     [--search-seqs N | --builtin-bins] --out FILE";
+    "                     [--search-seqs N | --builtin-bins] --out FILE\n"
+    "  --calib: calibration token files (one per flag; the first max_seq tokens of each) used for the\n"
+    "  tables and the bin search; without them the model samples its own (--seqs sequences of --len\n"
+    "  tokens for the tables, --search-seqs more for the bin search, temperature 1, seeds from --seed)";
 
 static int parse_calib_arg(const char *cmd, const char *usage, int argc, char **argv, int *i, calib_opts *co) {
     long v;
