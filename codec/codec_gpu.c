@@ -1,0 +1,292 @@
+/* codec_gpu.c - host side of the GPU KVLC decoder (api/kvl_codec_gpu.h): validation and planning
+ * with the CPU code, staging, launch, error re-diagnosis. */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cuda_runtime_api.h>
+
+#include "kvl_codec_gpu.h"
+#include "kvl_codec_plan.h"
+#include "kvl_cuda_codec.h"
+
+struct kvl_codec_gpu {
+    cudaStream_t st;
+    int own_stream;
+    cudaEvent_t ev[3];
+    kvl_codec_plan plan;
+    uint8_t *h_stage; /* pinned: chunk bytes, then the plan blob */
+    size_t h_cap;
+    uint8_t *d_buf;   /* device copy of h_stage */
+    size_t d_cap;
+    int16_t *d_anchor;
+    size_t anchor_cap;
+    uint32_t *d_err, *h_err;
+    void *h_tmp;      /* pinned: lossless decode target */
+    size_t tmp_cap;
+    const kvl_codec_profile *prof; /* profile whose stores are on the device */
+    uint8_t prof_id[16];
+    uint32_t *d_pcum[5];
+    uint16_t *d_plut[5];
+    kvl_codec_gpu_stats stats;
+};
+
+static kvl_status cu_err(cudaError_t e, const char *what) {
+    if (e == cudaErrorMemoryAllocation) return kvl_errorf(KVL_ERR_GPU_OOM, "%s: out of device memory", what);
+    return kvl_errorf(KVL_ERR_CUDA, "%s: %s", what, cudaGetErrorString(e));
+}
+#define CU(call, what)                                  \
+    do {                                                \
+        cudaError_t e_ = (call);                        \
+        if (e_ != cudaSuccess) return cu_err(e_, what); \
+    } while (0)
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+kvl_status kvl_codec_gpu_create(void *cuda_stream, kvl_codec_gpu **out) {
+    if (!out) return kvl_errorf(KVL_ERR_INVALID_ARG, "out is NULL");
+    *out = NULL;
+    int ndev = 0;
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev < 1) return kvl_errorf(KVL_ERR_NO_GPU, "no CUDA device");
+    kvl_codec_gpu *g = calloc(1, sizeof *g);
+    if (!g) return KVL_ERR_NOMEM;
+    kvl_codec_plan_init(&g->plan);
+    kvl_status st = KVL_OK;
+    cudaError_t e = cudaSuccess;
+    if (cuda_stream) g->st = (cudaStream_t)cuda_stream;
+    else {
+        e = cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking);
+        g->own_stream = e == cudaSuccess;
+    }
+    for (int i = 0; i < 3 && e == cudaSuccess; i++) e = cudaEventCreate(&g->ev[i]);
+    if (e == cudaSuccess) e = cudaMalloc((void **)&g->d_err, 8);
+    if (e == cudaSuccess) e = cudaHostAlloc((void **)&g->h_err, 8, cudaHostAllocDefault);
+    if (e != cudaSuccess) st = cu_err(e, "decoder setup");
+    if (st != KVL_OK) {
+        kvl_codec_gpu_free(g);
+        return st;
+    }
+    *out = g;
+    return KVL_OK;
+}
+
+static void drop_profile(kvl_codec_gpu *g) {
+    for (int lv = 0; lv < 5; lv++) {
+        cudaFree(g->d_pcum[lv]);
+        cudaFree(g->d_plut[lv]);
+        g->d_pcum[lv] = NULL;
+        g->d_plut[lv] = NULL;
+    }
+    g->prof = NULL;
+}
+
+void kvl_codec_gpu_free(kvl_codec_gpu *g) {
+    if (!g) return;
+    if (g->st) cudaStreamSynchronize(g->st);
+    drop_profile(g);
+    kvl_codec_plan_free(&g->plan);
+    cudaFreeHost(g->h_stage);
+    cudaFree(g->d_buf);
+    cudaFree(g->d_anchor);
+    cudaFree(g->d_err);
+    cudaFreeHost(g->h_err);
+    cudaFreeHost(g->h_tmp);
+    for (int i = 0; i < 3; i++)
+        if (g->ev[i]) cudaEventDestroy(g->ev[i]);
+    if (g->own_stream) cudaStreamDestroy(g->st);
+    free(g);
+}
+
+void kvl_codec_gpu_last_stats(const kvl_codec_gpu *g, kvl_codec_gpu_stats *s) {
+    if (g && s) *s = g->stats;
+}
+
+static kvl_status grow_host(void **p, size_t *cap, size_t need) {
+    if (need <= *cap) return KVL_OK;
+    size_t nc = need + need / 4 + 4096;
+    cudaFreeHost(*p);
+    *p = NULL;
+    *cap = 0;
+    CU(cudaHostAlloc(p, nc, cudaHostAllocDefault), "pinned staging");
+    *cap = nc;
+    return KVL_OK;
+}
+
+static kvl_status grow_dev(void **p, size_t *cap, size_t need) {
+    if (need <= *cap) return KVL_OK;
+    size_t nc = need + need / 4 + 4096;
+    cudaFree(*p);
+    *p = NULL;
+    *cap = 0;
+    CU(cudaMalloc(p, nc), "device staging");
+    *cap = nc;
+    return KVL_OK;
+}
+
+/* the profile's table stores for every level, uploaded once per profile */
+static kvl_status upload_profile(kvl_codec_gpu *g, const kvl_codec_profile *prof) {
+    if (g->prof == prof && memcmp(g->prof_id, kvl_codec_profile_id(prof), 16) == 0) return KVL_OK;
+    drop_profile(g);
+    for (int lv = 1; lv <= KVL_CODEC_MAX_LEVEL; lv++) {
+        const uint32_t *cum;
+        const uint16_t *lut;
+        size_t nc, nl;
+        if (kvl_codec_profile_stores(prof, lv, &cum, &nc, &lut, &nl) != KVL_OK) continue; /* level absent */
+        CU(cudaMalloc((void **)&g->d_pcum[lv], nc * 4), "profile tables");
+        CU(cudaMalloc((void **)&g->d_plut[lv], nl * 2), "profile tables");
+        CU(cudaMemcpy(g->d_pcum[lv], cum, nc * 4, cudaMemcpyHostToDevice), "profile upload");
+        CU(cudaMemcpy(g->d_plut[lv], lut, nl * 2, cudaMemcpyHostToDevice), "profile upload");
+    }
+    kvl_clear_error();
+    g->prof = prof;
+    memcpy(g->prof_id, kvl_codec_profile_id(prof), 16);
+    return KVL_OK;
+}
+
+static size_t al256(size_t x) { return (x + 255) & ~(size_t)255; }
+
+/* CPU decode of one chunk into pinned memory, then per-section copies to its placement */
+static kvl_status lossless_chunk(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *c, const kvl_codec_info *in,
+                                 const kvl_codec_profile *prof, kvl_codec_dtype dt) {
+    int32_t L = in->shape.n_layers, nl = c->n_layers <= 0 ? L - c->layer0 : c->n_layers;
+    if (c->layer0 < 0 || c->layer0 >= L || nl > L - c->layer0)
+        return kvl_errorf(KVL_ERR_INVALID_ARG, "layers [%d, +%d) outside the chunk's %d", c->layer0, nl, L);
+    size_t es = dt == KVL_CODEC_BF16 ? 2 : 4, T = (size_t)in->shape.n_tokens,
+           C = (size_t)in->shape.n_kv_heads * in->shape.head_dim, bytes = (size_t)nl * 2 * T * C * es;
+    KVL_TRY(grow_host(&g->h_tmp, &g->tmp_cap, bytes));
+    CU(cudaStreamSynchronize(g->st), "decoder stream"); /* h_tmp may still feed an earlier copy */
+    KVL_TRY(kvl_codec_decode(c->buf, c->size, prof, c->layer0, nl, dt, g->h_tmp, bytes, 4));
+    for (int32_t i = 0; i < 2 * nl; i++) {
+        uint8_t *dst = (uint8_t *)c->d_out + ((int64_t)(i / 2) * c->layer_stride + (int64_t)(i % 2) * c->kv_stride) * (int64_t)es;
+        CU(cudaMemcpy2DAsync(dst, (size_t)c->token_stride * es, (uint8_t *)g->h_tmp + (size_t)i * T * C * es, C * es,
+                             C * es, T, cudaMemcpyHostToDevice, g->st),
+           "lossless copy");
+    }
+    CU(cudaStreamSynchronize(g->st), "decoder stream");
+    return KVL_OK;
+}
+
+kvl_status kvl_codec_gpu_decode(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chunks, int32_t n,
+                                const kvl_codec_profile *profile, kvl_codec_dtype out_dtype) {
+    if (!g || (!chunks && n > 0) || n < 0) return kvl_errorf(KVL_ERR_INVALID_ARG, "bad arguments");
+    if (out_dtype != KVL_CODEC_F32 && out_dtype != KVL_CODEC_BF16)
+        return kvl_errorf(KVL_ERR_INVALID_ARG, "GPU output dtype must be f32 or bf16");
+    double t0 = now_ms();
+    kvl_codec_gpu_stats stats = {0};
+    size_t es = out_dtype == KVL_CODEC_BF16 ? 2 : 4;
+    kvl_codec_plan *p = &g->plan;
+    kvl_codec_plan_reset(p);
+    int32_t *lossy = malloc((size_t)(n ? n : 1) * sizeof *lossy); /* plan chunk index -> caller's */
+    if (!lossy) return KVL_ERR_NOMEM;
+    int32_t n_lossy = 0;
+    kvl_status st = KVL_OK;
+    for (int32_t i = 0; i < n && st == KVL_OK; i++) {
+        const kvl_codec_gpu_chunk *c = &chunks[i];
+        kvl_codec_info in;
+        if (!c->d_out) st = kvl_errorf(KVL_ERR_INVALID_ARG, "chunk %d: d_out is NULL", i);
+        if (st == KVL_OK) st = kvl_codec_info_get(c->buf, c->size, &in);
+        if (st != KVL_OK || in.lossless) continue;
+        kvl_codec_place pl = {(uint64_t)(uintptr_t)c->d_out, c->layer_stride, c->kv_stride, c->token_stride};
+        st = kvl_codec_plan_add(p, c->buf, c->size, profile, c->layer0, c->n_layers, &pl, es);
+        if (st == KVL_OK) lossy[n_lossy++] = i;
+    }
+    if (st != KVL_OK) goto done;
+    if (p->profile) {
+        st = upload_profile(g, p->profile);
+        if (st != KVL_OK) goto done;
+    }
+    /* one pinned blob: chunk bytes, then the plan arrays, each 256-byte aligned */
+    size_t o_bytes = 0, o_str = al256(p->n_bytes), o_sec = o_str + al256(p->n_streams * sizeof *p->streams),
+           o_tab = o_sec + al256(p->n_sections * sizeof *p->sections), o_cum = o_tab + al256(p->n_tables * sizeof *p->tables),
+           o_lut = o_cum + al256(p->n_cum * 4), o_sc = o_lut + al256(p->n_lut * 2), total = o_sc + al256(p->n_scales * 4);
+    if (n_lossy > 0) {
+        st = grow_host((void **)&g->h_stage, &g->h_cap, total);
+        if (st == KVL_OK) st = grow_dev((void **)&g->d_buf, &g->d_cap, total);
+        if (st == KVL_OK) st = grow_dev((void **)&g->d_anchor, &g->anchor_cap, p->n_anchor * 2 + 2);
+        if (st != KVL_OK) goto done;
+        if (cudaStreamSynchronize(g->st) != cudaSuccess) { st = cu_err(cudaGetLastError(), "decoder stream"); goto done; }
+        uint64_t off = 0;
+        for (int32_t k = 0; k < n_lossy; k++) {
+            const kvl_codec_gpu_chunk *c = &chunks[lossy[k]];
+            kvl_codec_info in;
+            kvl_codec_info_get(c->buf, c->size, &in);
+            memcpy(g->h_stage + o_bytes + off, c->buf, in.total_bytes);
+            off += in.total_bytes;
+        }
+        memcpy(g->h_stage + o_str, p->streams, p->n_streams * sizeof *p->streams);
+        memcpy(g->h_stage + o_sec, p->sections, p->n_sections * sizeof *p->sections);
+        memcpy(g->h_stage + o_tab, p->tables, p->n_tables * sizeof *p->tables);
+        if (p->n_cum) memcpy(g->h_stage + o_cum, p->cum, p->n_cum * 4);
+        if (p->n_lut) memcpy(g->h_stage + o_lut, p->lut, p->n_lut * 2);
+        memcpy(g->h_stage + o_sc, p->scales, p->n_scales * 4);
+        stats.plan_ms = now_ms() - t0;
+        kvl_cu_codec_args a = {0};
+        a.bytes = g->d_buf + o_bytes;
+        a.streams = (const kvl_codec_plan_stream *)(g->d_buf + o_str);
+        a.sections = (const kvl_codec_plan_section *)(g->d_buf + o_sec);
+        a.tables = (const kvl_codec_plan_table *)(g->d_buf + o_tab);
+        a.cum = (const uint32_t *)(g->d_buf + o_cum);
+        a.lut = (const uint16_t *)(g->d_buf + o_lut);
+        for (int lv = 0; lv < 5; lv++) {
+            a.pcum[lv] = g->d_pcum[lv];
+            a.plut[lv] = g->d_plut[lv];
+        }
+        a.scales = (const float *)(g->d_buf + o_sc);
+        a.anchor = g->d_anchor;
+        a.n_streams = (uint32_t)p->n_streams;
+        a.err = g->d_err;
+        cudaError_t e = cudaEventRecord(g->ev[0], g->st);
+        if (e == cudaSuccess) e = cudaMemcpyAsync(g->d_buf, g->h_stage, total, cudaMemcpyHostToDevice, g->st);
+        if (e == cudaSuccess) e = cudaMemsetAsync(g->d_err, 0xff, 4, g->st);
+        if (e == cudaSuccess) e = cudaMemsetAsync(g->d_err + 1, 0, 4, g->st);
+        if (e == cudaSuccess) e = cudaEventRecord(g->ev[1], g->st);
+        if (e == cudaSuccess) e = kvl_cu_codec_decode(&a, out_dtype == KVL_CODEC_BF16 ? KVL_CU_BF16 : KVL_CU_F32, g->st);
+        if (e == cudaSuccess) e = cudaEventRecord(g->ev[2], g->st);
+        if (e == cudaSuccess) e = cudaMemcpyAsync(g->h_err, g->d_err, 8, cudaMemcpyDeviceToHost, g->st);
+        if (e == cudaSuccess) e = cudaStreamSynchronize(g->st);
+        if (e != cudaSuccess) { st = cu_err(e, "GPU decode"); goto done; }
+        float ms = 0;
+        cudaEventElapsedTime(&ms, g->ev[0], g->ev[1]);
+        stats.h2d_ms = ms;
+        cudaEventElapsedTime(&ms, g->ev[1], g->ev[2]);
+        stats.kernel_ms = ms;
+        if (g->h_err[0] != 0xffffffffu) {
+            /* a fault inside a stream: let the CPU decoder name it exactly as it would */
+            uint32_t s = g->h_err[0] < p->n_streams ? g->h_err[0] : 0;
+            const kvl_codec_gpu_chunk *c = &chunks[lossy[p->sections[p->streams[s].sec].chunk]];
+            kvl_codec_info in;
+            kvl_codec_info_get(c->buf, c->size, &in);
+            int32_t nl = c->n_layers <= 0 ? in.shape.n_layers - c->layer0 : c->n_layers;
+            size_t need = (size_t)nl * 2 * (size_t)in.shape.n_tokens * in.shape.n_kv_heads * in.shape.head_dim * 4;
+            void *tmp = malloc(need);
+            if (!tmp) { st = KVL_ERR_NOMEM; goto done; }
+            st = kvl_codec_decode(c->buf, c->size, profile, c->layer0, nl, KVL_CODEC_F32, tmp, need, 1);
+            free(tmp);
+            if (st == KVL_OK)
+                st = kvl_errorf(KVL_ERR_INTERNAL, "GPU decoder rejected stream %u (reason %u) the CPU decoder accepts",
+                                g->h_err[0], g->h_err[1]);
+            goto done;
+        }
+    }
+    double tl = now_ms();
+    for (int32_t i = 0; i < n && st == KVL_OK; i++) {
+        kvl_codec_info in;
+        kvl_codec_info_get(chunks[i].buf, chunks[i].size, &in);
+        if (in.lossless) st = lossless_chunk(g, &chunks[i], &in, profile, out_dtype);
+    }
+    stats.lossless_ms = now_ms() - tl;
+    stats.in_bytes = p->n_bytes;
+    stats.out_elems = p->n_out;
+    stats.n_streams = p->n_streams;
+done:
+    free(lossy);
+    if (st == KVL_OK) {
+        stats.total_ms = now_ms() - t0;
+        g->stats = stats;
+    }
+    return st;
+}
