@@ -26,7 +26,7 @@ struct kvl_codec_gpu {
     size_t tmp_cap;
     const kvl_codec_profile *prof; /* profile whose stores are on the device */
     uint8_t prof_id[16];
-    uint32_t *d_pcum[5];
+    uint16_t *d_pcum[5];
     uint16_t *d_plut[5];
     kvl_codec_gpu_stats stats;
 };
@@ -136,10 +136,22 @@ static kvl_status upload_profile(kvl_codec_gpu *g, const kvl_codec_profile *prof
         const uint16_t *lut;
         size_t nc, nl;
         if (kvl_codec_profile_stores(prof, lv, &cum, &nc, &lut, &nl) != KVL_OK) continue; /* level absent */
-        CU(cudaMalloc((void **)&g->d_pcum[lv], nc * 4), "profile tables");
-        CU(cudaMalloc((void **)&g->d_plut[lv], nl * 2), "profile tables");
-        CU(cudaMemcpy(g->d_pcum[lv], cum, nc * 4, cudaMemcpyHostToDevice), "profile upload");
-        CU(cudaMemcpy(g->d_plut[lv], lut, nl * 2, cudaMemcpyHostToDevice), "profile upload");
+        /* compact form (kvl_cuda_codec.h): only valid because profile tables have pb 16 and no
+         * zero frequency, which the profile parser and builder guarantee */
+        uint16_t *c16 = malloc(nc * 2), *l64 = malloc(nl / 4 * 2);
+        if (!c16 || !l64) {
+            free(c16);
+            free(l64);
+            return KVL_ERR_NOMEM;
+        }
+        kvl_cu_codec_compact_profile(cum, nc, lut, nl, c16, l64);
+        cudaError_t e = cudaMalloc((void **)&g->d_pcum[lv], nc * 2);
+        if (e == cudaSuccess) e = cudaMalloc((void **)&g->d_plut[lv], nl / 4 * 2);
+        if (e == cudaSuccess) e = cudaMemcpy(g->d_pcum[lv], c16, nc * 2, cudaMemcpyHostToDevice);
+        if (e == cudaSuccess) e = cudaMemcpy(g->d_plut[lv], l64, nl / 4 * 2, cudaMemcpyHostToDevice);
+        free(c16);
+        free(l64);
+        if (e != cudaSuccess) return cu_err(e, "profile upload");
     }
     kvl_clear_error();
     g->prof = prof;

@@ -84,13 +84,26 @@ __global__ void __launch_bounds__(128) decode_kernel(const kvl_cu_codec_args a) 
                         fail(a.err, i, KVL_CU_DEC_EMPTY_CTX);
                         return;
                     }
-                    const uint32_t *cum = (tb.src ? a.pcum[tb.src] : a.cum) + tb.cum_off;
-                    const uint16_t *lut = (tb.src ? a.plut[tb.src] : a.lut) + tb.lut_off;
                     const uint32_t slot = x & ((1u << tb.pb) - 1);
-                    int32_t s = __ldg(lut + (slot >> (tb.pb - 8)));
-                    uint32_t hi = __ldg(cum + s + 1);
-                    while (hi <= slot) hi = __ldg(cum + ++s + 1);
-                    const uint32_t start = __ldg(cum + s);
+                    int32_t s;
+                    uint32_t start, hi;
+                    if (tb.src) { // compact profile table (pb 16, every frequency >= 1)
+                        const uint16_t *cum = a.pcum[tb.src] + tb.cum_off;
+                        s = __ldg(a.plut[tb.src] + (tb.lut_off >> 2) + (slot >> (16 - KVL_CU_PLUT_BITS)));
+                        hi = __ldg(cum + s + 1);
+                        hi = hi ? hi : 65536u;
+                        while (hi <= slot) {
+                            hi = __ldg(cum + ++s + 1);
+                            hi = hi ? hi : 65536u;
+                        }
+                        start = __ldg(cum + s);
+                    } else {
+                        const uint32_t *cum = a.cum + tb.cum_off;
+                        s = __ldg(a.lut + tb.lut_off + (slot >> (tb.pb - 8)));
+                        hi = __ldg(cum + s + 1);
+                        while (hi <= slot) hi = __ldg(cum + ++s + 1);
+                        start = __ldg(cum + s);
+                    }
                     x = (hi - start) * (x >> tb.pb) + slot - start;
                     while (x < RANS_L) {
                         if (sp >= se_end) {
@@ -128,4 +141,11 @@ extern "C" cudaError_t kvl_cu_codec_decode(const kvl_cu_codec_args *a, kvl_cu_dt
     if (out_t == KVL_CU_BF16) decode_kernel<true><<<grid, block, 0, stream>>>(*a);
     else decode_kernel<false><<<grid, block, 0, stream>>>(*a);
     return cudaGetLastError();
+}
+
+extern "C" void kvl_cu_codec_compact_profile(const uint32_t *cum, size_t n_cum, const uint16_t *lut, size_t n_lut,
+                                             uint16_t *cum16, uint16_t *lut64) {
+    for (size_t i = 0; i < n_cum; i++) cum16[i] = (uint16_t)cum[i];
+    for (size_t k = 0; k < n_lut / 256; k++)
+        for (size_t j = 0; j < 64; j++) lut64[k * 64 + j] = lut[k * 256 + j * 4];
 }

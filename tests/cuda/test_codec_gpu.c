@@ -27,6 +27,7 @@ static size_t n_elems(const kvl_codec_shape *s) { return (size_t)s->n_layers * 2
 static void compare_one(const uint8_t *enc, size_t ne, const kvl_codec_profile *prof, const kvl_codec_shape *sh,
                         int32_t l0, int32_t nl, int32_t cap, int32_t slot0, kvl_codec_dtype dt, const char *what) {
     size_t es = dt == KVL_CODEC_BF16 ? 2 : 4, C = (size_t)sh->n_kv_heads * sh->head_dim, T = (size_t)sh->n_tokens;
+    if (nl <= 0) nl = sh->n_layers - l0;
     size_t n_cpu = (size_t)nl * 2 * T * C, n_gpu = (size_t)nl * 2 * (size_t)cap * C;
     uint8_t *cpu = malloc(n_cpu * es), *want = calloc(n_gpu, es), *got = malloc(n_gpu * es);
     CHECK_OK(kvl_codec_decode(enc, ne, prof, l0, nl, dt, cpu, n_cpu * es, 2));
