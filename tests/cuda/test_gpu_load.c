@@ -230,6 +230,13 @@ static int bench(int tokens) {
     const int32_t T = 512, NC = tokens / T;
     kvl_codec_shape sh = {32, T, 8, 128};
     float *x = kvl_synth_kv(&sh, 1);
+    /* the engine's KV is bf16: encode from bf16 so that level 0 (codec off) stores raw bf16 bits */
+    uint16_t *xb = malloc(sz_of(&sh) * 2);
+    for (size_t i = 0; i < sz_of(&sh); i++) {
+        uint32_t u;
+        memcpy(&u, &x[i], 4);
+        xb[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
     kvl_codec_profile *prof = NULL;
     kvl_kv *kv = NULL;
     CHECK_OK(kvl_kv_create(m, NC * T, &kv));
@@ -248,7 +255,7 @@ static int bench(int tokens) {
         o.n_threads = 16;
         uint8_t *e = NULL;
         size_t ne = 0;
-        CHECK_OK(kvl_codec_encode(&sh, KVL_CODEC_F32, x, &o, &e, &ne));
+        CHECK_OK(kvl_codec_encode(&sh, KVL_CODEC_BF16, xb, &o, &e, &ne));
         uint64_t need = (uint64_t)NC * (ne + (1u << 20)) + (64u << 20);
         kvl_store *st = open_store(need, 0);
         if (!st || !e) return 1;
@@ -296,7 +303,7 @@ static int bench(int tokens) {
     kvl_kv_free(kv);
     kvl_codec_gpu_free(dec);
     kvl_model_free(m);
-    free(x); free(tok); free(ch);
+    free(x); free(xb); free(tok); free(ch);
     KVL_TEST_END();
 }
 
