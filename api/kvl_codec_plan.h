@@ -102,6 +102,11 @@ void kvl_codec_plan_free(kvl_codec_plan *p);
 kvl_status kvl_codec_plan_add(kvl_codec_plan *p, const uint8_t *buf, size_t size, const kvl_codec_profile *profile,
                               int32_t layer0, int32_t n_layers, const kvl_codec_place *place, size_t out_dtype_size);
 
+/* Appends every chunk of src to dst (indices shifted; src's chunk bytes are expected right after
+ * dst's in the decoder's byte buffer). Both must refer to the same profile (or none). src is not
+ * changed. Errors: KVL_ERR_INVALID_ARG (different profiles), KVL_ERR_NOMEM, KVL_ERR_LIMIT. */
+kvl_status kvl_codec_plan_append(kvl_codec_plan *dst, const kvl_codec_plan *src);
+
 /* The backing stores of a profile level's tables, for uploading next to a plan that refers to
  * them (table src 1): *cum / *lut point into the profile (borrowed), counts in entries. */
 kvl_status kvl_codec_profile_stores(const kvl_codec_profile *prof, int32_t level, const uint32_t **cum,

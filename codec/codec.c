@@ -960,3 +960,56 @@ kvl_status kvl_codec_plan_add(kvl_codec_plan *p, const uint8_t *buf, size_t size
     p->n_chunks++;
     return KVL_OK;
 }
+
+kvl_status kvl_codec_plan_append(kvl_codec_plan *d, const kvl_codec_plan *s) {
+    if (!d || !s) return kvl_errorf(KVL_ERR_INVALID_ARG, "NULL plan");
+    if (d->profile && s->profile && d->profile != s->profile) return kvl_errorf(KVL_ERR_INVALID_ARG, "plans of two profiles");
+    if (plan_grow((void **)&d->sections, &d->cap_sections, d->n_sections + s->n_sections, sizeof *d->sections) ||
+        plan_grow((void **)&d->streams, &d->cap_streams, d->n_streams + s->n_streams, sizeof *d->streams) ||
+        plan_grow((void **)&d->tables, &d->cap_tables, d->n_tables + s->n_tables, sizeof *d->tables) ||
+        plan_grow((void **)&d->cum, &d->cap_cum, d->n_cum + s->n_cum, sizeof *d->cum) ||
+        plan_grow((void **)&d->lut, &d->cap_lut, d->n_lut + s->n_lut, sizeof *d->lut) ||
+        plan_grow((void **)&d->scales, &d->cap_scales, d->n_scales + s->n_scales, sizeof *d->scales))
+        return KVL_ERR_NOMEM;
+    if (d->n_sections + s->n_sections > 0xffffffffu || d->n_tables + s->n_tables > 0xffffffffu ||
+        d->n_cum + s->n_cum > 0xffffffffu || d->n_lut + s->n_lut > 0xffffffffu ||
+        d->n_scales + s->n_scales > 0xffffffffu || d->n_anchor + s->n_anchor > 0xffffffffu)
+        return kvl_errorf(KVL_ERR_LIMIT, "decode plan exceeds 32-bit indices");
+    for (size_t i = 0; i < s->n_streams; i++) {
+        kvl_codec_plan_stream x = s->streams[i];
+        x.byte_off += d->n_bytes;
+        x.sec += (uint32_t)d->n_sections;
+        x.anchor_off += (uint32_t)d->n_anchor;
+        d->streams[d->n_streams + i] = x;
+    }
+    for (size_t i = 0; i < s->n_sections; i++) {
+        kvl_codec_plan_section x = s->sections[i];
+        x.tab_base += (uint32_t)d->n_tables;
+        x.scale_base += (uint32_t)d->n_scales;
+        x.chunk += d->n_chunks;
+        d->sections[d->n_sections + i] = x;
+    }
+    for (size_t i = 0; i < s->n_tables; i++) {
+        kvl_codec_plan_table x = s->tables[i];
+        if (x.src == 0 && x.cum_off != KVL_CODEC_PLAN_EMPTY) {
+            x.cum_off += (uint32_t)d->n_cum;
+            x.lut_off += (uint32_t)d->n_lut;
+        }
+        d->tables[d->n_tables + i] = x;
+    }
+    if (s->n_cum) memcpy(d->cum + d->n_cum, s->cum, s->n_cum * sizeof *d->cum);
+    if (s->n_lut) memcpy(d->lut + d->n_lut, s->lut, s->n_lut * sizeof *d->lut);
+    if (s->n_scales) memcpy(d->scales + d->n_scales, s->scales, s->n_scales * sizeof *d->scales);
+    d->n_streams += s->n_streams;
+    d->n_sections += s->n_sections;
+    d->n_tables += s->n_tables;
+    d->n_cum += s->n_cum;
+    d->n_lut += s->n_lut;
+    d->n_scales += s->n_scales;
+    d->n_bytes += s->n_bytes;
+    d->n_anchor += s->n_anchor;
+    d->n_out += s->n_out;
+    d->n_chunks += s->n_chunks;
+    if (s->profile) d->profile = s->profile;
+    return KVL_OK;
+}

@@ -1,5 +1,7 @@
 /* codec_gpu.c - host side of the GPU KVLC decoder (api/kvl_codec_gpu.h): validation and planning
  * with the CPU code, staging, launch, error re-diagnosis. */
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -10,6 +12,9 @@
 #include "kvl_codec_plan.h"
 #include "kvl_cuda_codec.h"
 
+/* threads that validate and stage chunks in one call (each takes a contiguous range) */
+#define KVL_GPU_PLAN_THREADS 8
+
 struct kvl_codec_gpu {
     cudaStream_t st;
     int own_stream;
@@ -19,6 +24,9 @@ struct kvl_codec_gpu {
     size_t h_cap;
     uint8_t *d_buf;   /* device copy of h_stage */
     size_t d_cap;
+    uint8_t *h_plan, *d_plan; /* pinned / device: the plan arrays */
+    size_t hp_cap, dp_cap;
+    kvl_codec_plan wplan[KVL_GPU_PLAN_THREADS]; /* per planning thread */
     int16_t *d_anchor;
     size_t anchor_cap;
     uint32_t *d_err, *h_err;
@@ -89,6 +97,9 @@ void kvl_codec_gpu_free(kvl_codec_gpu *g) {
     if (g->st) cudaStreamSynchronize(g->st);
     drop_profile(g);
     kvl_codec_plan_free(&g->plan);
+    for (int k = 0; k < KVL_GPU_PLAN_THREADS; k++) kvl_codec_plan_free(&g->wplan[k]);
+    cudaFreeHost(g->h_plan);
+    cudaFree(g->d_plan);
     cudaFreeHost(g->h_stage);
     cudaFree(g->d_buf);
     cudaFree(g->d_anchor);
@@ -182,6 +193,34 @@ static kvl_status lossless_chunk(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *c,
     return KVL_OK;
 }
 
+typedef struct plan_worker {
+    kvl_codec_gpu *g;
+    const kvl_codec_gpu_chunk *chunks;
+    const int32_t *lossy;
+    const uint64_t *boff;
+    int32_t k0, k1;
+    const kvl_codec_profile *profile;
+    size_t es;
+    kvl_codec_plan *plan;
+    kvl_status st;
+    char msg[256];
+} plan_worker;
+
+static void *plan_run(void *arg) {
+    plan_worker *w = arg;
+    kvl_codec_plan_reset(w->plan);
+    kvl_clear_error();
+    w->st = KVL_OK;
+    for (int32_t k = w->k0; k < w->k1 && w->st == KVL_OK; k++) {
+        const kvl_codec_gpu_chunk *c = &w->chunks[w->lossy[k]];
+        kvl_codec_place pl = {(uint64_t)(uintptr_t)c->d_out, c->layer_stride, c->kv_stride, c->token_stride};
+        w->st = kvl_codec_plan_add(w->plan, c->buf, c->size, w->profile, c->layer0, c->n_layers, &pl, w->es);
+        if (w->st == KVL_OK) memcpy(w->g->h_stage + w->boff[k], c->buf, w->boff[k + 1] - w->boff[k]);
+    }
+    snprintf(w->msg, sizeof w->msg, "%s", w->st == KVL_OK ? "" : kvl_last_error());
+    return NULL;
+}
+
 kvl_status kvl_codec_gpu_decode(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chunks, int32_t n,
                                 const kvl_codec_profile *profile, kvl_codec_dtype out_dtype) {
     if (!g || (!chunks && n > 0) || n < 0) return kvl_errorf(KVL_ERR_INVALID_ARG, "bad arguments");
@@ -193,66 +232,92 @@ kvl_status kvl_codec_gpu_decode(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chu
     kvl_codec_plan *p = &g->plan;
     kvl_codec_plan_reset(p);
     int32_t *lossy = malloc((size_t)(n ? n : 1) * sizeof *lossy); /* plan chunk index -> caller's */
-    if (!lossy) return KVL_ERR_NOMEM;
+    uint64_t *boff = malloc(((size_t)n + 1) * sizeof *boff);      /* byte offset of lossy chunk k */
+    if (!lossy || !boff) {
+        free(lossy);
+        free(boff);
+        return KVL_ERR_NOMEM;
+    }
     int32_t n_lossy = 0;
     kvl_status st = KVL_OK;
+    boff[0] = 0;
     for (int32_t i = 0; i < n && st == KVL_OK; i++) {
         const kvl_codec_gpu_chunk *c = &chunks[i];
         kvl_codec_info in;
         if (!c->d_out) st = kvl_errorf(KVL_ERR_INVALID_ARG, "chunk %d: d_out is NULL", i);
         if (st == KVL_OK) st = kvl_codec_info_get(c->buf, c->size, &in);
         if (st != KVL_OK || in.lossless) continue;
-        kvl_codec_place pl = {(uint64_t)(uintptr_t)c->d_out, c->layer_stride, c->kv_stride, c->token_stride};
-        st = kvl_codec_plan_add(p, c->buf, c->size, profile, c->layer0, c->n_layers, &pl, es);
-        if (st == KVL_OK) lossy[n_lossy++] = i;
+        lossy[n_lossy] = i;
+        boff[n_lossy + 1] = boff[n_lossy] + in.total_bytes;
+        n_lossy++;
+    }
+    if (st != KVL_OK || n_lossy == 0) goto lossless;
+    st = grow_host((void **)&g->h_stage, &g->h_cap, boff[n_lossy]);
+    if (st != KVL_OK) goto done;
+    /* h_stage may still feed the previous call's copy: nothing is in flight after a call returns,
+     * but a failed call may have left work queued */
+    if (cudaStreamSynchronize(g->st) != cudaSuccess) { st = cu_err(cudaGetLastError(), "decoder stream"); goto done; }
+    {
+        /* validation, planning and staging of disjoint chunk ranges on worker threads; the
+         * per-worker plans are then appended in order, so chunk k's bytes sit at boff[k] */
+        int nw = n_lossy < KVL_GPU_PLAN_THREADS ? n_lossy : KVL_GPU_PLAN_THREADS;
+        plan_worker w[KVL_GPU_PLAN_THREADS];
+        pthread_t th[KVL_GPU_PLAN_THREADS];
+        int started[KVL_GPU_PLAN_THREADS] = {0};
+        for (int k = 0; k < nw; k++) {
+            w[k] = (plan_worker){g, chunks, lossy, boff, (int32_t)((int64_t)n_lossy * k / nw),
+                                 (int32_t)((int64_t)n_lossy * (k + 1) / nw), profile, es, &g->wplan[k], KVL_OK, ""};
+            if (k > 0) started[k] = pthread_create(&th[k], NULL, plan_run, &w[k]) == 0;
+        }
+        for (int k = 1; k < nw; k++)
+            if (!started[k]) plan_run(&w[k]);
+        plan_run(&w[0]);
+        for (int k = 1; k < nw; k++)
+            if (started[k]) pthread_join(th[k], NULL);
+        for (int k = 0; k < nw && st == KVL_OK; k++)
+            if (w[k].st != KVL_OK) st = kvl_errorf(w[k].st, "%s", w[k].msg);
+        for (int k = 0; k < nw && st == KVL_OK; k++) st = kvl_codec_plan_append(p, &g->wplan[k]);
     }
     if (st != KVL_OK) goto done;
     if (p->profile) {
         st = upload_profile(g, p->profile);
         if (st != KVL_OK) goto done;
     }
-    /* one pinned blob: chunk bytes, then the plan arrays, each 256-byte aligned */
-    size_t o_bytes = 0, o_str = al256(p->n_bytes), o_sec = o_str + al256(p->n_streams * sizeof *p->streams),
+    /* the plan arrays in a second pinned blob, each 256-byte aligned */
+    size_t o_str = 0, o_sec = o_str + al256(p->n_streams * sizeof *p->streams),
            o_tab = o_sec + al256(p->n_sections * sizeof *p->sections), o_cum = o_tab + al256(p->n_tables * sizeof *p->tables),
            o_lut = o_cum + al256(p->n_cum * 4), o_sc = o_lut + al256(p->n_lut * 2), total = o_sc + al256(p->n_scales * 4);
-    if (n_lossy > 0) {
-        st = grow_host((void **)&g->h_stage, &g->h_cap, total);
-        if (st == KVL_OK) st = grow_dev((void **)&g->d_buf, &g->d_cap, total);
+    {
+        st = grow_host((void **)&g->h_plan, &g->hp_cap, total);
+        if (st == KVL_OK) st = grow_dev((void **)&g->d_buf, &g->d_cap, p->n_bytes);
+        if (st == KVL_OK) st = grow_dev((void **)&g->d_plan, &g->dp_cap, total);
         if (st == KVL_OK) st = grow_dev((void **)&g->d_anchor, &g->anchor_cap, p->n_anchor * 2 + 2);
         if (st != KVL_OK) goto done;
-        if (cudaStreamSynchronize(g->st) != cudaSuccess) { st = cu_err(cudaGetLastError(), "decoder stream"); goto done; }
-        uint64_t off = 0;
-        for (int32_t k = 0; k < n_lossy; k++) {
-            const kvl_codec_gpu_chunk *c = &chunks[lossy[k]];
-            kvl_codec_info in;
-            kvl_codec_info_get(c->buf, c->size, &in);
-            memcpy(g->h_stage + o_bytes + off, c->buf, in.total_bytes);
-            off += in.total_bytes;
-        }
-        memcpy(g->h_stage + o_str, p->streams, p->n_streams * sizeof *p->streams);
-        memcpy(g->h_stage + o_sec, p->sections, p->n_sections * sizeof *p->sections);
-        memcpy(g->h_stage + o_tab, p->tables, p->n_tables * sizeof *p->tables);
-        if (p->n_cum) memcpy(g->h_stage + o_cum, p->cum, p->n_cum * 4);
-        if (p->n_lut) memcpy(g->h_stage + o_lut, p->lut, p->n_lut * 2);
-        memcpy(g->h_stage + o_sc, p->scales, p->n_scales * 4);
+        memcpy(g->h_plan + o_str, p->streams, p->n_streams * sizeof *p->streams);
+        memcpy(g->h_plan + o_sec, p->sections, p->n_sections * sizeof *p->sections);
+        memcpy(g->h_plan + o_tab, p->tables, p->n_tables * sizeof *p->tables);
+        if (p->n_cum) memcpy(g->h_plan + o_cum, p->cum, p->n_cum * 4);
+        if (p->n_lut) memcpy(g->h_plan + o_lut, p->lut, p->n_lut * 2);
+        memcpy(g->h_plan + o_sc, p->scales, p->n_scales * 4);
         stats.plan_ms = now_ms() - t0;
         kvl_cu_codec_args a = {0};
-        a.bytes = g->d_buf + o_bytes;
-        a.streams = (const kvl_codec_plan_stream *)(g->d_buf + o_str);
-        a.sections = (const kvl_codec_plan_section *)(g->d_buf + o_sec);
-        a.tables = (const kvl_codec_plan_table *)(g->d_buf + o_tab);
-        a.cum = (const uint32_t *)(g->d_buf + o_cum);
-        a.lut = (const uint16_t *)(g->d_buf + o_lut);
+        a.bytes = g->d_buf;
+        a.streams = (const kvl_codec_plan_stream *)(g->d_plan + o_str);
+        a.sections = (const kvl_codec_plan_section *)(g->d_plan + o_sec);
+        a.tables = (const kvl_codec_plan_table *)(g->d_plan + o_tab);
+        a.cum = (const uint32_t *)(g->d_plan + o_cum);
+        a.lut = (const uint16_t *)(g->d_plan + o_lut);
         for (int lv = 0; lv < 5; lv++) {
             a.pcum[lv] = g->d_pcum[lv];
             a.plut[lv] = g->d_plut[lv];
         }
-        a.scales = (const float *)(g->d_buf + o_sc);
+        a.scales = (const float *)(g->d_plan + o_sc);
         a.anchor = g->d_anchor;
         a.n_streams = (uint32_t)p->n_streams;
         a.err = g->d_err;
         cudaError_t e = cudaEventRecord(g->ev[0], g->st);
-        if (e == cudaSuccess) e = cudaMemcpyAsync(g->d_buf, g->h_stage, total, cudaMemcpyHostToDevice, g->st);
+        if (e == cudaSuccess) e = cudaMemcpyAsync(g->d_buf, g->h_stage, p->n_bytes, cudaMemcpyHostToDevice, g->st);
+        if (e == cudaSuccess) e = cudaMemcpyAsync(g->d_plan, g->h_plan, total, cudaMemcpyHostToDevice, g->st);
         if (e == cudaSuccess) e = cudaMemsetAsync(g->d_err, 0xff, 4, g->st);
         if (e == cudaSuccess) e = cudaMemsetAsync(g->d_err + 1, 0, 4, g->st);
         if (e == cudaSuccess) e = cudaEventRecord(g->ev[1], g->st);
@@ -284,6 +349,8 @@ kvl_status kvl_codec_gpu_decode(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chu
             goto done;
         }
     }
+lossless:
+    if (st != KVL_OK) goto done;
     double tl = now_ms();
     for (int32_t i = 0; i < n && st == KVL_OK; i++) {
         kvl_codec_info in;
@@ -296,6 +363,7 @@ kvl_status kvl_codec_gpu_decode(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chu
     stats.n_streams = p->n_streams;
 done:
     free(lossy);
+    free(boff);
     if (st == KVL_OK) {
         stats.total_ms = now_ms() - t0;
         g->stats = stats;

@@ -18,6 +18,7 @@
 #include "kvl_codec.h"
 #include "kvl_codec_gpu.h"
 #include "kvl_engine.h"
+#include "kvl_cuda_backend.h"
 #include "kvl_gpu_load.h"
 #include "kvl_store.h"
 #include "kvl_test.h"
@@ -87,6 +88,13 @@ static int load_test(const char *model) {
         size_t n = sz_of(&sh);
         kvl_store *st = open_store(16u << 20, 1u << 20);
         if (!st) return 1;
+        /* the kv's element type decides how the decoder's output is rounded */
+        kvl_kv *probe = NULL;
+        kvl_cuda_kv_view view = {0};
+        CHECK_OK(kvl_kv_create(m, 1, &probe));
+        CHECK_OK(kvl_cuda_kv_view_get(probe, &view));
+        kvl_kv_free(probe);
+        int kv_bf16 = view.dtype == 1;
         kvl_store_key root;
         kvl_store_root_key(kvl_model_fingerprint(m), "t", &root);
         int32_t tok[3][32], pos[32];
@@ -110,7 +118,7 @@ static int load_test(const char *model) {
             o.level = levels[i];
             CHECK_OK(kvl_codec_encode(&sh, KVL_CODEC_F32, x, &o, &enc[i], &ne[i]));
             ref[i] = malloc(n * 4);
-            if (w) {
+            if (kv_bf16) {
                 uint16_t *b = malloc(n * 2);
                 CHECK_OK(kvl_codec_decode(enc[i], ne[i], NULL, 0, 0, KVL_CODEC_BF16, b, n * 2, 1));
                 for (size_t k = 0; k < n; k++) {
