@@ -6,7 +6,9 @@
  *   KVL_GPU_LOAD_BENCH=TOKENS test_gpu_load bench
  *                                       Llama-3-8B-shaped load of TOKENS/512 chunks from a store in
  *                                       ./ (cold: store reopened, DRAM tier empty; then warm), levels
- *                                       0 (codec off), 2 and 4 */
+ *                                       0 (codec off), 2 and 4
+ *   KVL_GPU_TTFT=4096,8192 test_gpu_load ttft
+ *                                       time to first token, Llama-3-8B shape (bench/gpu_ttft.sh) */
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -315,6 +317,125 @@ static int bench(int tokens) {
     KVL_TEST_END();
 }
 
+/* Time to first token on a synthetic-weight Llama-3-8B-config model (bf16), for each context length:
+ * N context tokens in 512-token chunks + a 64-token query. Modes: full prefill; blend = load all
+ * chunk caches (cold store / DRAM tier) then one forward pass computing 15% of the context tokens
+ * (every chunk but the first, evenly spaced: a fixed selection, not HKVD) plus the query; prefix
+ * hit = load, then compute the query only. Load and recompute run one after the other (no
+ * layer-wise overlap), so blend TTFT = load + recompute. Codec levels 0 (off) and 2. */
+static int ttft(const char *list) {
+    kvl_model_config c = {0};
+    c.dim = 4096; c.hidden_dim = 14336; c.n_layers = 32; c.n_heads = 32; c.n_kv_heads = 8; c.head_dim = 128;
+    c.vocab_size = 128256; c.max_seq = 65536; c.rope_theta = 500000.0f; c.norm_eps = 1e-5f;
+    c.rope_style = KVL_ROPE_HALF; c.bos_id = 1; c.eos_id = 2;
+    kvl_model_opts mo = kvl_model_opts_default();
+    mo.backend = KVL_BACKEND_CUDA;
+    mo.weight_dtype = KVL_WDTYPE_BF16;
+    kvl_model *m = NULL;
+    CHECK_OK(kvl_model_synthetic(&c, 42, &mo, &m));
+    if (!m) return 1;
+    const int32_t T = 512, Q = 64;
+    kvl_codec_shape sh = {32, T, 8, 128};
+    size_t n = sz_of(&sh);
+    float *x = kvl_synth_kv(&sh, 1);
+    uint16_t *xb = malloc(n * 2);
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &x[i], 4);
+        xb[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+    kvl_codec_gpu *dec = NULL;
+    CHECK_OK(kvl_codec_gpu_create(NULL, &dec));
+    kvl_store_key root;
+    kvl_store_root_key(kvl_model_fingerprint(m), "b", &root);
+    float *logits = malloc((size_t)c.vocab_size * 4);
+    printf("ttft: Llama-3-8B config, synthetic bf16 weights; context = N tokens in 512-token chunks + %d-token query\n", Q);
+    printf("%7s %5s %9s | %9s %9s %9s | %9s %9s %9s | %9s %9s %9s\n", "tokens", "level", "full ms", "cold load",
+           "recompute", "cold TTFT", "DRAM load", "recompute", "DRAM TTFT", "pfx load", "query", "pfx TTFT");
+    for (const char *p = list; p && *p;) {
+        int32_t N = atoi(p) / T * T;
+        p = strchr(p, ',');
+        if (p) p++;
+        if (N < T) continue;
+        int32_t NC = N / T, total = N + Q, last = total - 1;
+        int32_t *tok = malloc((size_t)total * 4), *pos = malloc((size_t)total * 4);
+        uint8_t *blend = malloc((size_t)total), *query = malloc((size_t)total);
+        for (int32_t i = 0; i < total; i++) {
+            tok[i] = (int32_t)(((uint64_t)i * 2654435761u + 17) % (uint64_t)c.vocab_size);
+            pos[i] = i;
+            /* 15% of the tokens of every chunk but the first (a prefix needs no recompute), evenly */
+            blend[i] = i >= N || (i >= T && (i % 20) < 3);
+            query[i] = i >= N;
+        }
+        kvl_kv *kv = NULL;
+        CHECK_OK(kvl_kv_create(m, total, &kv));
+        double full = 1e30;
+        for (int r = 0; r < 3; r++) { /* the first run warms up */
+            kvl_kv_clear(kv);
+            double t0 = now_ms();
+            CHECK_OK(kvl_forward(m, kv, total, tok, pos, NULL, 1, &last, logits));
+            double t = now_ms() - t0;
+            if (r > 0 && t < full) full = t;
+        }
+        kvl_gpu_load_chunk *ch = malloc((size_t)NC * sizeof *ch);
+        static const int levels[2] = {0, 2};
+        for (int li = 0; li < 2; li++) {
+            kvl_codec_opts o = kvl_codec_opts_default();
+            o.level = levels[li];
+            o.n_threads = 16;
+            uint8_t *e = NULL;
+            size_t ne = 0;
+            CHECK_OK(kvl_codec_encode(&sh, KVL_CODEC_BF16, xb, &o, &e, &ne));
+            if (!e) return 1;
+            uint64_t need = (uint64_t)NC * (ne + (1u << 20)) + (64u << 20);
+            kvl_store *st = open_store(need, 0);
+            if (!st) return 1;
+            for (int32_t i = 0; i < NC; i++) {
+                kvl_store_meta meta = {0};
+                memcpy(meta.fingerprint, kvl_model_fingerprint(m), 32);
+                snprintf(meta.tenant, sizeof meta.tenant, "b");
+                kvl_store_chunk_key(&root, tok + (size_t)i * T, T, &ch[i].key);
+                CHECK_OK(kvl_store_put(st, &ch[i].key, &meta, tok + (size_t)i * T, T, e, ne));
+                ch[i] = (kvl_gpu_load_chunk){ch[i].key, i * T, T, i * T, KVL_LOAD_FROM_STORE, NULL};
+            }
+            kvl_store_close(st);
+            double ms[3][2]; /* [cold, DRAM, prefix][load, compute] */
+            for (int mode = 0; mode < 3; mode++) {
+                if (mode == 0) st = open_store(need, 0);
+                if (mode == 1) {
+                    kvl_store_close(st);
+                    st = open_store(need, need);
+                    kvl_gpu_load_req r0 = {st, kvl_model_fingerprint(m), m, kv, dec, NULL, ch, NC, 8, 0};
+                    CHECK_OK(kvl_gpu_load(&r0, NULL)); /* fills the DRAM tier */
+                }
+                kvl_gpu_load_req r = {st, kvl_model_fingerprint(m), m, kv, dec, NULL, ch, NC, 8, 0};
+                kvl_gpu_load_stats s;
+                kvl_kv_clear(kv);
+                double t0 = now_ms();
+                CHECK_OK(kvl_gpu_load(&r, &s));
+                ms[mode][0] = now_ms() - t0;
+                t0 = now_ms();
+                CHECK_OK(kvl_forward(m, kv, total, tok, pos, mode == 2 ? query : blend, 1, &last, logits));
+                ms[mode][1] = now_ms() - t0;
+            }
+            kvl_store_close(st);
+            rm_store();
+            if (mkdtemp(strcpy(store_dir, "kvl_gpuload_XXXXXX")) == NULL) return 1;
+            printf("%7d %5d %9.1f | %9.1f %9.1f %9.1f | %9.1f %9.1f %9.1f | %9.1f %9.1f %9.1f\n", N, levels[li], full,
+                   ms[0][0], ms[0][1], ms[0][0] + ms[0][1], ms[1][0], ms[1][1], ms[1][0] + ms[1][1], ms[2][0], ms[2][1],
+                   ms[2][0] + ms[2][1]);
+            fflush(stdout);
+            free(e);
+        }
+        kvl_kv_free(kv);
+        free(tok); free(pos); free(blend); free(query); free(ch);
+    }
+    kvl_codec_gpu_free(dec);
+    kvl_model_free(m);
+    free(x); free(xb); free(logits);
+    KVL_TEST_END();
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "controller") == 0) return controller();
     int ndev = 0;
@@ -327,7 +448,9 @@ int main(int argc, char **argv) {
     if (argc > 2 && strcmp(argv[1], "load") == 0) rc = load_test(argv[2]);
     else if (argc > 1 && strcmp(argv[1], "bench") == 0)
         rc = bench(getenv("KVL_GPU_LOAD_BENCH") ? atoi(getenv("KVL_GPU_LOAD_BENCH")) : 8192);
-    else fprintf(stderr, "usage: %s controller | load MODEL | bench\n", argv[0]);
+    else if (argc > 1 && strcmp(argv[1], "ttft") == 0)
+        rc = ttft(getenv("KVL_GPU_TTFT") ? getenv("KVL_GPU_TTFT") : "4096,8192,16384,32768");
+    else fprintf(stderr, "usage: %s controller | load MODEL | bench | ttft\n", argv[0]);
     rm_store();
     return rc;
 }
