@@ -1,4 +1,4 @@
-/* codec_gpu.c - host side of the GPU KVLC decoder (api/kvl_codec_gpu.h): validation and planning
+/* codec/gpu/codec_gpu.c - host side of the GPU KVLC decoder (api/kvl_codec_gpu.h): validation and planning
  * with the CPU code, staging, launch, error re-diagnosis. */
 #include <pthread.h>
 #include <stdio.h>
