@@ -95,6 +95,9 @@ typedef struct kvl_gpu_load_stats {
     double total_ms;
     uint64_t bytes_read;  /* encoded bytes */
     int32_t n_loaded, n_recomputed;
+    /* kvl_gpu_blend only */
+    double compute_ms;    /* the layer-step forward pass on the calling thread, waits included */
+    double layer_wait_ms; /* of which waiting for layers still being decoded (load not hidden) */
 } kvl_gpu_load_stats;
 
 /* Fills the chunks' slots of req->kv (all layers, marked valid) from the store or by recompute.
@@ -103,6 +106,26 @@ typedef struct kvl_gpu_load_stats {
  * KVL_ERR_FINGERPRINT, ...), the decoder's (a malformed cache, a cache of another shape:
  * KVL_ERR_CODEC), CUDA errors. On error the kv's contents in the chunks' slots are unspecified. */
 kvl_status kvl_gpu_load(const kvl_gpu_load_req *req, kvl_gpu_load_stats *stats);
+
+/* Load and blend, pipelined by layer: the chunks' caches are read (one batched read), then a
+ * decoder thread decodes them layer group by layer group (every chunk's layers [l, l + group) in
+ * one launch, keys re-rotated to the chunks' positions on the GPU) while the calling thread runs
+ * the layer-step forward pass (kvl_fwd_layer) over slots [0, n) computing the slots idx at every
+ * layer, each layer as soon as its K/V is in place: layer i+1 decodes while layer i recomputes.
+ * Returns the logits of logit_slot (vocab floats). The load chunks must all be
+ * KVL_LOAD_FROM_STORE; their slots are marked valid; slots in idx are recomputed at every layer.
+ * Errors: those of kvl_gpu_load and kvl_fwd_*. */
+typedef struct kvl_gpu_blend_req {
+    kvl_gpu_load_req load;
+    int32_t n;
+    const int32_t *tokens, *positions; /* [n] */
+    const int32_t *idx;                /* [n_idx] slots computed at every layer (recompute + query) */
+    int32_t n_idx;
+    int32_t layer_group;               /* layers per decode step; <= 0: 4 */
+    int32_t logit_slot;
+    float *logits;
+} kvl_gpu_blend_req;
+kvl_status kvl_gpu_blend(const kvl_gpu_blend_req *r, kvl_gpu_load_stats *stats);
 
 #ifdef __cplusplus
 }

@@ -5,7 +5,10 @@
 #include <string.h>
 #include <time.h>
 
+#include <cuda_runtime_api.h>
+
 #include "kvl_codec_gpu.h"
+#include "kvl_cuda.h"
 #include "kvl_cuda_backend.h"
 #include "kvl_gpu_load.h"
 
@@ -178,6 +181,162 @@ kvl_status kvl_gpu_load(const kvl_gpu_load_req *r, kvl_gpu_load_stats *stats) {
     }
 out:
     free(idx); free(keys); free(vals); free(sts); free(gc);
+    s.total_ms = now_ms() - t0;
+    if (stats) *stats = s;
+    return st;
+}
+
+/* ---------------------------------------------------------------- layer-pipelined blend */
+
+typedef struct lp_state {
+    const kvl_gpu_blend_req *r;
+    const kvl_cuda_kv_view *v;
+    kvl_codec_gpu_chunk *gc;
+    int32_t nc, L, group;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int32_t ready;    /* layers [0, ready) are decoded and rotated */
+    kvl_status st;    /* decoder thread's error */
+    char msg[256];
+    double decode_ms, kernel_ms;
+} lp_state;
+
+static void *lp_decoder(void *arg) {
+    lp_state *s = arg;
+    const kvl_gpu_load_req *lr = &s->r->load;
+    const kvl_model_config *c = kvl_model_get_config(lr->model);
+    size_t es = s->v->dtype == 1 ? 2 : 4;
+    cudaStream_t rs = NULL;
+    kvl_status st = KVL_OK;
+    kvl_clear_error();
+    if (cudaSetDevice(s->v->gpu) != cudaSuccess || cudaStreamCreateWithFlags(&rs, cudaStreamNonBlocking) != cudaSuccess)
+        st = kvl_errorf(KVL_ERR_CUDA, "decoder stream");
+    for (int32_t l = 0; l < s->L && st == KVL_OK; l += s->group) {
+        int32_t nl = s->L - l < s->group ? s->L - l : s->group;
+        double t0 = now_ms();
+        for (int32_t k = 0; k < s->nc; k++) {
+            s->gc[k].layer0 = l;
+            s->gc[k].n_layers = nl;
+            s->gc[k].d_out = (uint8_t *)s->v->data +
+                             ((size_t)l * 2 * s->v->capacity + (size_t)lr->chunks[k].slot0) * s->v->n_channels * es;
+        }
+        st = kvl_codec_gpu_decode(lr->dec, s->gc, s->nc, lr->profile, s->v->dtype == 1 ? KVL_CODEC_BF16 : KVL_CODEC_F32);
+        if (st == KVL_OK) {
+            kvl_codec_gpu_stats ds;
+            kvl_codec_gpu_last_stats(lr->dec, &ds);
+            s->kernel_ms += ds.kernel_ms;
+        }
+        for (int32_t k = 0; k < s->nc && st == KVL_OK; k++) {
+            const kvl_gpu_load_chunk *ch = &lr->chunks[k];
+            if (lr->no_rerotate || ch->position == 0) continue;
+            cudaError_t e = kvl_cu_rerotate(s->gc[k].d_out, s->v->dtype == 1 ? KVL_CU_BF16 : KVL_CU_F32, nl,
+                                            2 * (int64_t)s->v->capacity * s->v->n_channels, ch->n_tokens,
+                                            s->v->n_channels, c->n_kv_heads, c->head_dim, c->rope_style, c->rope_theta,
+                                            ch->position, rs);
+            if (e != cudaSuccess) st = kvl_errorf(KVL_ERR_CUDA, "rerotate: %s", cudaGetErrorString(e));
+        }
+        if (st == KVL_OK && cudaStreamSynchronize(rs) != cudaSuccess) st = kvl_errorf(KVL_ERR_CUDA, "rerotate sync");
+        s->decode_ms += now_ms() - t0;
+        pthread_mutex_lock(&s->mu);
+        if (st == KVL_OK) s->ready = l + nl;
+        pthread_cond_broadcast(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+    }
+    if (rs) cudaStreamDestroy(rs);
+    pthread_mutex_lock(&s->mu);
+    s->st = st;
+    snprintf(s->msg, sizeof s->msg, "%s", st == KVL_OK ? "" : kvl_last_error());
+    if (st != KVL_OK) s->ready = -1; /* wakes the forward pass with the error */
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+kvl_status kvl_gpu_blend(const kvl_gpu_blend_req *r, kvl_gpu_load_stats *stats) {
+    if (!r || !r->tokens || !r->positions || (!r->idx && r->n_idx > 0) || !r->logits)
+        return kvl_errorf(KVL_ERR_INVALID_ARG, "incomplete blend request");
+    const kvl_gpu_load_req *lr = &r->load;
+    if (!lr->store || !lr->model || !lr->kv || !lr->dec || lr->n_chunks < 1 || !lr->chunks)
+        return kvl_errorf(KVL_ERR_INVALID_ARG, "incomplete load request");
+    double t0 = now_ms();
+    kvl_gpu_load_stats s = {0};
+    kvl_cuda_kv_view v;
+    KVL_TRY(kvl_cuda_kv_view_get(lr->kv, &v));
+    int32_t nc = lr->n_chunks;
+    for (int32_t i = 0; i < nc; i++) {
+        const kvl_gpu_load_chunk *c = &lr->chunks[i];
+        if (c->action != KVL_LOAD_FROM_STORE) return kvl_errorf(KVL_ERR_INVALID_ARG, "chunk %d: blend loads every chunk", i);
+        if (c->n_tokens < 1 || c->slot0 < 0 || c->slot0 > v.capacity - c->n_tokens || c->slot0 + c->n_tokens > r->n)
+            return kvl_errorf(KVL_ERR_INVALID_ARG, "chunk %d: slots [%d, +%d) outside the pass", i, c->slot0, c->n_tokens);
+    }
+    kvl_store_key *keys = malloc((size_t)nc * sizeof *keys);
+    kvl_store_value **vals = calloc((size_t)nc, sizeof *vals);
+    kvl_status *sts = calloc((size_t)nc, sizeof *sts);
+    kvl_codec_gpu_chunk *gc = calloc((size_t)nc, sizeof *gc);
+    kvl_fwd *f = NULL;
+    kvl_status st = KVL_OK;
+    if (!keys || !vals || !sts || !gc) { st = KVL_ERR_NOMEM; goto out; }
+    for (int32_t i = 0; i < nc; i++) keys[i] = lr->chunks[i].key;
+    double tr = now_ms();
+    st = kvl_store_get_batch(lr->store, (size_t)nc, keys, lr->fingerprint, vals, sts);
+    s.read_ms = s.read_wait_ms = now_ms() - tr;
+    for (int32_t i = 0; i < nc && st == KVL_OK; i++) {
+        const kvl_gpu_load_chunk *c = &lr->chunks[i];
+        if (sts[i] != KVL_OK) { st = kvl_errorf(sts[i], "chunk at slot %d: store read failed", c->slot0); break; }
+        kvl_codec_info in;
+        gc[i].buf = kvl_store_value_data(vals[i]);
+        gc[i].size = kvl_store_value_size(vals[i]);
+        st = kvl_codec_info_get(gc[i].buf, gc[i].size, &in);
+        if (st == KVL_OK && (in.shape.n_layers != v.n_layers || in.shape.n_kv_heads * in.shape.head_dim != v.n_channels ||
+                             in.shape.n_tokens != c->n_tokens))
+            st = kvl_errorf(KVL_ERR_CODEC, "chunk at slot %d: cache of another shape", c->slot0);
+        gc[i].layer_stride = 2 * (int64_t)v.capacity * v.n_channels;
+        gc[i].kv_stride = (int64_t)v.capacity * v.n_channels;
+        gc[i].token_stride = v.n_channels;
+        s.bytes_read += gc[i].size;
+        if (st == KVL_OK) st = kvl_kv_set_valid(lr->kv, c->slot0, c->n_tokens, 1);
+    }
+    if (st != KVL_OK) goto out;
+    st = kvl_fwd_begin(lr->model, lr->kv, r->n, r->tokens, r->positions, &f);
+    if (st != KVL_OK) goto out;
+    lp_state ls = {.r = r, .v = &v, .gc = gc, .nc = nc, .L = v.n_layers,
+                   .group = r->layer_group > 0 ? r->layer_group : 4, .ready = 0, .st = KVL_OK};
+    pthread_mutex_init(&ls.mu, NULL);
+    pthread_cond_init(&ls.cv, NULL);
+    pthread_t th;
+    if (pthread_create(&th, NULL, lp_decoder, &ls) != 0) {
+        st = kvl_errorf(KVL_ERR_INTERNAL, "cannot start the decoder thread");
+    } else {
+        double tc = now_ms();
+        for (int32_t l = 0; l < v.n_layers && st == KVL_OK; l++) {
+            double tw = now_ms();
+            pthread_mutex_lock(&ls.mu);
+            while (ls.ready >= 0 && ls.ready <= l) pthread_cond_wait(&ls.cv, &ls.mu);
+            int failed = ls.ready < 0;
+            pthread_mutex_unlock(&ls.mu);
+            s.layer_wait_ms += now_ms() - tw;
+            if (failed) break;
+            st = kvl_fwd_layer(f, l, r->idx, r->n_idx);
+        }
+        if (st == KVL_OK) {
+            pthread_join(th, NULL);
+            if (ls.st != KVL_OK) st = kvl_errorf(ls.st, "%s", ls.msg);
+        } else {
+            pthread_join(th, NULL);
+        }
+        if (st == KVL_OK && ls.st != KVL_OK) st = kvl_errorf(ls.st, "%s", ls.msg);
+        if (st == KVL_OK) st = kvl_fwd_logits(f, &r->logit_slot, 1, r->logits);
+        s.compute_ms = now_ms() - tc;
+        s.decode_ms = ls.decode_ms;
+        s.kernel_ms = ls.kernel_ms;
+        s.n_loaded = nc;
+    }
+    pthread_mutex_destroy(&ls.mu);
+    pthread_cond_destroy(&ls.cv);
+out:
+    kvl_fwd_free(f);
+    for (int32_t i = 0; vals && i < nc; i++) kvl_store_value_free(vals[i]);
+    free(keys); free(vals); free(sts); free(gc);
     s.total_ms = now_ms() - t0;
     if (stats) *stats = s;
     return st;
