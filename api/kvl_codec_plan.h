@@ -93,14 +93,21 @@ void kvl_codec_plan_free(kvl_codec_plan *p);
 
 /* Validates buf[0..size) (a lossy chunk) for decoding layers [layer0, layer0 + n_layers) (n_layers
  * <= 0: all from layer0) with profile (required when the chunk uses one; a plan refers to one
- * profile at most) and appends its streams. The chunk's bytes are expected at byte offset
- * p->n_bytes of the buffer the decoder reads (p->n_bytes then grows by the chunk's total_bytes).
+ * profile at most) and appends its streams. Only the chunk's bytes of those layers' sections
+ * (kvl_codec_plan_range) are read by the decoder: they are expected at byte offset p->n_bytes of
+ * the buffer it reads (p->n_bytes then grows by their length).
  * out_dtype_size: 2 or 4 (for the output address arithmetic). Errors: exactly those
  * kvl_codec_decode returns for the same structural faults; KVL_ERR_CODEC_LEVEL for a lossless
  * chunk (decode it with kvl_codec_decode); KVL_ERR_INVALID_ARG for a second profile. On error the
  * plan is left as before the call. */
 kvl_status kvl_codec_plan_add(kvl_codec_plan *p, const uint8_t *buf, size_t size, const kvl_codec_profile *profile,
                               int32_t layer0, int32_t n_layers, const kvl_codec_place *place, size_t out_dtype_size);
+
+/* The byte range [*off, *off + *len) of buf holding the sections of layers [layer0, layer0 +
+ * n_layers) (n_layers <= 0: all from layer0): what a decoder of a plan needs of the chunk. Checks
+ * the header as kvl_codec_info_get does. */
+kvl_status kvl_codec_plan_range(const uint8_t *buf, size_t size, int32_t layer0, int32_t n_layers, uint64_t *off,
+                                uint64_t *len);
 
 /* Appends every chunk of src to dst (indices shifted; src's chunk bytes are expected right after
  * dst's in the decoder's byte buffer). Both must refer to the same profile (or none). src is not

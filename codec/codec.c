@@ -878,6 +878,9 @@ kvl_status kvl_codec_plan_add(kvl_codec_plan *p, const uint8_t *buf, size_t size
         return kvl_errorf(KVL_ERR_INVALID_ARG, "a plan refers to one profile at most");
     const uint8_t *dir = buf + KVLC_HDR_FIXED;
     dec_ctx d = {&h, profile};
+    /* only the bytes of the requested sections travel: [a0, a1) of the chunk */
+    uint64_t r0 = kvlc_get32(dir + 4 * (size_t)L + 4 * (size_t)(2 * layer0));
+    uint64_t r1 = kvlc_get32(dir + 4 * (size_t)L + 4 * (size_t)(2 * (layer0 + n_layers)));
     /* state to roll back to on error */
     size_t s0 = p->n_streams, x0 = p->n_sections, t0 = p->n_tables, c0_ = p->n_cum, u0 = p->n_lut, k0 = p->n_scales;
     uint64_t a0 = p->n_anchor, o0 = p->n_out;
@@ -936,7 +939,7 @@ kvl_status kvl_codec_plan_add(kvl_codec_plan *p, const uint8_t *buf, size_t size
             p->n_cum += sp.n_cum;
             p->n_lut += (size_t)sp.n_ctx * 256;
         }
-        uint64_t off = p->n_bytes + (uint64_t)(sp.data - buf);
+        uint64_t off = p->n_bytes + (uint64_t)(sp.data - buf) - r0;
         for (int32_t g = 0; g < sp.n_streams; g++) {
             uint32_t len = kvlc_get32(sp.sizes + 4 * (size_t)g);
             int32_t c0 = g * sp.cg, c1 = c0 + sp.cg < sp.C ? c0 + sp.cg : sp.C;
@@ -956,7 +959,7 @@ kvl_status kvl_codec_plan_add(kvl_codec_plan *p, const uint8_t *buf, size_t size
         return st;
     }
     if (pl) p->profile = profile;
-    p->n_bytes += h.info.total_bytes;
+    p->n_bytes += r1 - r0;
     p->n_chunks++;
     return KVL_OK;
 }
@@ -1011,5 +1014,20 @@ kvl_status kvl_codec_plan_append(kvl_codec_plan *d, const kvl_codec_plan *s) {
     d->n_out += s->n_out;
     d->n_chunks += s->n_chunks;
     if (s->profile) d->profile = s->profile;
+    return KVL_OK;
+}
+
+kvl_status kvl_codec_plan_range(const uint8_t *buf, size_t size, int32_t layer0, int32_t n_layers, uint64_t *off,
+                                uint64_t *len) {
+    if (!off || !len) return kvl_errorf(KVL_ERR_INVALID_ARG, "NULL argument");
+    hdr h;
+    KVL_TRY(parse_header(buf, size, &h));
+    int32_t L = h.info.shape.n_layers;
+    if (layer0 < 0 || layer0 >= L) return kvl_errorf(KVL_ERR_INVALID_ARG, "layer0 %d outside [0, %d)", layer0, L);
+    if (n_layers <= 0) n_layers = L - layer0;
+    if (n_layers > L - layer0) return kvl_errorf(KVL_ERR_INVALID_ARG, "layers [%d, %d) exceed %d", layer0, layer0 + n_layers, L);
+    const uint8_t *offs = buf + KVLC_HDR_FIXED + 4 * (size_t)L;
+    *off = kvlc_get32(offs + 4 * (size_t)(2 * layer0));
+    *len = kvlc_get32(offs + 4 * (size_t)(2 * (layer0 + n_layers))) - *off;
     return KVL_OK;
 }

@@ -197,7 +197,7 @@ typedef struct plan_worker {
     kvl_codec_gpu *g;
     const kvl_codec_gpu_chunk *chunks;
     const int32_t *lossy;
-    const uint64_t *boff;
+    const uint64_t *boff, *roff;
     int32_t k0, k1;
     const kvl_codec_profile *profile;
     size_t es;
@@ -215,7 +215,7 @@ static void *plan_run(void *arg) {
         const kvl_codec_gpu_chunk *c = &w->chunks[w->lossy[k]];
         kvl_codec_place pl = {(uint64_t)(uintptr_t)c->d_out, c->layer_stride, c->kv_stride, c->token_stride};
         w->st = kvl_codec_plan_add(w->plan, c->buf, c->size, w->profile, c->layer0, c->n_layers, &pl, w->es);
-        if (w->st == KVL_OK) memcpy(w->g->h_stage + w->boff[k], c->buf, w->boff[k + 1] - w->boff[k]);
+        if (w->st == KVL_OK) memcpy(w->g->h_stage + w->boff[k], c->buf + w->roff[k], w->boff[k + 1] - w->boff[k]);
     }
     snprintf(w->msg, sizeof w->msg, "%s", w->st == KVL_OK ? "" : kvl_last_error());
     return NULL;
@@ -232,10 +232,12 @@ kvl_status kvl_codec_gpu_decode(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chu
     kvl_codec_plan *p = &g->plan;
     kvl_codec_plan_reset(p);
     int32_t *lossy = malloc((size_t)(n ? n : 1) * sizeof *lossy); /* plan chunk index -> caller's */
-    uint64_t *boff = malloc(((size_t)n + 1) * sizeof *boff);      /* byte offset of lossy chunk k */
-    if (!lossy || !boff) {
+    uint64_t *boff = malloc(((size_t)n + 1) * sizeof *boff);      /* staging offset of lossy chunk k */
+    uint64_t *roff = malloc(((size_t)n + 1) * sizeof *roff);      /* its first byte in the chunk */
+    if (!lossy || !boff || !roff) {
         free(lossy);
         free(boff);
+        free(roff);
         return KVL_ERR_NOMEM;
     }
     int32_t n_lossy = 0;
@@ -247,8 +249,12 @@ kvl_status kvl_codec_gpu_decode(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chu
         if (!c->d_out) st = kvl_errorf(KVL_ERR_INVALID_ARG, "chunk %d: d_out is NULL", i);
         if (st == KVL_OK) st = kvl_codec_info_get(c->buf, c->size, &in);
         if (st != KVL_OK || in.lossless) continue;
+        uint64_t ro = 0, rl = 0;
+        st = kvl_codec_plan_range(c->buf, c->size, c->layer0, c->n_layers, &ro, &rl);
+        if (st != KVL_OK) continue;
         lossy[n_lossy] = i;
-        boff[n_lossy + 1] = boff[n_lossy] + in.total_bytes;
+        roff[n_lossy] = ro;
+        boff[n_lossy + 1] = boff[n_lossy] + rl;
         n_lossy++;
     }
     if (st != KVL_OK || n_lossy == 0) goto lossless;
@@ -265,7 +271,7 @@ kvl_status kvl_codec_gpu_decode(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chu
         pthread_t th[KVL_GPU_PLAN_THREADS];
         int started[KVL_GPU_PLAN_THREADS] = {0};
         for (int k = 0; k < nw; k++) {
-            w[k] = (plan_worker){g, chunks, lossy, boff, (int32_t)((int64_t)n_lossy * k / nw),
+            w[k] = (plan_worker){g, chunks, lossy, boff, roff, (int32_t)((int64_t)n_lossy * k / nw),
                                  (int32_t)((int64_t)n_lossy * (k + 1) / nw), profile, es, &g->wplan[k], KVL_OK, ""};
             if (k > 0) started[k] = pthread_create(&th[k], NULL, plan_run, &w[k]) == 0;
         }
@@ -364,6 +370,7 @@ lossless:
 done:
     free(lossy);
     free(boff);
+    free(roff);
     if (st == KVL_OK) {
         stats.total_ms = now_ms() - t0;
         g->stats = stats;

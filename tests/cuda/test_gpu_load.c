@@ -421,8 +421,12 @@ static int ttft(const char *list) {
             if (r > 0 && t < full) full = t;
         }
         kvl_gpu_load_chunk *ch = malloc((size_t)NC * sizeof *ch);
-        static const int levels[2] = {0, 2};
-        for (int li = 0; li < 2; li++) {
+        int levels[2] = {0, 2}, n_levels = 2;
+        if (getenv("KVL_GPU_TTFT_LEVEL")) { /* one level only */
+            levels[0] = atoi(getenv("KVL_GPU_TTFT_LEVEL"));
+            n_levels = 1;
+        }
+        for (int li = 0; li < n_levels; li++) {
             kvl_codec_opts o = kvl_codec_opts_default();
             o.level = levels[li];
             o.n_threads = 16;
