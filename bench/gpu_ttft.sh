@@ -4,7 +4,8 @@
 #   kvloom (test_gpu_load ttft): for each context of N tokens in 512-token chunks + a 64-token
 #   query: full prefill; blend cold from disk (store just reopened: empty DRAM tier, O_DIRECT reads)
 #   and from the DRAM tier = load of all chunk caches + one pass recomputing 15% of the context
-#   tokens (a fixed even selection, chunk 0 excluded) and the query; prefix hit = load + query only;
+#   tokens (a fixed even selection, chunk 0 excluded) and the query, serially and layer-pipelined
+#   (kvl_gpu_blend); prefix hit = load + query only;
 #   codec level 0 (off: zstd over raw bf16) and 2. The chunk caches are ingested into a store in the
 #   current directory (put it on the disk to be measured) before the timings.
 #   transformers (bench/hf_prefill.py): full prefill of N + 64 tokens, torch SDPA.
