@@ -4,6 +4,8 @@
 
 int kvl_cmd_logits(int argc, char **argv);
 int kvl_cmd_generate(int argc, char **argv);
+int kvl_cmd_blend_eval(int argc, char **argv);
+int kvl_cmd_blend_bench(int argc, char **argv);
 
 static const struct {
     const char *name;
@@ -12,6 +14,8 @@ static const struct {
 } cmds[] = {
     {"logits", kvl_cmd_logits, "full prefill of a token file, writes float32 logits"},
     {"generate", kvl_cmd_generate, "generate text from a prompt"},
+    {"blend-eval", kvl_cmd_blend_eval, "CacheBlend quality vs full prefill on cached chunks (JSON)"},
+    {"blend-bench", kvl_cmd_blend_bench, "CacheBlend vs full prefill timing on a synthetic model"},
 };
 
 static int usage(FILE *f) {

@@ -1,0 +1,430 @@
+/* CacheBlend on top of the engine's layer-step API: chunk caches, plan building, loading (copy +
+ * key re-rotation) and the per-layer selective recompute. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvl_blend.h"
+
+/* ---------------------------------------------------------------- chunk caches */
+
+static size_t cc_floats(int32_t L, int32_t kvh, int32_t hd, int32_t n) {
+    return (size_t)L * 2 * (size_t)n * (size_t)kvh * (size_t)hd;
+}
+
+size_t kvl_chunk_cache_floats(const kvl_chunk_cache *cc) {
+    return cc ? cc_floats(cc->n_layers, cc->n_kv_heads, cc->head_dim, cc->n_tokens) : 0;
+}
+
+void kvl_chunk_cache_free(kvl_chunk_cache *cc) {
+    if (!cc) return;
+    free(cc->tokens);
+    free(cc->ctx);
+    free(cc->kv);
+    free(cc);
+}
+
+/* allocates a cache with copies of tokens/ctx and an uninitialised kv */
+static kvl_status cc_alloc(const uint8_t fp[32], int32_t L, int32_t kvh, int32_t hd, const int32_t *tokens, int32_t n,
+                           const int32_t *ctx, int32_t n_ctx, kvl_chunk_cache **out) {
+    *out = NULL;
+    if (!fp || !tokens || (n_ctx > 0 && !ctx)) return kvl_errorf(KVL_ERR_INVALID_ARG, "chunk cache: NULL argument");
+    if (n <= 0) return kvl_errorf(KVL_ERR_RANGE, "chunk cache of %d tokens: need at least one", n);
+    if (n_ctx < 0) return kvl_errorf(KVL_ERR_RANGE, "chunk cache context of %d tokens", n_ctx);
+    if (L <= 0 || kvh <= 0 || hd <= 0) return kvl_errorf(KVL_ERR_SHAPE, "chunk cache shape %dx%dx%d", L, kvh, hd);
+    kvl_chunk_cache *cc = calloc(1, sizeof *cc);
+    if (!cc) return KVL_ERR_NOMEM;
+    memcpy(cc->fingerprint, fp, 32);
+    cc->n_layers = L;
+    cc->n_kv_heads = kvh;
+    cc->head_dim = hd;
+    cc->n_tokens = n;
+    cc->n_ctx = n_ctx;
+    cc->tokens = malloc((size_t)n * sizeof(int32_t));
+    cc->ctx = malloc((size_t)(n_ctx ? n_ctx : 1) * sizeof(int32_t));
+    cc->kv = malloc(cc_floats(L, kvh, hd, n) * sizeof(float));
+    if (!cc->tokens || !cc->ctx || !cc->kv) {
+        kvl_chunk_cache_free(cc);
+        return kvl_errorf(KVL_ERR_NOMEM, "cannot allocate a chunk cache of %d tokens", n);
+    }
+    memcpy(cc->tokens, tokens, (size_t)n * sizeof(int32_t));
+    if (n_ctx) memcpy(cc->ctx, ctx, (size_t)n_ctx * sizeof(int32_t));
+    *out = cc;
+    return KVL_OK;
+}
+
+kvl_status kvl_chunk_cache_create(const uint8_t fingerprint[32], int32_t L, int32_t kvh, int32_t hd, const int32_t *tokens,
+                                  int32_t n, const int32_t *ctx, int32_t n_ctx, const float *kv, kvl_chunk_cache **out) {
+    if (!out) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_chunk_cache_create: NULL out");
+    if (!kv) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_chunk_cache_create: NULL kv");
+    KVL_TRY(cc_alloc(fingerprint, L, kvh, hd, tokens, n, ctx, n_ctx, out));
+    memcpy((*out)->kv, kv, kvl_chunk_cache_floats(*out) * sizeof(float));
+    return KVL_OK;
+}
+
+kvl_status kvl_chunk_cache_prefill(kvl_model *m, const int32_t *tokens, int32_t n, const int32_t *ctx, int32_t n_ctx,
+                                   kvl_chunk_cache **out) {
+    if (!m || !out) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_chunk_cache_prefill: NULL argument");
+    *out = NULL;
+    const kvl_model_config *c = kvl_model_get_config(m);
+    if (n > 0 && n_ctx >= 0 && (int64_t)n_ctx + n > c->max_seq)
+        return kvl_errorf(KVL_ERR_POSITION_RANGE, "chunk of %d tokens behind %d context tokens exceeds the model's context of %d",
+                          n, n_ctx, c->max_seq);
+    kvl_chunk_cache *cc;
+    KVL_TRY(cc_alloc(kvl_model_fingerprint(m), c->n_layers, c->n_kv_heads, c->head_dim, tokens, n, ctx, n_ctx, &cc));
+    int32_t tot = n_ctx + n;
+    int32_t *tok = malloc((size_t)tot * sizeof *tok), *pos = malloc((size_t)tot * sizeof *pos);
+    kvl_kv *kv = NULL;
+    kvl_status s = tok && pos ? KVL_OK : KVL_ERR_NOMEM;
+    if (s == KVL_OK) {
+        if (n_ctx) memcpy(tok, ctx, (size_t)n_ctx * sizeof *tok);
+        memcpy(tok + n_ctx, tokens, (size_t)n * sizeof *tok);
+        for (int32_t i = 0; i < tot; i++) pos[i] = i;
+        s = kvl_kv_create(m, tot, &kv);
+    }
+    if (s == KVL_OK) s = kvl_forward(m, kv, tot, tok, pos, NULL, 0, NULL, NULL);
+    if (s == KVL_OK) s = kvl_kv_read(kv, 0, c->n_layers, n_ctx, n, cc->kv);
+    kvl_kv_free(kv);
+    free(tok);
+    free(pos);
+    if (s != KVL_OK) {
+        kvl_chunk_cache_free(cc);
+        return s;
+    }
+    *out = cc;
+    return KVL_OK;
+}
+
+/* ---------------------------------------------------------------- options */
+
+kvl_blend_opts kvl_blend_opts_default(void) {
+    kvl_blend_opts o = {KVL_BLEND_BLEND, 0.15f, 1, KVL_DEV_K, 1, 0.3f};
+    return o;
+}
+
+static const char *MODE_NAMES[] = {"full", "naive", "blend", "prefix"};
+
+int kvl_blend_mode_parse(const char *s) {
+    for (int i = 0; s && i < 4; i++)
+        if (!strcmp(s, MODE_NAMES[i])) return i;
+    return -1;
+}
+
+const char *kvl_blend_mode_name(int mode) { return mode >= 0 && mode < 4 ? MODE_NAMES[mode] : "?"; }
+
+/* ---------------------------------------------------------------- plan */
+
+void kvl_blend_plan_free(kvl_blend_plan *p) {
+    if (!p) return;
+    free(p->tokens);
+    free(p->positions);
+    free(p->kind);
+    free(p->segment);
+    free(p->src_index);
+    free(p->rot_delta);
+    free(p->seg_slot0);
+    free(p->logit_slots);
+    if (p->layers)
+        for (int32_t l = 0; l < p->n_layers; l++) free(p->layers[l].slots);
+    free(p->layers);
+    free(p);
+}
+
+static kvl_status check_opts(const kvl_blend_opts *o, int32_t n_layers) {
+    if (o->mode < KVL_BLEND_FULL || o->mode > KVL_BLEND_PREFIX) return kvl_errorf(KVL_ERR_BLEND_PLAN, "unknown blend mode %d", o->mode);
+    if (o->mode != KVL_BLEND_BLEND) return KVL_OK;
+    if (!(o->ratio >= 0.0f && o->ratio <= 1.0f)) return kvl_errorf(KVL_ERR_BLEND_PLAN, "recompute ratio %g outside [0, 1]", (double)o->ratio);
+    if (o->select_layer < 0 || o->select_layer >= n_layers)
+        return kvl_errorf(KVL_ERR_BLEND_PLAN, "selection layer %d outside the model's layers [0, %d)", o->select_layer, n_layers);
+    if (o->metric < KVL_DEV_K || o->metric > KVL_DEV_KV) return kvl_errorf(KVL_ERR_BLEND_PLAN, "unknown deviation metric %d", o->metric);
+    int32_t g = o->gradual_layers < 1 ? 1 : o->gradual_layers;
+    if (o->select_layer + g > n_layers)
+        return kvl_errorf(KVL_ERR_BLEND_PLAN, "gradual filtering over %d layers from layer %d passes the model's %d layers", g,
+                          o->select_layer, n_layers);
+    if (g > 1 && !(o->gradual_first >= o->ratio && o->gradual_first <= 1.0f))
+        return kvl_errorf(KVL_ERR_BLEND_PLAN, "gradual filtering starts at ratio %g, must lie in [ratio %g, 1]",
+                          (double)o->gradual_first, (double)o->ratio);
+    return KVL_OK;
+}
+
+static kvl_status set_layer(kvl_blend_layer *L, const int32_t *slots, int32_t n_qkv, int32_t n_keep, int select) {
+    L->slots = malloc((size_t)(n_qkv ? n_qkv : 1) * sizeof(int32_t));
+    if (!L->slots) return KVL_ERR_NOMEM;
+    if (n_qkv) memcpy(L->slots, slots, (size_t)n_qkv * sizeof(int32_t));
+    L->n_qkv = n_qkv;
+    L->n_keep = n_keep;
+    L->select = select;
+    return KVL_OK;
+}
+
+static kvl_status build_layers(kvl_blend_plan *p, const kvl_blend_opts *o) {
+    int32_t n = p->n_slots, *all = malloc((size_t)n * sizeof(int32_t)), *unc = malloc((size_t)n * sizeof(int32_t));
+    int32_t n_all = 0, n_unc = 0;
+    if (!all || !unc) {
+        free(all);
+        free(unc);
+        return KVL_ERR_NOMEM;
+    }
+    for (int32_t i = 0; i < n; i++) {
+        int k = p->kind[i];
+        int computed;
+        switch (o->mode) {
+        case KVL_BLEND_FULL: computed = 1; break;
+        case KVL_BLEND_NAIVE: computed = k == KVL_SLOT_UNCACHED; break;
+        default: computed = k != KVL_SLOT_EXACT; break; /* PREFIX, and BLEND's layers before selection */
+        }
+        if (computed) all[n_all++] = i;
+        if (k == KVL_SLOT_UNCACHED) unc[n_unc++] = i;
+    }
+    kvl_status s = KVL_OK;
+    int32_t g = o->gradual_layers < 1 ? 1 : o->gradual_layers;
+    int32_t keep = n_all;
+    for (int32_t l = 0; l < p->n_layers && s == KVL_OK; l++) {
+        if (o->mode != KVL_BLEND_BLEND || l < o->select_layer) {
+            s = set_layer(&p->layers[l], all, n_all, n_all, 0);
+        } else if (l < o->select_layer + g) {
+            /* kept fraction of the cached candidates at this selection layer */
+            int32_t j = l - o->select_layer;
+            double r = g > 1 ? o->gradual_first + (o->ratio - o->gradual_first) * (double)j / (double)(g - 1) : o->ratio;
+            int32_t n_sel = (int32_t)floor(r * p->n_cached + 0.5);
+            int32_t n_qkv = keep; /* candidates = what the previous layer kept */
+            int32_t n_keep = n_unc + n_sel;
+            if (n_keep > n_qkv) n_keep = n_qkv;
+            /* the kept set is decided at run time: list the candidates (previous layer's kept slots) */
+            s = set_layer(&p->layers[l], l ? p->layers[l - 1].slots : all, n_qkv, n_keep, 1);
+            keep = n_keep;
+        } else {
+            /* same set as the last selection layer; filled in by kvl_blend_run */
+            s = set_layer(&p->layers[l], p->layers[l - 1].slots, keep, keep, 0);
+        }
+    }
+    free(all);
+    free(unc);
+    return s;
+}
+
+kvl_status kvl_blend_plan_build(kvl_model *m, const kvl_blend_segment *segs, int32_t n_seg, const int32_t *logit_slots,
+                                int32_t n_logits, const kvl_blend_opts *opts, kvl_blend_plan **out) {
+    if (!m || !out || !segs || (n_logits > 0 && !logit_slots))
+        return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_blend_plan_build: NULL argument");
+    *out = NULL;
+    if (n_seg <= 0) return kvl_errorf(KVL_ERR_BLEND_PLAN, "a prompt needs at least one segment");
+    if (n_logits < 0) return kvl_errorf(KVL_ERR_RANGE, "%d logit slots", n_logits);
+    kvl_blend_opts o = opts ? *opts : kvl_blend_opts_default();
+    const kvl_model_config *c = kvl_model_get_config(m);
+    KVL_TRY(check_opts(&o, c->n_layers));
+    const uint8_t *fp = kvl_model_fingerprint(m);
+    int64_t total = 0;
+    for (int32_t s = 0; s < n_seg; s++) {
+        const kvl_chunk_cache *cc = segs[s].cache;
+        if (cc) {
+            if (memcmp(cc->fingerprint, fp, 32) != 0)
+                return kvl_errorf(KVL_ERR_FINGERPRINT, "segment %d: the chunk cache was computed by another model (fingerprint mismatch)", s);
+            if (cc->n_layers != c->n_layers || cc->n_kv_heads != c->n_kv_heads || cc->head_dim != c->head_dim)
+                return kvl_errorf(KVL_ERR_SHAPE, "segment %d: cache shape %d layers x %d kv heads x %d dims, model has %dx%dx%d", s,
+                                  cc->n_layers, cc->n_kv_heads, cc->head_dim, c->n_layers, c->n_kv_heads, c->head_dim);
+            if (cc->n_tokens <= 0 || !cc->tokens || !cc->kv || cc->n_ctx < 0 || (cc->n_ctx > 0 && !cc->ctx))
+                return kvl_errorf(KVL_ERR_INVALID_ARG, "segment %d: malformed chunk cache", s);
+            total += cc->n_tokens;
+        } else {
+            if (segs[s].n_tokens <= 0 || !segs[s].tokens)
+                return kvl_errorf(KVL_ERR_INVALID_ARG, "segment %d: uncached text without tokens", s);
+            total += segs[s].n_tokens;
+        }
+    }
+    if (total > c->max_seq)
+        return kvl_errorf(KVL_ERR_CONTEXT_FULL, "the prompt has %lld tokens, past the model's context of %d", (long long)total, c->max_seq);
+    int32_t n = (int32_t)total;
+    kvl_blend_plan *p = calloc(1, sizeof *p);
+    if (!p) return KVL_ERR_NOMEM;
+    p->mode = o.mode;
+    p->metric = o.metric;
+    p->n_slots = n;
+    p->n_layers = c->n_layers;
+    p->n_segments = n_seg;
+    size_t sz = (size_t)n * sizeof(int32_t);
+    p->tokens = malloc(sz);
+    p->positions = malloc(sz);
+    p->kind = malloc((size_t)n);
+    p->segment = malloc(sz);
+    p->src_index = malloc(sz);
+    p->rot_delta = malloc(sz);
+    p->seg_slot0 = malloc((size_t)n_seg * sizeof(int32_t));
+    p->logit_slots = malloc((size_t)(n_logits ? n_logits : 1) * sizeof(int32_t));
+    p->layers = calloc((size_t)c->n_layers, sizeof *p->layers);
+    if (!p->tokens || !p->positions || !p->kind || !p->segment || !p->src_index || !p->rot_delta || !p->seg_slot0 ||
+        !p->logit_slots || !p->layers) {
+        kvl_blend_plan_free(p);
+        return KVL_ERR_NOMEM;
+    }
+    kvl_status st = KVL_OK;
+    int32_t at = 0;
+    for (int32_t s = 0; s < n_seg; s++) {
+        const kvl_chunk_cache *cc = segs[s].cache;
+        const int32_t *tok = cc ? cc->tokens : segs[s].tokens;
+        int32_t len = cc ? cc->n_tokens : segs[s].n_tokens;
+        /* exact: the cache was computed behind exactly the tokens that precede it here (FULL computes
+         * everything, so it has no exact slots) */
+        int exact = cc && o.mode != KVL_BLEND_FULL && cc->n_ctx == at &&
+                    (at == 0 || memcmp(cc->ctx, p->tokens, (size_t)at * sizeof(int32_t)) == 0);
+        p->seg_slot0[s] = at;
+        for (int32_t i = 0; i < len; i++, at++) {
+            if (tok[i] < 0 || tok[i] >= c->vocab_size) {
+                st = kvl_errorf(KVL_ERR_TOKEN_RANGE, "segment %d token %d: id %d outside the vocabulary [0, %d)", s, i, tok[i], c->vocab_size);
+                break;
+            }
+            p->tokens[at] = tok[i];
+            p->positions[at] = at;
+            p->segment[at] = s;
+            p->src_index[at] = cc ? i : -1;
+            p->rot_delta[at] = cc ? at - (cc->n_ctx + i) : 0;
+            p->kind[at] = !cc ? KVL_SLOT_UNCACHED : exact ? KVL_SLOT_EXACT : KVL_SLOT_CACHED;
+            if (p->kind[at] == KVL_SLOT_UNCACHED) p->n_uncached++;
+            else if (p->kind[at] == KVL_SLOT_EXACT) p->n_exact++;
+            else p->n_cached++;
+        }
+        if (st != KVL_OK) break;
+    }
+    for (int32_t i = 0; i < n_logits && st == KVL_OK; i++) {
+        int32_t s = logit_slots[i];
+        if (s < 0 || s >= n) st = kvl_errorf(KVL_ERR_RANGE, "logit slot %d outside the prompt's %d slots", s, n);
+        else if (o.mode != KVL_BLEND_FULL && p->kind[s] != KVL_SLOT_UNCACHED && !(o.mode == KVL_BLEND_PREFIX && p->kind[s] == KVL_SLOT_CACHED))
+            st = kvl_errorf(KVL_ERR_BLEND_PLAN, "logits wanted at slot %d, which mode %s takes from a cache instead of computing it", s,
+                            kvl_blend_mode_name(o.mode));
+        else p->logit_slots[i] = s;
+    }
+    p->n_logits = n_logits;
+    if (st == KVL_OK) st = build_layers(p, &o);
+    if (st != KVL_OK) {
+        kvl_blend_plan_free(p);
+        return st;
+    }
+    *out = p;
+    return KVL_OK;
+}
+
+kvl_blend_cost kvl_blend_plan_cost(const kvl_blend_plan *p) {
+    kvl_blend_cost c = {0, 0, 0, 0.0, 0};
+    if (!p) return c;
+    for (int32_t l = 0; l < p->n_layers; l++) {
+        const kvl_blend_layer *L = &p->layers[l];
+        c.token_layers += L->n_qkv;
+        for (int32_t i = 0; i < L->n_qkv; i++) c.cached_token_layers += p->kind[L->slots[i]] == KVL_SLOT_CACHED;
+    }
+    const kvl_blend_layer *last = &p->layers[p->n_layers - 1];
+    for (int32_t i = 0; i < last->n_keep; i++) c.final_cached += p->kind[last->slots[i]] == KVL_SLOT_CACHED;
+    c.full_token_layers = (int64_t)p->n_slots * p->n_layers;
+    c.cached_fraction = p->n_cached ? (double)c.cached_token_layers / ((double)p->n_cached * p->n_layers) : 0.0;
+    return c;
+}
+
+/* ---------------------------------------------------------------- load and run */
+
+kvl_status kvl_blend_load(kvl_model *m, const kvl_blend_plan *p, const kvl_blend_segment *segs, kvl_kv *kv) {
+    if (!m || !p || !segs || !kv) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_blend_load: NULL argument");
+    if (kvl_kv_capacity(kv) < p->n_slots)
+        return kvl_errorf(KVL_ERR_CONTEXT_FULL, "the kv cache has %d slots, the plan needs %d", kvl_kv_capacity(kv), p->n_slots);
+    const kvl_model_config *c = kvl_model_get_config(m);
+    if (c->n_layers != p->n_layers) return kvl_errorf(KVL_ERR_SHAPE, "plan for %d layers, model has %d", p->n_layers, c->n_layers);
+    float *zeros = NULL;
+    for (int32_t s = 0; s < p->n_segments; s++) {
+        int32_t s0 = p->seg_slot0[s], len = (s + 1 < p->n_segments ? p->seg_slot0[s + 1] : p->n_slots) - s0;
+        const kvl_chunk_cache *cc = segs[s].cache;
+        if ((cc ? cc->n_tokens : segs[s].n_tokens) != len) {
+            free(zeros);
+            return kvl_errorf(KVL_ERR_BLEND_PLAN, "segment %d has %d tokens, the plan placed %d", s, cc ? cc->n_tokens : segs[s].n_tokens, len);
+        }
+        kvl_status st = KVL_OK;
+        if (cc && p->mode != KVL_BLEND_FULL) {
+            st = kvl_kv_write(kv, 0, c->n_layers, s0, len, cc->kv);
+            if (st == KVL_OK) st = kvl_kv_rerotate(kv, s0, len, p->rot_delta[s0]);
+        } else {
+            /* zeros, so that no stale values are ever read for slots the plan computes */
+            free(zeros);
+            zeros = calloc(kvl_model_kv_elems_per_layer(m, len) * 2 * (size_t)c->n_layers, sizeof(float));
+            if (!zeros) return KVL_ERR_NOMEM;
+            st = kvl_kv_write(kv, 0, c->n_layers, s0, len, zeros);
+            if (st == KVL_OK) st = kvl_kv_set_valid(kv, s0, len, 0);
+        }
+        if (st != KVL_OK) {
+            free(zeros);
+            return st;
+        }
+    }
+    free(zeros);
+    return KVL_OK;
+}
+
+typedef struct {
+    float dev;
+    int32_t slot;
+} ranked;
+
+static int by_dev_desc(const void *a, const void *b) {
+    const ranked *x = a, *y = b;
+    if (x->dev != y->dev) return x->dev > y->dev ? -1 : 1;
+    return x->slot < y->slot ? -1 : x->slot > y->slot;
+}
+
+static int by_int(const void *a, const void *b) {
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Ranks the candidates of a selection layer (f holds their fresh qkv): keeps every non-cached slot
+ * and the n_keep - (#non-cached) cached slots that deviate most; rewrites L->slots as kept (ascending)
+ * then dropped (ascending). */
+static kvl_status select_layer(kvl_fwd *f, const kvl_blend_plan *p, kvl_blend_layer *L) {
+    int32_t n = L->n_qkv;
+    float *dev = malloc((size_t)n * sizeof *dev);
+    ranked *r = malloc((size_t)n * sizeof *r);
+    int32_t *tmp = malloc((size_t)n * sizeof *tmp);
+    kvl_status s = dev && r && tmp ? KVL_OK : KVL_ERR_NOMEM;
+    if (s == KVL_OK) s = kvl_fwd_deviation(f, p->metric, dev);
+    if (s == KVL_OK) {
+        int32_t nk = 0, nr = 0;
+        for (int32_t i = 0; i < n; i++) {
+            if (p->kind[L->slots[i]] != KVL_SLOT_CACHED) tmp[nk++] = L->slots[i];
+            else r[nr++] = (ranked){isnan(dev[i]) ? INFINITY : dev[i], L->slots[i]};
+        }
+        int32_t want = L->n_keep - nk;
+        if (want < 0 || want > nr) {
+            s = kvl_errorf(KVL_ERR_BLEND_PLAN, "selection keeps %d of %d candidates, %d of which must be kept", L->n_keep, n, nk);
+        } else {
+            qsort(r, (size_t)nr, sizeof *r, by_dev_desc);
+            for (int32_t i = 0; i < want; i++) tmp[nk++] = r[i].slot;
+            qsort(tmp, (size_t)nk, sizeof *tmp, by_int);
+            int32_t nd = 0;
+            for (int32_t i = want; i < nr; i++) tmp[nk + nd++] = r[i].slot;
+            qsort(tmp + nk, (size_t)nd, sizeof *tmp, by_int);
+            memcpy(L->slots, tmp, (size_t)n * sizeof *tmp);
+        }
+    }
+    free(dev);
+    free(r);
+    free(tmp);
+    return s;
+}
+
+kvl_status kvl_blend_run(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *logits) {
+    if (!m || !p || !kv || (p->n_logits > 0 && !logits)) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_blend_run: NULL argument");
+    if (kvl_model_get_config(m)->n_layers != p->n_layers)
+        return kvl_errorf(KVL_ERR_SHAPE, "plan for %d layers, model has %d", p->n_layers, kvl_model_get_config(m)->n_layers);
+    kvl_fwd *f;
+    KVL_TRY(kvl_fwd_begin(m, kv, p->n_slots, p->tokens, p->positions, &f));
+    kvl_status s = KVL_OK;
+    for (int32_t l = 0; l < p->n_layers && s == KVL_OK; l++) {
+        kvl_blend_layer *L = &p->layers[l];
+        /* a layer whose set has the size of the previous layer's kept set is exactly that set (the
+         * sets nest); copying it carries the run-time selection down to the following layers */
+        if (l > 0 && L->n_qkv == p->layers[l - 1].n_keep && L->slots != p->layers[l - 1].slots)
+            memcpy(L->slots, p->layers[l - 1].slots, (size_t)L->n_qkv * sizeof(int32_t));
+        s = kvl_fwd_qkv(f, l, L->slots, L->n_qkv, NULL, NULL);
+        if (s == KVL_OK && L->select) s = select_layer(f, p, L);
+        if (s == KVL_OK) s = kvl_fwd_commit(f, L->slots, L->n_keep);
+        if (s == KVL_OK) s = kvl_fwd_attn_ffn(f, L->slots, L->n_keep);
+    }
+    if (s == KVL_OK) s = kvl_fwd_logits(f, p->logit_slots, p->n_logits, logits);
+    kvl_fwd_free(f);
+    return s;
+}

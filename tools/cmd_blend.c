@@ -1,0 +1,389 @@
+/* kvloom blend-eval: quality and cost of CacheBlend against a full prefill of the same prompt.
+ * kvloom blend-bench: CPU timing of full prefill vs naive vs blend on a synthetic model. */
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+#include "kvl_blend.h"
+
+int kvl_cmd_blend_eval(int argc, char **argv);
+int kvl_cmd_blend_bench(int argc, char **argv);
+
+#define MAX_CHUNKS 256
+#define MAX_RATIOS 32
+
+static const char *EVAL_USAGE =
+    "kvloom blend-eval --model PATH --chunks A.i32,B.i32,... --tail T.i32 --query-len Q\n"
+    "         [--mode blend|naive|full|prefix] [--ratio R[,R2,...]] [--select-layer L] [--metric k|v|kv]\n"
+    "         [--gradual N --gradual-first R0] [--chunk-prefix none|bos]\n"
+    "  prompt = BOS + chunks + tail; each chunk is prefilled alone (behind --chunk-prefix, default none)\n"
+    "  and its cache placed at its offset; the mode's logits at the positions predicting tail[Q:] are\n"
+    "  compared with a full prefill. One JSON line per ratio.";
+
+/* splits a comma list in place */
+static int split_commas(char *s, char **out, int max) {
+    int n = 0;
+    for (char *t = strtok(s, ","); t; t = strtok(NULL, ",")) {
+        if (n == max) return -1;
+        out[n++] = t;
+    }
+    return n;
+}
+
+static int parse_metric(const char *s) {
+    if (!strcmp(s, "k")) return KVL_DEV_K;
+    if (!strcmp(s, "v")) return KVL_DEV_V;
+    if (!strcmp(s, "kv")) return KVL_DEV_KV;
+    return -1;
+}
+
+static const char *metric_name(int m) { return m == KVL_DEV_K ? "k" : m == KVL_DEV_V ? "v" : "kv"; }
+
+/* log-softmax of x[n] into y (double) */
+static void log_softmax(const float *x, int32_t n, double *y) {
+    double mx = x[0];
+    for (int32_t i = 1; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    double s = 0;
+    for (int32_t i = 0; i < n; i++) s += exp((double)x[i] - mx);
+    double ls = log(s) + mx;
+    for (int32_t i = 0; i < n; i++) y[i] = (double)x[i] - ls;
+}
+
+static int32_t argmax(const float *x, int32_t n) {
+    int32_t b = 0;
+    for (int32_t i = 1; i < n; i++)
+        if (x[i] > x[b]) b = i;
+    return b;
+}
+
+typedef struct {
+    double mean_kl, max_kl, top1, acc_mode, acc_full, rel_err;
+} quality;
+
+/* KL(full || mode) per position, top-1 agreement, accuracy against the teacher-forced targets */
+static quality compare(const float *full, const float *mode, const int32_t *targets, int32_t n_pos, int32_t vocab) {
+    quality q = {0, 0, 0, 0, 0, 0};
+    double *lp = malloc((size_t)vocab * sizeof *lp), *lq = malloc((size_t)vocab * sizeof *lq);
+    double num = 0, den = 0;
+    if (!lp || !lq) {
+        free(lp);
+        free(lq);
+        q.mean_kl = NAN;
+        return q;
+    }
+    for (int32_t t = 0; t < n_pos; t++) {
+        const float *a = full + (size_t)t * vocab, *b = mode + (size_t)t * vocab;
+        log_softmax(a, vocab, lp);
+        log_softmax(b, vocab, lq);
+        double kl = 0;
+        for (int32_t i = 0; i < vocab; i++) kl += exp(lp[i]) * (lp[i] - lq[i]);
+        if (kl < 0) kl = 0; /* rounding when the distributions are equal */
+        q.mean_kl += kl;
+        if (kl > q.max_kl) q.max_kl = kl;
+        int32_t am = argmax(a, vocab), bm = argmax(b, vocab);
+        q.top1 += am == bm;
+        q.acc_full += am == targets[t];
+        q.acc_mode += bm == targets[t];
+        for (int32_t i = 0; i < vocab; i++) {
+            double d = (double)a[i] - b[i];
+            num += d * d;
+            den += (double)a[i] * a[i];
+        }
+    }
+    q.mean_kl /= n_pos;
+    q.top1 /= n_pos;
+    q.acc_full /= n_pos;
+    q.acc_mode /= n_pos;
+    q.rel_err = den > 0 ? sqrt(num / den) : sqrt(num);
+    free(lp);
+    free(lq);
+    return q;
+}
+
+int kvl_cmd_blend_eval(int argc, char **argv) {
+    const char *C = "blend-eval";
+    const char *model = NULL, *tail_path = NULL, *prefix = "none";
+    char *chunks_arg = NULL, *ratio_arg = NULL;
+    long qlen = -1, sel_layer = 1, gradual = 1;
+    double gfirst = -1;
+    int mode = KVL_BLEND_BLEND, metric = KVL_DEV_K;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!v) return kvl_cli_usage(C, EVAL_USAGE, "unknown or incomplete argument '%s'", a);
+        i++;
+        if (!strcmp(a, "--model")) model = v;
+        else if (!strcmp(a, "--chunks")) chunks_arg = argv[i];
+        else if (!strcmp(a, "--tail")) tail_path = v;
+        else if (!strcmp(a, "--query-len")) {
+            if (kvl_cli_int(v, 1, 1 << 24, &qlen)) return kvl_cli_usage(C, EVAL_USAGE, "--query-len needs an integer >= 1, got '%s'", v);
+        } else if (!strcmp(a, "--mode")) {
+            if ((mode = kvl_blend_mode_parse(v)) < 0) return kvl_cli_usage(C, EVAL_USAGE, "unknown --mode '%s'", v);
+        } else if (!strcmp(a, "--ratio")) ratio_arg = argv[i];
+        else if (!strcmp(a, "--select-layer")) {
+            if (kvl_cli_int(v, 0, 1 << 16, &sel_layer)) return kvl_cli_usage(C, EVAL_USAGE, "--select-layer needs a layer index, got '%s'", v);
+        } else if (!strcmp(a, "--metric")) {
+            if ((metric = parse_metric(v)) < 0) return kvl_cli_usage(C, EVAL_USAGE, "--metric must be k, v or kv, got '%s'", v);
+        } else if (!strcmp(a, "--gradual")) {
+            if (kvl_cli_int(v, 1, 1 << 16, &gradual)) return kvl_cli_usage(C, EVAL_USAGE, "--gradual needs a layer count >= 1, got '%s'", v);
+        } else if (!strcmp(a, "--gradual-first")) {
+            if (kvl_cli_float(v, 0, 1, &gfirst)) return kvl_cli_usage(C, EVAL_USAGE, "--gradual-first needs a ratio in [0, 1], got '%s'", v);
+        } else if (!strcmp(a, "--chunk-prefix")) {
+            if (strcmp(v, "none") && strcmp(v, "bos")) return kvl_cli_usage(C, EVAL_USAGE, "--chunk-prefix must be none or bos, got '%s'", v);
+            prefix = v;
+        } else return kvl_cli_usage(C, EVAL_USAGE, "unknown argument '%s'", a);
+    }
+    if (!model || !chunks_arg || !tail_path || qlen < 0)
+        return kvl_cli_usage(C, EVAL_USAGE, "--model, --chunks, --tail and --query-len are required");
+    char *chunk_paths[MAX_CHUNKS], *ratio_strs[MAX_RATIOS];
+    int n_chunks = split_commas(chunks_arg, chunk_paths, MAX_CHUNKS);
+    if (n_chunks <= 0) return kvl_cli_usage(C, EVAL_USAGE, "--chunks needs 1..%d comma-separated files", MAX_CHUNKS);
+    double ratios[MAX_RATIOS];
+    int n_ratios = 1;
+    ratios[0] = 0.15;
+    if (ratio_arg) {
+        n_ratios = split_commas(ratio_arg, ratio_strs, MAX_RATIOS);
+        if (n_ratios <= 0) return kvl_cli_usage(C, EVAL_USAGE, "--ratio needs 1..%d comma-separated ratios", MAX_RATIOS);
+        for (int i = 0; i < n_ratios; i++)
+            if (kvl_cli_float(ratio_strs[i], 0, 1, &ratios[i])) return kvl_cli_usage(C, EVAL_USAGE, "--ratio needs ratios in [0, 1], got '%s'", ratio_strs[i]);
+    }
+    if (mode != KVL_BLEND_BLEND) n_ratios = 1;
+
+    kvl_status s = KVL_OK;
+    kvl_model *m = NULL;
+    int32_t *chunk_tok[MAX_CHUNKS] = {0}, chunk_n[MAX_CHUNKS] = {0}, *tail = NULL, n_tail = 0;
+    kvl_chunk_cache *caches[MAX_CHUNKS] = {0};
+    kvl_blend_segment segs[MAX_CHUNKS + 2];
+    int32_t *prompt = NULL, *pos = NULL, *lslots = NULL, *targets = NULL, *ctx = NULL;
+    float *full_logits = NULL, *mode_logits = NULL;
+    kvl_kv *kv = NULL;
+    int rc = 0;
+    for (int i = 0; i < n_chunks && s == KVL_OK; i++) {
+        s = kvl_cli_read_i32(chunk_paths[i], &chunk_tok[i], &chunk_n[i]);
+        if (s == KVL_OK && chunk_n[i] == 0) s = kvl_errorf(KVL_ERR_FORMAT, "%s holds no tokens", chunk_paths[i]);
+    }
+    if (s == KVL_OK) s = kvl_cli_read_i32(tail_path, &tail, &n_tail);
+    if (s == KVL_OK && qlen >= n_tail)
+        s = kvl_errorf(KVL_ERR_RANGE, "--query-len %ld leaves no continuation in the %d-token tail", qlen, n_tail);
+    if (s == KVL_OK) s = kvl_cli_load_model(model, &m);
+    const kvl_model_config *c = m ? kvl_model_get_config(m) : NULL;
+    int32_t n = 1 + n_tail, n_pos = n_tail - (int32_t)qlen;
+    for (int i = 0; i < n_chunks; i++) n += chunk_n[i];
+    if (s == KVL_OK && n > c->max_seq)
+        s = kvl_errorf(KVL_ERR_CONTEXT_FULL, "the prompt (BOS + %d chunks + %d-token tail = %d tokens) exceeds the model's context of %d",
+                       n_chunks, n_tail, n, c->max_seq);
+    if (s == KVL_OK) {
+        prompt = malloc((size_t)n * sizeof *prompt);
+        pos = malloc((size_t)n * sizeof *pos);
+        ctx = malloc((size_t)n * sizeof *ctx);
+        lslots = malloc((size_t)n_pos * sizeof *lslots);
+        targets = malloc((size_t)n_pos * sizeof *targets);
+        full_logits = malloc((size_t)n_pos * (size_t)c->vocab_size * sizeof(float));
+        mode_logits = malloc((size_t)n_pos * (size_t)c->vocab_size * sizeof(float));
+        if (!prompt || !pos || !ctx || !lslots || !targets || !full_logits || !mode_logits) s = KVL_ERR_NOMEM;
+    }
+    if (s == KVL_OK) {
+        int32_t at = 0;
+        prompt[at++] = c->bos_id;
+        for (int i = 0; i < n_chunks; i++) {
+            memcpy(prompt + at, chunk_tok[i], (size_t)chunk_n[i] * sizeof *prompt);
+            at += chunk_n[i];
+        }
+        memcpy(prompt + at, tail, (size_t)n_tail * sizeof *prompt);
+        for (int32_t i = 0; i < n; i++) pos[i] = i;
+        /* tail[Q + t] is predicted by slot (n - n_tail) + Q - 1 + t */
+        for (int32_t t = 0; t < n_pos; t++) {
+            lslots[t] = n - n_tail + (int32_t)qlen - 1 + t;
+            targets[t] = tail[qlen + t];
+        }
+        /* chunk caches (ingest; not timed): prefill alone behind the chosen context. In prefix mode
+         * each chunk's cache is a prefix-cache entry: computed behind everything that precedes it. */
+        int32_t ahead = 1;
+        for (int i = 0; i < n_chunks && s == KVL_OK; i++) {
+            int32_t n_ctx = 0;
+            if (mode == KVL_BLEND_PREFIX) n_ctx = ahead;
+            else if (!strcmp(prefix, "bos")) n_ctx = 1;
+            if (mode == KVL_BLEND_PREFIX) memcpy(ctx, prompt, (size_t)n_ctx * sizeof *ctx);
+            else ctx[0] = c->bos_id;
+            s = kvl_chunk_cache_prefill(m, chunk_tok[i], chunk_n[i], ctx, n_ctx, &caches[i]);
+            ahead += chunk_n[i];
+        }
+    }
+    double full_ms = 0;
+    if (s == KVL_OK) s = kvl_kv_create(m, n, &kv);
+    if (s == KVL_OK) {
+        double t0 = kvl_cli_now_ms();
+        s = kvl_forward(m, kv, n, prompt, pos, NULL, n_pos, lslots, full_logits);
+        full_ms = kvl_cli_now_ms() - t0;
+    }
+    int32_t bos = c ? c->bos_id : 0;
+    segs[0] = (kvl_blend_segment){NULL, &bos, 1};
+    for (int i = 0; i < n_chunks; i++) segs[1 + i] = (kvl_blend_segment){caches[i], NULL, 0};
+    segs[1 + n_chunks] = (kvl_blend_segment){NULL, tail, n_tail};
+    for (int r = 0; r < n_ratios && s == KVL_OK; r++) {
+        kvl_blend_opts o = kvl_blend_opts_default();
+        o.mode = mode;
+        o.ratio = (float)ratios[r];
+        o.select_layer = (int32_t)sel_layer;
+        o.metric = metric;
+        o.gradual_layers = (int32_t)gradual;
+        o.gradual_first = gfirst >= 0 ? (float)gfirst : (float)fmin(1.0, 2.0 * ratios[r]);
+        if (o.gradual_first < o.ratio) o.gradual_first = o.ratio;
+        kvl_blend_plan *p = NULL;
+        double t0 = kvl_cli_now_ms();
+        s = kvl_blend_plan_build(m, segs, n_chunks + 2, lslots, n_pos, &o, &p);
+        if (s == KVL_OK) s = kvl_blend_load(m, p, segs, kv);
+        if (s == KVL_OK) s = kvl_blend_run(m, p, kv, mode_logits);
+        double mode_ms = kvl_cli_now_ms() - t0;
+        if (s == KVL_OK) {
+            quality q = compare(full_logits, mode_logits, targets, n_pos, c->vocab_size);
+            kvl_blend_cost cost = kvl_blend_plan_cost(p);
+            json_t *j = json_pack("{s:s, s:f, s:s, s:i, s:i, s:s, s:f, s:f, s:f, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:i}",
+                                  "mode", kvl_blend_mode_name(mode), "ratio", mode == KVL_BLEND_BLEND ? ratios[r] : 0.0,
+                                  "metric", metric_name(metric), "select_layer", (int)sel_layer, "gradual", (int)gradual,
+                                  "chunk_prefix", prefix, "mean_kl", q.mean_kl, "max_kl", q.max_kl, "top1_agreement", q.top1,
+                                  "target_acc_mode", q.acc_mode, "target_acc_full", q.acc_full, "rel_logit_err", q.rel_err,
+                                  "recomputed_tokens", (int)cost.final_cached, "computed_tokens", (int)p->layers[p->n_layers - 1].n_keep,
+                                  "cached_tokens", (int)p->n_cached, "exact_tokens", (int)p->n_exact, "total_tokens", (int)n,
+                                  "token_layers", (int)cost.token_layers, "cached_fraction", cost.cached_fraction,
+                                  "compute_fraction", (double)cost.token_layers / (double)cost.full_token_layers, "mode_ms", mode_ms,
+                                  "full_ms", full_ms, "positions", (int)n_pos);
+            char *txt = j ? json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10)) : NULL;
+            if (txt) printf("%s\n", txt);
+            else s = kvl_errorf(KVL_ERR_NOMEM, "cannot format the JSON result");
+            free(txt);
+            json_decref(j);
+        }
+        kvl_blend_plan_free(p);
+    }
+    if (s != KVL_OK) rc = kvl_cli_fail(C, s);
+    kvl_kv_free(kv);
+    for (int i = 0; i < n_chunks; i++) {
+        free(chunk_tok[i]);
+        kvl_chunk_cache_free(caches[i]);
+    }
+    free(tail); free(prompt); free(pos); free(ctx); free(lslots); free(targets); free(full_logits); free(mode_logits);
+    kvl_model_free(m);
+    return rc;
+}
+
+static const char *BENCH_USAGE =
+    "kvloom blend-bench [--layers 12] [--dim 768] [--heads 12] [--kv-heads 12] [--hidden 2048]\n"
+    "         [--chunks 8] [--chunk-len 256] [--query 64] [--ratio 0.15[,R2,...]] [--repeat 1] [--seed 1]\n"
+    "  times, in one run on a synthetic model: full prefill, naive reuse and blend at each ratio of\n"
+    "  BOS + chunks + query (chunk caches prefilled beforehand, not timed); prints a table and a JSON line";
+
+static uint64_t xorshift(uint64_t *s) {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    return *s;
+}
+
+int kvl_cmd_blend_bench(int argc, char **argv) {
+    const char *C = "blend-bench";
+    long L = 12, D = 768, H = 12, KVH = 12, F = 2048, NC = 8, CL = 256, Q = 64, rep = 1, seed = 1;
+    char *ratio_arg = NULL;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        long *dst = !strcmp(a, "--layers") ? &L : !strcmp(a, "--dim") ? &D : !strcmp(a, "--heads") ? &H
+                  : !strcmp(a, "--kv-heads") ? &KVH : !strcmp(a, "--hidden") ? &F : !strcmp(a, "--chunks") ? &NC
+                  : !strcmp(a, "--chunk-len") ? &CL : !strcmp(a, "--query") ? &Q : !strcmp(a, "--repeat") ? &rep
+                  : !strcmp(a, "--seed") ? &seed : NULL;
+        if (!v) return kvl_cli_usage(C, BENCH_USAGE, "unknown or incomplete argument '%s'", a);
+        i++;
+        if (!strcmp(a, "--ratio")) ratio_arg = argv[i];
+        else if (!dst) return kvl_cli_usage(C, BENCH_USAGE, "unknown argument '%s'", a);
+        else if (kvl_cli_int(v, 1, 1 << 20, dst)) return kvl_cli_usage(C, BENCH_USAGE, "%s needs a positive integer, got '%s'", a, v);
+    }
+    double ratios[MAX_RATIOS] = {0.15};
+    int n_ratios = 1;
+    if (ratio_arg) {
+        char *rs[MAX_RATIOS];
+        n_ratios = split_commas(ratio_arg, rs, MAX_RATIOS);
+        if (n_ratios <= 0) return kvl_cli_usage(C, BENCH_USAGE, "--ratio needs 1..%d comma-separated ratios", MAX_RATIOS);
+        for (int i = 0; i < n_ratios; i++)
+            if (kvl_cli_float(rs[i], 0, 1, &ratios[i])) return kvl_cli_usage(C, BENCH_USAGE, "--ratio needs ratios in [0, 1], got '%s'", rs[i]);
+    }
+    if (D % H || H % KVH) return kvl_cli_usage(C, BENCH_USAGE, "--dim must be a multiple of --heads, --heads of --kv-heads");
+    if (NC > MAX_CHUNKS) return kvl_cli_usage(C, BENCH_USAGE, "at most %d chunks", MAX_CHUNKS);
+    int32_t n = (int32_t)(1 + NC * CL + Q);
+    kvl_model_config cfg = {(int32_t)D, (int32_t)F, (int32_t)L, (int32_t)H, (int32_t)KVH, (int32_t)(D / H), 32000, n, 10000.0f, 1e-5f,
+                            0, KVL_ROPE_HALF, 1, 2};
+    kvl_model *m = NULL;
+    kvl_status s = kvl_model_synthetic(&cfg, (uint64_t)seed, NULL, &m);
+    int32_t *prompt = malloc((size_t)n * sizeof *prompt), *pos = malloc((size_t)n * sizeof *pos);
+    kvl_chunk_cache *caches[MAX_CHUNKS] = {0};
+    kvl_blend_segment segs[MAX_CHUNKS + 2];
+    kvl_kv *kv = NULL;
+    float *logits = malloc(32000 * sizeof(float));
+    if (s == KVL_OK && (!prompt || !pos || !logits)) s = KVL_ERR_NOMEM;
+    if (s == KVL_OK) {
+        uint64_t r = 0x9E3779B97F4A7C15ull ^ (uint64_t)seed;
+        prompt[0] = 1;
+        for (int32_t i = 1; i < n; i++) prompt[i] = 3 + (int32_t)(xorshift(&r) % 31000);
+        for (int32_t i = 0; i < n; i++) pos[i] = i;
+        for (long c = 0; c < NC && s == KVL_OK; c++) s = kvl_chunk_cache_prefill(m, prompt + 1 + c * CL, (int32_t)CL, NULL, 0, &caches[c]);
+    }
+    if (s == KVL_OK) s = kvl_kv_create(m, n, &kv);
+    segs[0] = (kvl_blend_segment){NULL, prompt, 1};
+    for (long c = 0; c < NC; c++) segs[1 + c] = (kvl_blend_segment){caches[c], NULL, 0};
+    segs[1 + NC] = (kvl_blend_segment){NULL, prompt + 1 + NC * CL, (int32_t)Q};
+    int32_t last = n - 1;
+    /* rows: full prefill, naive, blend at each ratio; best of --repeat */
+    int n_rows = 2 + n_ratios;
+    double ms[2 + MAX_RATIOS], frac[2 + MAX_RATIOS];
+    for (int row = 0; row < n_rows && s == KVL_OK; row++) {
+        ms[row] = INFINITY;
+        for (long it = 0; it < rep && s == KVL_OK; it++) {
+            double t0 = kvl_cli_now_ms();
+            if (row == 0) {
+                s = kvl_forward(m, kv, n, prompt, pos, NULL, 1, &last, logits);
+                frac[row] = 1.0;
+            } else {
+                kvl_blend_opts o = kvl_blend_opts_default();
+                o.mode = row == 1 ? KVL_BLEND_NAIVE : KVL_BLEND_BLEND;
+                o.ratio = row == 1 ? 0.0f : (float)ratios[row - 2];
+                kvl_blend_plan *p = NULL;
+                s = kvl_blend_plan_build(m, segs, (int32_t)NC + 2, &last, 1, &o, &p);
+                if (s == KVL_OK) s = kvl_blend_load(m, p, segs, kv);
+                if (s == KVL_OK) s = kvl_blend_run(m, p, kv, logits);
+                if (s == KVL_OK) {
+                    kvl_blend_cost cst = kvl_blend_plan_cost(p);
+                    frac[row] = (double)cst.token_layers / (double)cst.full_token_layers;
+                }
+                kvl_blend_plan_free(p);
+            }
+            double t = kvl_cli_now_ms() - t0;
+            if (t < ms[row]) ms[row] = t;
+        }
+    }
+    int rc = 0;
+    if (s == KVL_OK) {
+        printf("synthetic model: %ld layers, dim %ld, %ld heads / %ld kv heads, ffn %ld; prompt = BOS + %ld x %ld + %ld = %d tokens\n",
+               L, D, H, KVH, F, NC, CL, Q, n);
+        printf("%-14s %12s %10s %14s\n", "mode", "ms", "vs full", "token-layers");
+        for (int row = 0; row < n_rows; row++) {
+            char name[32];
+            if (row == 0) snprintf(name, sizeof name, "full");
+            else if (row == 1) snprintf(name, sizeof name, "naive");
+            else snprintf(name, sizeof name, "blend %.0f%%", ratios[row - 2] * 100);
+            printf("%-14s %12.1f %9.1f%% %13.1f%%\n", name, ms[row], 100.0 * ms[row] / ms[0], 100.0 * frac[row]);
+        }
+        json_t *j = json_pack("{s:f, s:f}", "full_ms", ms[0], "naive_ms", ms[1]);
+        json_t *b = json_array();
+        for (int r = 0; r < n_ratios; r++) json_array_append_new(b, json_pack("{s:f, s:f, s:f}", "ratio", ratios[r], "ms", ms[2 + r], "vs_full", ms[2 + r] / ms[0]));
+        json_object_set_new(j, "blend", b);
+        char *txt = json_dumps(j, JSON_COMPACT | JSON_REAL_PRECISION(6));
+        if (txt) printf("%s\n", txt);
+        free(txt);
+        json_decref(j);
+    } else rc = kvl_cli_fail(C, s);
+    kvl_kv_free(kv);
+    for (long c = 0; c < NC; c++) kvl_chunk_cache_free(caches[c]);
+    kvl_model_free(m);
+    free(prompt); free(pos); free(logits);
+    return rc;
+}
