@@ -91,19 +91,30 @@ typedef struct kvl_blend_segment {
     int32_t n_tokens;
 } kvl_blend_segment;
 
+/* Selection metric: the engine's kvl_dev_metric (K, V, K+V squared deviation) or this one: K and V
+ * deviations each divided by their mean over the candidates, then added. */
+#define KVL_BLEND_METRIC_KV_NORM 4
+
 typedef struct kvl_blend_opts {
     int32_t mode;          /* kvl_blend_mode */
     float ratio;           /* BLEND: fraction of the cached (non-exact) tokens recomputed, [0, 1] */
     int32_t select_layer;  /* BLEND: first layer that computes a subset (default 1); the layers before
                             * it run on every non-exact token */
-    int32_t metric;        /* BLEND: kvl_dev_metric ranking the candidates (default KVL_DEV_K) */
+    int32_t metric;        /* BLEND: kvl_dev_metric or KVL_BLEND_METRIC_KV_NORM ranking the candidates */
     int32_t gradual_layers;/* BLEND: >1 = the paper's gradual filtering: selection at select_layer ..
                             * select_layer + gradual_layers - 1, the kept fraction narrowing linearly
                             * from gradual_first to ratio; 0 or 1 = one selection layer (the code's) */
     float gradual_first;   /* BLEND: kept fraction at the first of the gradual layers (>= ratio) */
+    int32_t fresh_candidates; /* BLEND: 1 (default) = at a selection layer the fresh K/V of every
+                            * candidate replaces its cached K/V (they are computed anyway); 0 = only
+                            * the kept tokens' (CacheBlend's code) */
+    int32_t attn_weight;   /* BLEND: 1 (default) = rank by deviation x (1 + a / mean a), a = attention
+                            * mass the query tokens (the uncached tokens after the last cached one)
+                            * put on each candidate at the selection layer; 0 = deviation alone */
 } kvl_blend_opts;
 
-/* Defaults: BLEND, ratio 0.15, select_layer 1, metric K, one selection layer. */
+/* Defaults (chosen by measurement, docs/BENCHMARKS.md "Blend"): BLEND, ratio 0.15, select_layer 1,
+ * metric V, one selection layer, fresh candidates, attention weighting. */
 kvl_blend_opts kvl_blend_opts_default(void);
 
 /* ---------------------------------------------------------------- the plan */
@@ -133,6 +144,7 @@ typedef struct kvl_blend_layer {
 typedef struct kvl_blend_plan {
     int32_t mode;             /* kvl_blend_mode it was built for */
     int32_t metric;           /* kvl_dev_metric used at selection layers */
+    int32_t fresh_candidates, attn_weight; /* from kvl_blend_opts */
     int32_t n_slots, n_layers;
     int32_t *tokens;          /* [n_slots] */
     int32_t *positions;       /* [n_slots] (slot i sits at position i) */

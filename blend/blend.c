@@ -98,7 +98,7 @@ kvl_status kvl_chunk_cache_prefill(kvl_model *m, const int32_t *tokens, int32_t 
 /* ---------------------------------------------------------------- options */
 
 kvl_blend_opts kvl_blend_opts_default(void) {
-    kvl_blend_opts o = {KVL_BLEND_BLEND, 0.15f, 1, KVL_DEV_K, 1, 0.3f};
+    kvl_blend_opts o = {KVL_BLEND_BLEND, 0.15f, 1, KVL_DEV_V, 1, 0.3f, 1, 1};
     return o;
 }
 
@@ -136,7 +136,7 @@ static kvl_status check_opts(const kvl_blend_opts *o, int32_t n_layers) {
     if (!(o->ratio >= 0.0f && o->ratio <= 1.0f)) return kvl_errorf(KVL_ERR_BLEND_PLAN, "recompute ratio %g outside [0, 1]", (double)o->ratio);
     if (o->select_layer < 0 || o->select_layer >= n_layers)
         return kvl_errorf(KVL_ERR_BLEND_PLAN, "selection layer %d outside the model's layers [0, %d)", o->select_layer, n_layers);
-    if (o->metric < KVL_DEV_K || o->metric > KVL_DEV_KV) return kvl_errorf(KVL_ERR_BLEND_PLAN, "unknown deviation metric %d", o->metric);
+    if (o->metric < KVL_DEV_K || o->metric > KVL_BLEND_METRIC_KV_NORM) return kvl_errorf(KVL_ERR_BLEND_PLAN, "unknown deviation metric %d", o->metric);
     int32_t g = o->gradual_layers < 1 ? 1 : o->gradual_layers;
     if (o->select_layer + g > n_layers)
         return kvl_errorf(KVL_ERR_BLEND_PLAN, "gradual filtering over %d layers from layer %d passes the model's %d layers", g,
@@ -239,6 +239,8 @@ kvl_status kvl_blend_plan_build(kvl_model *m, const kvl_blend_segment *segs, int
     if (!p) return KVL_ERR_NOMEM;
     p->mode = o.mode;
     p->metric = o.metric;
+    p->fresh_candidates = o.fresh_candidates;
+    p->attn_weight = o.attn_weight;
     p->n_slots = n;
     p->n_layers = c->n_layers;
     p->n_segments = n_seg;
@@ -374,13 +376,56 @@ static int by_int(const void *a, const void *b) {
 /* Ranks the candidates of a selection layer (f holds their fresh qkv): keeps every non-cached slot
  * and the n_keep - (#non-cached) cached slots that deviate most; rewrites L->slots as kept (ascending)
  * then dropped (ascending). */
+/* dev[i] *= 1 + mass/mean(mass): a token the query attends to counts up to several times more, but
+ * a token with a large deviation and little attention still ranks (the attention at the selection
+ * layer is not the attention of the deeper layers; a pure product lost 2x on llama2xs280K) */
+static void weight_by_mass(float *dev, const float *mass, const int32_t *slots, int32_t n) {
+    double mean = 0;
+    for (int32_t i = 0; i < n; i++) mean += mass[slots[i]];
+    mean /= n > 0 ? n : 1;
+    if (mean <= 0) return;
+    for (int32_t i = 0; i < n; i++) dev[i] *= (float)(1.0 + mass[slots[i]] / mean);
+}
+
 static kvl_status select_layer(kvl_fwd *f, const kvl_blend_plan *p, kvl_blend_layer *L) {
     int32_t n = L->n_qkv;
     float *dev = malloc((size_t)n * sizeof *dev);
     ranked *r = malloc((size_t)n * sizeof *r);
     int32_t *tmp = malloc((size_t)n * sizeof *tmp);
     kvl_status s = dev && r && tmp ? KVL_OK : KVL_ERR_NOMEM;
-    if (s == KVL_OK) s = kvl_fwd_deviation(f, p->metric, dev);
+    if (s == KVL_OK && p->metric == KVL_BLEND_METRIC_KV_NORM) {
+        /* K and V deviations live on different scales (keys are larger): each is divided by its
+         * mean over the candidates before they are added */
+        float *dv = malloc((size_t)n * sizeof *dv);
+        s = dv ? kvl_fwd_deviation(f, KVL_DEV_K, dev) : KVL_ERR_NOMEM;
+        if (s == KVL_OK) s = kvl_fwd_deviation(f, KVL_DEV_V, dv);
+        if (s == KVL_OK) {
+            double mk = 0, mv = 0;
+            for (int32_t i = 0; i < n; i++) mk += dev[i], mv += dv[i];
+            mk = mk > 0 ? n / mk : 0;
+            mv = mv > 0 ? n / mv : 0;
+            for (int32_t i = 0; i < n; i++) dev[i] = (float)(dev[i] * mk + dv[i] * mv);
+        }
+        free(dv);
+    } else if (s == KVL_OK) s = kvl_fwd_deviation(f, p->metric, dev);
+    /* fresh K/V: the uncached candidates always (they have no other), the cached ones by option;
+     * then the attention the query puts on each slot over that fused cache */
+    int32_t n_commit = 0;
+    for (int32_t i = 0; i < n && s == KVL_OK; i++)
+        if (p->fresh_candidates || p->kind[L->slots[i]] != KVL_SLOT_CACHED) tmp[n_commit++] = L->slots[i];
+    if (s == KVL_OK) s = kvl_fwd_commit(f, tmp, n_commit);
+    if (s == KVL_OK && p->attn_weight) {
+        int32_t last_cached = -1, nq = 0;
+        for (int32_t i = 0; i < p->n_slots; i++)
+            if (p->kind[i] != KVL_SLOT_UNCACHED) last_cached = i;
+        for (int32_t i = 0; i < n; i++)
+            if (p->kind[L->slots[i]] == KVL_SLOT_UNCACHED && L->slots[i] > last_cached) tmp[nq++] = L->slots[i];
+        float *mass = malloc((size_t)p->n_slots * sizeof *mass);
+        s = mass ? kvl_fwd_attn_mass(f, tmp, nq, mass) : KVL_ERR_NOMEM;
+        if (s == KVL_OK && nq > 0)
+            weight_by_mass(dev, mass, L->slots, n);
+        free(mass);
+    }
     if (s == KVL_OK) {
         int32_t nk = 0, nr = 0;
         for (int32_t i = 0; i < n; i++) {
@@ -421,7 +466,9 @@ kvl_status kvl_blend_run(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *log
             memcpy(L->slots, p->layers[l - 1].slots, (size_t)L->n_qkv * sizeof(int32_t));
         s = kvl_fwd_qkv(f, l, L->slots, L->n_qkv, NULL, NULL);
         if (s == KVL_OK && L->select) s = select_layer(f, p, L);
-        if (s == KVL_OK) s = kvl_fwd_commit(f, L->slots, L->n_keep);
+        /* selection layers committed their fresh K/V while ranking */
+        if (s == KVL_OK && !L->select) s = kvl_fwd_commit(f, L->slots, L->n_keep);
+        if (s == KVL_OK && L->select && !p->fresh_candidates) s = kvl_fwd_commit(f, L->slots, L->n_keep);
         if (s == KVL_OK) s = kvl_fwd_attn_ffn(f, L->slots, L->n_keep);
     }
     if (s == KVL_OK) s = kvl_fwd_logits(f, p->logit_slots, p->n_logits, logits);

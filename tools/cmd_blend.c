@@ -17,8 +17,9 @@ int kvl_cmd_blend_bench(int argc, char **argv);
 
 static const char *EVAL_USAGE =
     "kvloom blend-eval --model PATH --chunks A.i32,B.i32,... --tail T.i32 --query-len Q\n"
-    "         [--mode blend|naive|full|prefix] [--ratio R[,R2,...]] [--select-layer L] [--metric k|v|kv]\n"
-    "         [--gradual N --gradual-first R0] [--chunk-prefix none|bos]\n"
+    "         [--mode blend|naive|full|prefix] [--ratio R[,R2,...]] [--select-layer L] [--metric k|v|kv|kvn]\n"
+    "         [--gradual N --gradual-first R0] [--fresh-candidates 0|1] [--attn-weight 0|1]\n"
+    "         [--chunk-prefix none|bos]\n"
     "  prompt = BOS + chunks + tail; each chunk is prefilled alone (behind --chunk-prefix, default none)\n"
     "  and its cache placed at its offset; the mode's logits at the positions predicting tail[Q:] are\n"
     "  compared with a full prefill. One JSON line per ratio.";
@@ -37,10 +38,11 @@ static int parse_metric(const char *s) {
     if (!strcmp(s, "k")) return KVL_DEV_K;
     if (!strcmp(s, "v")) return KVL_DEV_V;
     if (!strcmp(s, "kv")) return KVL_DEV_KV;
+    if (!strcmp(s, "kvn")) return KVL_BLEND_METRIC_KV_NORM;
     return -1;
 }
 
-static const char *metric_name(int m) { return m == KVL_DEV_K ? "k" : m == KVL_DEV_V ? "v" : "kv"; }
+static const char *metric_name(int m) { return m == KVL_DEV_K ? "k" : m == KVL_DEV_V ? "v" : m == KVL_DEV_KV ? "kv" : "kvn"; }
 
 /* log-softmax of x[n] into y (double) */
 static void log_softmax(const float *x, int32_t n, double *y) {
@@ -107,9 +109,10 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
     const char *C = "blend-eval";
     const char *model = NULL, *tail_path = NULL, *prefix = "none";
     char *chunks_arg = NULL, *ratio_arg = NULL;
-    long qlen = -1, sel_layer = 1, gradual = 1;
+    const kvl_blend_opts def = kvl_blend_opts_default();
+    long qlen = -1, sel_layer = def.select_layer, gradual = def.gradual_layers, fresh = def.fresh_candidates, attnw = def.attn_weight;
     double gfirst = -1;
-    int mode = KVL_BLEND_BLEND, metric = KVL_DEV_K;
+    int mode = def.mode, metric = def.metric;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!v) return kvl_cli_usage(C, EVAL_USAGE, "unknown or incomplete argument '%s'", a);
@@ -125,11 +128,15 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         else if (!strcmp(a, "--select-layer")) {
             if (kvl_cli_int(v, 0, 1 << 16, &sel_layer)) return kvl_cli_usage(C, EVAL_USAGE, "--select-layer needs a layer index, got '%s'", v);
         } else if (!strcmp(a, "--metric")) {
-            if ((metric = parse_metric(v)) < 0) return kvl_cli_usage(C, EVAL_USAGE, "--metric must be k, v or kv, got '%s'", v);
+            if ((metric = parse_metric(v)) < 0) return kvl_cli_usage(C, EVAL_USAGE, "--metric must be k, v, kv or kvn, got '%s'", v);
         } else if (!strcmp(a, "--gradual")) {
             if (kvl_cli_int(v, 1, 1 << 16, &gradual)) return kvl_cli_usage(C, EVAL_USAGE, "--gradual needs a layer count >= 1, got '%s'", v);
         } else if (!strcmp(a, "--gradual-first")) {
             if (kvl_cli_float(v, 0, 1, &gfirst)) return kvl_cli_usage(C, EVAL_USAGE, "--gradual-first needs a ratio in [0, 1], got '%s'", v);
+        } else if (!strcmp(a, "--fresh-candidates")) {
+            if (kvl_cli_int(v, 0, 1, &fresh)) return kvl_cli_usage(C, EVAL_USAGE, "--fresh-candidates must be 0 or 1, got '%s'", v);
+        } else if (!strcmp(a, "--attn-weight")) {
+            if (kvl_cli_int(v, 0, 1, &attnw)) return kvl_cli_usage(C, EVAL_USAGE, "--attn-weight must be 0 or 1, got '%s'", v);
         } else if (!strcmp(a, "--chunk-prefix")) {
             if (strcmp(v, "none") && strcmp(v, "bos")) return kvl_cli_usage(C, EVAL_USAGE, "--chunk-prefix must be none or bos, got '%s'", v);
             prefix = v;
@@ -142,7 +149,7 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
     if (n_chunks <= 0) return kvl_cli_usage(C, EVAL_USAGE, "--chunks needs 1..%d comma-separated files", MAX_CHUNKS);
     double ratios[MAX_RATIOS];
     int n_ratios = 1;
-    ratios[0] = 0.15;
+    ratios[0] = def.ratio;
     if (ratio_arg) {
         n_ratios = split_commas(ratio_arg, ratio_strs, MAX_RATIOS);
         if (n_ratios <= 0) return kvl_cli_usage(C, EVAL_USAGE, "--ratio needs 1..%d comma-separated ratios", MAX_RATIOS);
@@ -231,6 +238,8 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         o.gradual_layers = (int32_t)gradual;
         o.gradual_first = gfirst >= 0 ? (float)gfirst : (float)fmin(1.0, 2.0 * ratios[r]);
         if (o.gradual_first < o.ratio) o.gradual_first = o.ratio;
+        o.fresh_candidates = (int32_t)fresh;
+        o.attn_weight = (int32_t)attnw;
         kvl_blend_plan *p = NULL;
         double t0 = kvl_cli_now_ms();
         s = kvl_blend_plan_build(m, segs, n_chunks + 2, lslots, n_pos, &o, &p);
@@ -240,9 +249,10 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         if (s == KVL_OK) {
             quality q = compare(full_logits, mode_logits, targets, n_pos, c->vocab_size);
             kvl_blend_cost cost = kvl_blend_plan_cost(p);
-            json_t *j = json_pack("{s:s, s:f, s:s, s:i, s:i, s:s, s:f, s:f, s:f, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:i}",
+            json_t *j = json_pack("{s:s, s:f, s:s, s:i, s:i, s:i, s:i, s:s, s:f, s:f, s:f, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:i}",
                                   "mode", kvl_blend_mode_name(mode), "ratio", mode == KVL_BLEND_BLEND ? ratios[r] : 0.0,
                                   "metric", metric_name(metric), "select_layer", (int)sel_layer, "gradual", (int)gradual,
+                                  "fresh_candidates", (int)fresh, "attn_weight", (int)attnw,
                                   "chunk_prefix", prefix, "mean_kl", q.mean_kl, "max_kl", q.max_kl, "top1_agreement", q.top1,
                                   "target_acc_mode", q.acc_mode, "target_acc_full", q.acc_full, "rel_logit_err", q.rel_err,
                                   "recomputed_tokens", (int)cost.final_cached, "computed_tokens", (int)p->layers[p->n_layers - 1].n_keep,

@@ -172,9 +172,11 @@ static void test_plan(void) {
     fixture_init(&fx, KVL_ROPE_HALF, 0, 3);
     float *lg = malloc(NQ * 128 * sizeof(float));
     int32_t n_cached = NCH * CL, n_unc = 1 + NQ;
-    /* single-layer selection at layer 1 */
+    /* single-layer selection at layer 1 by key deviation alone */
     kvl_blend_opts o = kvl_blend_opts_default();
     o.ratio = 0.25f;
+    o.metric = KVL_DEV_K;
+    o.attn_weight = 0;
     kvl_blend_plan *p = run_mode(&fx, o, lg);
     if (p) {
         int32_t want = n_unc + (int32_t)(0.25 * n_cached + 0.5);
@@ -210,6 +212,42 @@ static void test_plan(void) {
             else max_dropped = fmaxf(max_dropped, dev[i]);
         }
         CHECK_MSG(min_kept >= max_dropped, "kept min dev %g < dropped max dev %g", (double)min_kept, (double)max_dropped);
+        kvl_fwd_free(f);
+        kvl_kv_free(kv);
+    }
+    kvl_blend_plan_free(p);
+
+    /* attention-weighted value deviation (the default): same ranking rebuilt from the engine steps */
+    o = kvl_blend_opts_default();
+    o.ratio = 0.25f;
+    p = run_mode(&fx, o, lg);
+    if (p) {
+        int32_t want = p->layers[1].n_keep;
+        kvl_kv *kv = NULL;
+        kvl_fwd *f = NULL;
+        CHECK_OK(kvl_kv_create(fx.m, fx.n, &kv));
+        CHECK_OK(kvl_blend_load(fx.m, p, fx.segs, kv));
+        CHECK_OK(kvl_fwd_begin(fx.m, kv, fx.n, fx.prompt, fx.pos, &f));
+        int32_t all[64], q[NQ];
+        for (int32_t i = 0; i < fx.n; i++) all[i] = i;
+        for (int32_t i = 0; i < NQ; i++) q[i] = fx.n - NQ + i;
+        CHECK_OK(kvl_fwd_layer(f, 0, all, fx.n));
+        float dev[64], mass[64];
+        CHECK_OK(kvl_fwd_qkv(f, 1, all, fx.n, NULL, NULL));
+        CHECK_OK(kvl_fwd_deviation(f, KVL_DEV_V, dev));
+        CHECK_OK(kvl_fwd_commit(f, all, fx.n));
+        CHECK_OK(kvl_fwd_attn_mass(f, q, NQ, mass));
+        double tot = 0, mean = 0;
+        for (int32_t i = 0; i < fx.n; i++) tot += mass[i], mean += mass[i] / fx.n;
+        CHECK_MSG(fabs(tot - NQ * 4) < 1e-3, "attention mass sums to %g, want %d queries x 4 heads", tot, NQ);
+        float min_kept = INFINITY, max_dropped = -INFINITY;
+        for (int32_t i = 0; i < fx.n; i++) {
+            if (p->kind[i] != KVL_SLOT_CACHED) continue;
+            float sc = (float)(dev[i] * (1.0 + mass[i] / mean));
+            if (contains(p->layers[1].slots, want, i)) min_kept = fminf(min_kept, sc);
+            else max_dropped = fmaxf(max_dropped, sc);
+        }
+        CHECK_MSG(min_kept >= max_dropped, "kept min score %g < dropped max score %g", (double)min_kept, (double)max_dropped);
         kvl_fwd_free(f);
         kvl_kv_free(kv);
     }
