@@ -111,10 +111,15 @@ typedef struct kvl_blend_opts {
     int32_t attn_weight;   /* BLEND: 1 (default) = rank by deviation x (1 + a / mean a), a = attention
                             * mass the query tokens (the uncached tokens after the last cached one)
                             * put on each candidate at the selection layer; 0 = deviation alone */
+    int32_t chunk_head;    /* BLEND: the first chunk_head tokens of every cached chunk are recomputed
+                            * at every layer (EPIC); they count towards ratio. With ratio 0 (and no
+                            * gradual layers) nothing is ranked and only these + uncached tokens run */
+    int32_t whole_chunks;  /* BLEND: 1 = select whole chunks, the largest mean score first (the last
+                            * one partly, by token score); 0 = tokens */
 } kvl_blend_opts;
 
 /* Defaults (chosen by measurement, docs/BENCHMARKS.md "Blend"): BLEND, ratio 0.15, select_layer 1,
- * metric V, one selection layer, fresh candidates, attention weighting. */
+ * metric V, one selection layer, fresh candidates, attention weighting, no chunk head, tokens. */
 kvl_blend_opts kvl_blend_opts_default(void);
 
 /* ---------------------------------------------------------------- the plan */
@@ -144,11 +149,14 @@ typedef struct kvl_blend_layer {
 typedef struct kvl_blend_plan {
     int32_t mode;             /* kvl_blend_mode it was built for */
     int32_t metric;           /* kvl_dev_metric used at selection layers */
-    int32_t fresh_candidates, attn_weight; /* from kvl_blend_opts */
+    int32_t fresh_candidates, attn_weight, whole_chunks; /* from kvl_blend_opts */
+    double qkv_weight;        /* FLOPs of a token's Q/K/V projections / those of a whole token-layer */
     int32_t n_slots, n_layers;
     int32_t *tokens;          /* [n_slots] */
     int32_t *positions;       /* [n_slots] (slot i sits at position i) */
     uint8_t *kind;            /* [n_slots] kvl_slot_kind */
+    uint8_t *pinned;          /* [n_slots] 1: computed at every layer, never ranked (uncached tokens,
+                               * EPIC chunk-head tokens) */
     int32_t *segment;         /* [n_slots] segment index */
     int32_t *src_index;       /* [n_slots] token index inside its segment's cache (-1 uncached) */
     int32_t *rot_delta;       /* [n_slots] key rotation applied on load (position - cache position) */
@@ -178,7 +186,10 @@ typedef struct kvl_blend_cost {
     int64_t token_layers;        /* sum_l n_qkv */
     int64_t cached_token_layers; /* sum_l (n_qkv restricted to KVL_SLOT_CACHED slots) */
     int64_t full_token_layers;   /* n_slots * n_layers: a full prefill */
-    double cached_fraction;      /* cached_token_layers / (n_cached * n_layers), 0 if no cached slot */
+    double cached_fraction;      /* cached_token_layers / (n_cached * n_layers), 0 if no cached slot:
+                                  * a qkv-only token-layer counts as a whole one */
+    double cached_work_fraction; /* same with a qkv-only token-layer counted at its FLOP share
+                                  * (plan->qkv_weight) */
     int32_t final_cached;        /* cached slots computed at the last layer */
 } kvl_blend_cost;
 kvl_blend_cost kvl_blend_plan_cost(const kvl_blend_plan *p);

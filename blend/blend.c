@@ -98,7 +98,7 @@ kvl_status kvl_chunk_cache_prefill(kvl_model *m, const int32_t *tokens, int32_t 
 /* ---------------------------------------------------------------- options */
 
 kvl_blend_opts kvl_blend_opts_default(void) {
-    kvl_blend_opts o = {KVL_BLEND_BLEND, 0.15f, 1, KVL_DEV_V, 1, 0.3f, 1, 1};
+    kvl_blend_opts o = {KVL_BLEND_BLEND, 0.15f, 1, KVL_DEV_V, 1, 0.3f, 1, 1, 0, 0};
     return o;
 }
 
@@ -119,6 +119,7 @@ void kvl_blend_plan_free(kvl_blend_plan *p) {
     free(p->tokens);
     free(p->positions);
     free(p->kind);
+    free(p->pinned);
     free(p->segment);
     free(p->src_index);
     free(p->rot_delta);
@@ -133,6 +134,7 @@ void kvl_blend_plan_free(kvl_blend_plan *p) {
 static kvl_status check_opts(const kvl_blend_opts *o, int32_t n_layers) {
     if (o->mode < KVL_BLEND_FULL || o->mode > KVL_BLEND_PREFIX) return kvl_errorf(KVL_ERR_BLEND_PLAN, "unknown blend mode %d", o->mode);
     if (o->mode != KVL_BLEND_BLEND) return KVL_OK;
+    if (o->chunk_head < 0) return kvl_errorf(KVL_ERR_BLEND_PLAN, "chunk head of %d tokens", o->chunk_head);
     if (!(o->ratio >= 0.0f && o->ratio <= 1.0f)) return kvl_errorf(KVL_ERR_BLEND_PLAN, "recompute ratio %g outside [0, 1]", (double)o->ratio);
     if (o->select_layer < 0 || o->select_layer >= n_layers)
         return kvl_errorf(KVL_ERR_BLEND_PLAN, "selection layer %d outside the model's layers [0, %d)", o->select_layer, n_layers);
@@ -158,37 +160,46 @@ static kvl_status set_layer(kvl_blend_layer *L, const int32_t *slots, int32_t n_
 }
 
 static kvl_status build_layers(kvl_blend_plan *p, const kvl_blend_opts *o) {
-    int32_t n = p->n_slots, *all = malloc((size_t)n * sizeof(int32_t)), *unc = malloc((size_t)n * sizeof(int32_t));
-    int32_t n_all = 0, n_unc = 0;
-    if (!all || !unc) {
+    int32_t n = p->n_slots, *all = malloc((size_t)n * sizeof(int32_t)), *pin = malloc((size_t)n * sizeof(int32_t));
+    int32_t n_all = 0, n_pin = 0, n_pin_cached = 0;
+    if (!all || !pin) {
         free(all);
-        free(unc);
+        free(pin);
         return KVL_ERR_NOMEM;
     }
+    /* a BLEND plan without a ranking step (ratio 0, no gradual layers) computes only the pinned
+     * tokens: no layer runs on every token */
+    int32_t g = o->gradual_layers < 1 ? 1 : o->gradual_layers;
+    int ranks = o->mode == KVL_BLEND_BLEND && (o->ratio > 0.0f || g > 1);
     for (int32_t i = 0; i < n; i++) {
         int k = p->kind[i];
         int computed;
         switch (o->mode) {
         case KVL_BLEND_FULL: computed = 1; break;
         case KVL_BLEND_NAIVE: computed = k == KVL_SLOT_UNCACHED; break;
-        default: computed = k != KVL_SLOT_EXACT; break; /* PREFIX, and BLEND's layers before selection */
+        case KVL_BLEND_PREFIX: computed = k != KVL_SLOT_EXACT; break;
+        default: computed = ranks ? k != KVL_SLOT_EXACT : p->pinned[i]; break;
         }
         if (computed) all[n_all++] = i;
-        if (k == KVL_SLOT_UNCACHED) unc[n_unc++] = i;
+        if (p->pinned[i]) {
+            pin[n_pin++] = i;
+            n_pin_cached += k == KVL_SLOT_CACHED;
+        }
     }
     kvl_status s = KVL_OK;
-    int32_t g = o->gradual_layers < 1 ? 1 : o->gradual_layers;
     int32_t keep = n_all;
     for (int32_t l = 0; l < p->n_layers && s == KVL_OK; l++) {
-        if (o->mode != KVL_BLEND_BLEND || l < o->select_layer) {
+        if (!ranks || l < o->select_layer) {
             s = set_layer(&p->layers[l], all, n_all, n_all, 0);
         } else if (l < o->select_layer + g) {
-            /* kept fraction of the cached candidates at this selection layer */
+            /* kept fraction of the cached candidates at this selection layer (pinned chunk-head
+             * tokens count towards it) */
             int32_t j = l - o->select_layer;
             double r = g > 1 ? o->gradual_first + (o->ratio - o->gradual_first) * (double)j / (double)(g - 1) : o->ratio;
             int32_t n_sel = (int32_t)floor(r * p->n_cached + 0.5);
+            if (n_sel < n_pin_cached) n_sel = n_pin_cached;
             int32_t n_qkv = keep; /* candidates = what the previous layer kept */
-            int32_t n_keep = n_unc + n_sel;
+            int32_t n_keep = n_pin - n_pin_cached + n_sel;
             if (n_keep > n_qkv) n_keep = n_qkv;
             /* the kept set is decided at run time: list the candidates (previous layer's kept slots) */
             s = set_layer(&p->layers[l], l ? p->layers[l - 1].slots : all, n_qkv, n_keep, 1);
@@ -199,7 +210,7 @@ static kvl_status build_layers(kvl_blend_plan *p, const kvl_blend_opts *o) {
         }
     }
     free(all);
-    free(unc);
+    free(pin);
     return s;
 }
 
@@ -241,6 +252,13 @@ kvl_status kvl_blend_plan_build(kvl_model *m, const kvl_blend_segment *segs, int
     p->metric = o.metric;
     p->fresh_candidates = o.fresh_candidates;
     p->attn_weight = o.attn_weight;
+    p->whole_chunks = o.whole_chunks;
+    {
+        /* FLOPs of the Q/K/V projections relative to a whole token-layer (projections + FFN) */
+        double D = c->dim, qkv = D * ((double)c->n_heads + 2.0 * c->n_kv_heads) * c->head_dim;
+        double rest = (double)c->n_heads * c->head_dim * D + 3.0 * D * c->hidden_dim;
+        p->qkv_weight = qkv / (qkv + rest);
+    }
     p->n_slots = n;
     p->n_layers = c->n_layers;
     p->n_segments = n_seg;
@@ -248,13 +266,14 @@ kvl_status kvl_blend_plan_build(kvl_model *m, const kvl_blend_segment *segs, int
     p->tokens = malloc(sz);
     p->positions = malloc(sz);
     p->kind = malloc((size_t)n);
+    p->pinned = malloc((size_t)n);
     p->segment = malloc(sz);
     p->src_index = malloc(sz);
     p->rot_delta = malloc(sz);
     p->seg_slot0 = malloc((size_t)n_seg * sizeof(int32_t));
     p->logit_slots = malloc((size_t)(n_logits ? n_logits : 1) * sizeof(int32_t));
     p->layers = calloc((size_t)c->n_layers, sizeof *p->layers);
-    if (!p->tokens || !p->positions || !p->kind || !p->segment || !p->src_index || !p->rot_delta || !p->seg_slot0 ||
+    if (!p->tokens || !p->positions || !p->kind || !p->pinned || !p->segment || !p->src_index || !p->rot_delta || !p->seg_slot0 ||
         !p->logit_slots || !p->layers) {
         kvl_blend_plan_free(p);
         return KVL_ERR_NOMEM;
@@ -281,6 +300,7 @@ kvl_status kvl_blend_plan_build(kvl_model *m, const kvl_blend_segment *segs, int
             p->src_index[at] = cc ? i : -1;
             p->rot_delta[at] = cc ? at - (cc->n_ctx + i) : 0;
             p->kind[at] = !cc ? KVL_SLOT_UNCACHED : exact ? KVL_SLOT_EXACT : KVL_SLOT_CACHED;
+            p->pinned[at] = p->kind[at] == KVL_SLOT_UNCACHED || (p->kind[at] == KVL_SLOT_CACHED && o.mode == KVL_BLEND_BLEND && i < o.chunk_head);
             if (p->kind[at] == KVL_SLOT_UNCACHED) p->n_uncached++;
             else if (p->kind[at] == KVL_SLOT_EXACT) p->n_exact++;
             else p->n_cached++;
@@ -306,13 +326,19 @@ kvl_status kvl_blend_plan_build(kvl_model *m, const kvl_blend_segment *segs, int
 }
 
 kvl_blend_cost kvl_blend_plan_cost(const kvl_blend_plan *p) {
-    kvl_blend_cost c = {0, 0, 0, 0.0, 0};
+    kvl_blend_cost c = {0, 0, 0, 0.0, 0.0, 0};
     if (!p) return c;
+    double work = 0;
     for (int32_t l = 0; l < p->n_layers; l++) {
         const kvl_blend_layer *L = &p->layers[l];
         c.token_layers += L->n_qkv;
-        for (int32_t i = 0; i < L->n_qkv; i++) c.cached_token_layers += p->kind[L->slots[i]] == KVL_SLOT_CACHED;
+        for (int32_t i = 0; i < L->n_qkv; i++) {
+            int cached = p->kind[L->slots[i]] == KVL_SLOT_CACHED;
+            c.cached_token_layers += cached;
+            if (cached) work += i < L->n_keep ? 1.0 : p->qkv_weight;
+        }
     }
+    c.cached_work_fraction = p->n_cached ? work / ((double)p->n_cached * p->n_layers) : 0.0;
     const kvl_blend_layer *last = &p->layers[p->n_layers - 1];
     for (int32_t i = 0; i < last->n_keep; i++) c.final_cached += p->kind[last->slots[i]] == KVL_SLOT_CACHED;
     c.full_token_layers = (int64_t)p->n_slots * p->n_layers;
@@ -360,12 +386,19 @@ kvl_status kvl_blend_load(kvl_model *m, const kvl_blend_plan *p, const kvl_blend
 typedef struct {
     float dev;
     int32_t slot;
+    float chunk_mean;
 } ranked;
 
 static int by_dev_desc(const void *a, const void *b) {
     const ranked *x = a, *y = b;
     if (x->dev != y->dev) return x->dev > y->dev ? -1 : 1;
     return x->slot < y->slot ? -1 : x->slot > y->slot;
+}
+
+static int by_chunk_desc(const void *a, const void *b) {
+    const ranked *x = a, *y = b;
+    if (x->chunk_mean != y->chunk_mean) return x->chunk_mean > y->chunk_mean ? -1 : 1;
+    return by_dev_desc(a, b);
 }
 
 static int by_int(const void *a, const void *b) {
@@ -376,6 +409,31 @@ static int by_int(const void *a, const void *b) {
 /* Ranks the candidates of a selection layer (f holds their fresh qkv): keeps every non-cached slot
  * and the n_keep - (#non-cached) cached slots that deviate most; rewrites L->slots as kept (ascending)
  * then dropped (ascending). */
+/* Whole-chunk selection: orders the candidates chunk by chunk, the chunk with the largest mean
+ * score first, each chunk's tokens by score; the kept prefix is then whole chunks plus the top
+ * tokens of one more. */
+static void chunk_order(const kvl_blend_plan *p, ranked *r, int32_t nr) {
+    double *sum = calloc((size_t)p->n_segments, sizeof *sum), *cnt = calloc((size_t)p->n_segments, sizeof *cnt);
+    if (!sum || !cnt) { /* ranking by token then: still a valid selection */
+        free(sum);
+        free(cnt);
+        qsort(r, (size_t)nr, sizeof *r, by_dev_desc);
+        return;
+    }
+    for (int32_t i = 0; i < nr; i++) {
+        sum[p->segment[r[i].slot]] += r[i].dev;
+        cnt[p->segment[r[i].slot]] += 1;
+    }
+    /* key = chunk mean in the high part, token score as tie-break: sort by (mean desc, dev desc) */
+    for (int32_t i = 0; i < nr; i++) {
+        int32_t g = p->segment[r[i].slot];
+        r[i].chunk_mean = (float)(sum[g] / cnt[g]);
+    }
+    qsort(r, (size_t)nr, sizeof *r, by_chunk_desc);
+    free(sum);
+    free(cnt);
+}
+
 /* dev[i] *= 1 + mass/mean(mass): a token the query attends to counts up to several times more, but
  * a token with a large deviation and little attention still ranks (the attention at the selection
  * layer is not the attention of the deeper layers; a pure product lost 2x on llama2xs280K) */
@@ -429,14 +487,15 @@ static kvl_status select_layer(kvl_fwd *f, const kvl_blend_plan *p, kvl_blend_la
     if (s == KVL_OK) {
         int32_t nk = 0, nr = 0;
         for (int32_t i = 0; i < n; i++) {
-            if (p->kind[L->slots[i]] != KVL_SLOT_CACHED) tmp[nk++] = L->slots[i];
-            else r[nr++] = (ranked){isnan(dev[i]) ? INFINITY : dev[i], L->slots[i]};
+            if (p->kind[L->slots[i]] != KVL_SLOT_CACHED || p->pinned[L->slots[i]]) tmp[nk++] = L->slots[i];
+            else r[nr++] = (ranked){isnan(dev[i]) ? INFINITY : dev[i], L->slots[i], 0.0f};
         }
         int32_t want = L->n_keep - nk;
         if (want < 0 || want > nr) {
             s = kvl_errorf(KVL_ERR_BLEND_PLAN, "selection keeps %d of %d candidates, %d of which must be kept", L->n_keep, n, nk);
         } else {
-            qsort(r, (size_t)nr, sizeof *r, by_dev_desc);
+            if (p->whole_chunks) chunk_order(p, r, nr);
+            else qsort(r, (size_t)nr, sizeof *r, by_dev_desc);
             for (int32_t i = 0; i < want; i++) tmp[nk++] = r[i].slot;
             qsort(tmp, (size_t)nk, sizeof *tmp, by_int);
             int32_t nd = 0;

@@ -19,8 +19,10 @@ static const char *EVAL_USAGE =
     "kvloom blend-eval --model PATH --chunks A.i32,B.i32,... --tail T.i32 --query-len Q\n"
     "         [--mode blend|naive|full|prefix] [--ratio R[,R2,...]] [--select-layer L] [--metric k|v|kv|kvn]\n"
     "         [--gradual N --gradual-first R0] [--fresh-candidates 0|1] [--attn-weight 0|1]\n"
-    "         [--chunk-prefix none|bos]\n"
-    "  prompt = BOS + chunks + tail; each chunk is prefilled alone (behind --chunk-prefix, default none)\n"
+    "         [--chunk-head N] [--whole-chunks 0|1] [--chunk-prefix none|bos|system] [--system S.i32]\n"
+    "  prompt = BOS [+ system] + chunks + tail; each chunk is prefilled alone (behind --chunk-prefix:\n"
+    "  nothing, a BOS, or BOS + the system prefix; default none); the system prefix's own cache is\n"
+    "  computed once behind the BOS and reused exactly.\n"
     "  and its cache placed at its offset; the mode's logits at the positions predicting tail[Q:] are\n"
     "  compared with a full prefill. One JSON line per ratio.";
 
@@ -107,10 +109,11 @@ static quality compare(const float *full, const float *mode, const int32_t *targ
 
 int kvl_cmd_blend_eval(int argc, char **argv) {
     const char *C = "blend-eval";
-    const char *model = NULL, *tail_path = NULL, *prefix = "none";
+    const char *model = NULL, *tail_path = NULL, *prefix = "none", *sys_path = NULL;
     char *chunks_arg = NULL, *ratio_arg = NULL;
     const kvl_blend_opts def = kvl_blend_opts_default();
     long qlen = -1, sel_layer = def.select_layer, gradual = def.gradual_layers, fresh = def.fresh_candidates, attnw = def.attn_weight;
+    long chunk_head = def.chunk_head, whole = def.whole_chunks;
     double gfirst = -1;
     int mode = def.mode, metric = def.metric;
     for (int i = 1; i < argc; i++) {
@@ -138,12 +141,19 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         } else if (!strcmp(a, "--attn-weight")) {
             if (kvl_cli_int(v, 0, 1, &attnw)) return kvl_cli_usage(C, EVAL_USAGE, "--attn-weight must be 0 or 1, got '%s'", v);
         } else if (!strcmp(a, "--chunk-prefix")) {
-            if (strcmp(v, "none") && strcmp(v, "bos")) return kvl_cli_usage(C, EVAL_USAGE, "--chunk-prefix must be none or bos, got '%s'", v);
+            if (strcmp(v, "none") && strcmp(v, "bos") && strcmp(v, "system"))
+                return kvl_cli_usage(C, EVAL_USAGE, "--chunk-prefix must be none, bos or system, got '%s'", v);
             prefix = v;
+        } else if (!strcmp(a, "--system")) sys_path = v;
+        else if (!strcmp(a, "--chunk-head")) {
+            if (kvl_cli_int(v, 0, 1 << 20, &chunk_head)) return kvl_cli_usage(C, EVAL_USAGE, "--chunk-head needs a token count >= 0, got '%s'", v);
+        } else if (!strcmp(a, "--whole-chunks")) {
+            if (kvl_cli_int(v, 0, 1, &whole)) return kvl_cli_usage(C, EVAL_USAGE, "--whole-chunks must be 0 or 1, got '%s'", v);
         } else return kvl_cli_usage(C, EVAL_USAGE, "unknown argument '%s'", a);
     }
     if (!model || !chunks_arg || !tail_path || qlen < 0)
         return kvl_cli_usage(C, EVAL_USAGE, "--model, --chunks, --tail and --query-len are required");
+    if (!strcmp(prefix, "system") && !sys_path) return kvl_cli_usage(C, EVAL_USAGE, "--chunk-prefix system needs --system");
     char *chunk_paths[MAX_CHUNKS], *ratio_strs[MAX_RATIOS];
     int n_chunks = split_commas(chunks_arg, chunk_paths, MAX_CHUNKS);
     if (n_chunks <= 0) return kvl_cli_usage(C, EVAL_USAGE, "--chunks needs 1..%d comma-separated files", MAX_CHUNKS);
@@ -162,8 +172,9 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
     kvl_model *m = NULL;
     int32_t *chunk_tok[MAX_CHUNKS] = {0}, chunk_n[MAX_CHUNKS] = {0}, *tail = NULL, n_tail = 0;
     kvl_chunk_cache *caches[MAX_CHUNKS] = {0};
-    kvl_blend_segment segs[MAX_CHUNKS + 2];
-    int32_t *prompt = NULL, *pos = NULL, *lslots = NULL, *targets = NULL, *ctx = NULL;
+    kvl_blend_segment segs[MAX_CHUNKS + 3];
+    int32_t *prompt = NULL, *pos = NULL, *lslots = NULL, *targets = NULL, *ctx = NULL, *sys = NULL, n_sys = 0;
+    kvl_chunk_cache *sys_cache = NULL;
     float *full_logits = NULL, *mode_logits = NULL;
     kvl_kv *kv = NULL;
     int rc = 0;
@@ -172,15 +183,19 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         if (s == KVL_OK && chunk_n[i] == 0) s = kvl_errorf(KVL_ERR_FORMAT, "%s holds no tokens", chunk_paths[i]);
     }
     if (s == KVL_OK) s = kvl_cli_read_i32(tail_path, &tail, &n_tail);
+    if (s == KVL_OK && sys_path) {
+        s = kvl_cli_read_i32(sys_path, &sys, &n_sys);
+        if (s == KVL_OK && n_sys == 0) s = kvl_errorf(KVL_ERR_FORMAT, "%s holds no tokens", sys_path);
+    }
     if (s == KVL_OK && qlen >= n_tail)
         s = kvl_errorf(KVL_ERR_RANGE, "--query-len %ld leaves no continuation in the %d-token tail", qlen, n_tail);
     if (s == KVL_OK) s = kvl_cli_load_model(model, &m);
     const kvl_model_config *c = m ? kvl_model_get_config(m) : NULL;
-    int32_t n = 1 + n_tail, n_pos = n_tail - (int32_t)qlen;
+    int32_t n = 1 + n_sys + n_tail, n_pos = n_tail - (int32_t)qlen;
     for (int i = 0; i < n_chunks; i++) n += chunk_n[i];
     if (s == KVL_OK && n > c->max_seq)
-        s = kvl_errorf(KVL_ERR_CONTEXT_FULL, "the prompt (BOS + %d chunks + %d-token tail = %d tokens) exceeds the model's context of %d",
-                       n_chunks, n_tail, n, c->max_seq);
+        s = kvl_errorf(KVL_ERR_CONTEXT_FULL, "the prompt (BOS + %d system + %d chunks + %d-token tail = %d tokens) exceeds the model's context of %d",
+                       n_sys, n_chunks, n_tail, n, c->max_seq);
     if (s == KVL_OK) {
         prompt = malloc((size_t)n * sizeof *prompt);
         pos = malloc((size_t)n * sizeof *pos);
@@ -194,6 +209,8 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
     if (s == KVL_OK) {
         int32_t at = 0;
         prompt[at++] = c->bos_id;
+        if (n_sys) memcpy(prompt + at, sys, (size_t)n_sys * sizeof *prompt);
+        at += n_sys;
         for (int i = 0; i < n_chunks; i++) {
             memcpy(prompt + at, chunk_tok[i], (size_t)chunk_n[i] * sizeof *prompt);
             at += chunk_n[i];
@@ -207,13 +224,14 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         }
         /* chunk caches (ingest; not timed): prefill alone behind the chosen context. In prefix mode
          * each chunk's cache is a prefix-cache entry: computed behind everything that precedes it. */
-        int32_t ahead = 1;
+        int32_t ahead = 1 + n_sys;
+        memcpy(ctx, prompt, (size_t)n * sizeof *ctx);
+        if (n_sys) s = kvl_chunk_cache_prefill(m, sys, n_sys, ctx, 1, &sys_cache);
         for (int i = 0; i < n_chunks && s == KVL_OK; i++) {
             int32_t n_ctx = 0;
             if (mode == KVL_BLEND_PREFIX) n_ctx = ahead;
             else if (!strcmp(prefix, "bos")) n_ctx = 1;
-            if (mode == KVL_BLEND_PREFIX) memcpy(ctx, prompt, (size_t)n_ctx * sizeof *ctx);
-            else ctx[0] = c->bos_id;
+            else if (!strcmp(prefix, "system")) n_ctx = 1 + n_sys;
             s = kvl_chunk_cache_prefill(m, chunk_tok[i], chunk_n[i], ctx, n_ctx, &caches[i]);
             ahead += chunk_n[i];
         }
@@ -226,9 +244,11 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         full_ms = kvl_cli_now_ms() - t0;
     }
     int32_t bos = c ? c->bos_id : 0;
-    segs[0] = (kvl_blend_segment){NULL, &bos, 1};
-    for (int i = 0; i < n_chunks; i++) segs[1 + i] = (kvl_blend_segment){caches[i], NULL, 0};
-    segs[1 + n_chunks] = (kvl_blend_segment){NULL, tail, n_tail};
+    int n_segs = 0;
+    segs[n_segs++] = (kvl_blend_segment){NULL, &bos, 1};
+    if (sys_cache) segs[n_segs++] = (kvl_blend_segment){sys_cache, NULL, 0};
+    for (int i = 0; i < n_chunks; i++) segs[n_segs++] = (kvl_blend_segment){caches[i], NULL, 0};
+    segs[n_segs++] = (kvl_blend_segment){NULL, tail, n_tail};
     for (int r = 0; r < n_ratios && s == KVL_OK; r++) {
         kvl_blend_opts o = kvl_blend_opts_default();
         o.mode = mode;
@@ -240,24 +260,28 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         if (o.gradual_first < o.ratio) o.gradual_first = o.ratio;
         o.fresh_candidates = (int32_t)fresh;
         o.attn_weight = (int32_t)attnw;
+        o.chunk_head = (int32_t)chunk_head;
+        o.whole_chunks = (int32_t)whole;
         kvl_blend_plan *p = NULL;
         double t0 = kvl_cli_now_ms();
-        s = kvl_blend_plan_build(m, segs, n_chunks + 2, lslots, n_pos, &o, &p);
+        s = kvl_blend_plan_build(m, segs, n_segs, lslots, n_pos, &o, &p);
         if (s == KVL_OK) s = kvl_blend_load(m, p, segs, kv);
         if (s == KVL_OK) s = kvl_blend_run(m, p, kv, mode_logits);
         double mode_ms = kvl_cli_now_ms() - t0;
         if (s == KVL_OK) {
             quality q = compare(full_logits, mode_logits, targets, n_pos, c->vocab_size);
             kvl_blend_cost cost = kvl_blend_plan_cost(p);
-            json_t *j = json_pack("{s:s, s:f, s:s, s:i, s:i, s:i, s:i, s:s, s:f, s:f, s:f, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:i}",
+            json_t *j = json_pack("{s:s, s:f, s:s, s:i, s:i, s:i, s:i, s:i, s:i, s:s, s:f, s:f, s:f, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:i}",
                                   "mode", kvl_blend_mode_name(mode), "ratio", mode == KVL_BLEND_BLEND ? ratios[r] : 0.0,
                                   "metric", metric_name(metric), "select_layer", (int)sel_layer, "gradual", (int)gradual,
                                   "fresh_candidates", (int)fresh, "attn_weight", (int)attnw,
+                                  "chunk_head", (int)chunk_head, "whole_chunks", (int)whole,
                                   "chunk_prefix", prefix, "mean_kl", q.mean_kl, "max_kl", q.max_kl, "top1_agreement", q.top1,
                                   "target_acc_mode", q.acc_mode, "target_acc_full", q.acc_full, "rel_logit_err", q.rel_err,
                                   "recomputed_tokens", (int)cost.final_cached, "computed_tokens", (int)p->layers[p->n_layers - 1].n_keep,
                                   "cached_tokens", (int)p->n_cached, "exact_tokens", (int)p->n_exact, "total_tokens", (int)n,
                                   "token_layers", (int)cost.token_layers, "cached_fraction", cost.cached_fraction,
+                                  "cached_work_fraction", cost.cached_work_fraction,
                                   "compute_fraction", (double)cost.token_layers / (double)cost.full_token_layers, "mode_ms", mode_ms,
                                   "full_ms", full_ms, "positions", (int)n_pos);
             char *txt = j ? json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10)) : NULL;
@@ -274,6 +298,8 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         free(chunk_tok[i]);
         kvl_chunk_cache_free(caches[i]);
     }
+    kvl_chunk_cache_free(sys_cache);
+    free(sys);
     free(tail); free(prompt); free(pos); free(ctx); free(lslots); free(targets); free(full_logits); free(mode_logits);
     kvl_model_free(m);
     return rc;
