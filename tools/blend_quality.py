@@ -2,7 +2,8 @@
 """CacheBlend quality over random compositions: runs `kvloom blend-eval` and aggregates.
 
 usage: blend_quality.py [--models stories260K,llama2xs280K,aidreams260K] [--n 100] [--seed 1]
-                        [--metrics k,v,kv] [--ratios 0,0.05,...,1] [--extra "ARGS"] [--json OUT]
+                        [--metrics k,v,kv] [--ratios 0,0.05,...,1] [--extra "ARGS"] [--chunk-prefix none|bos]
+                        [--json OUT]
 
 A composition (the blend issue's protocol): 4 chunks cut at random offsets from 4 different golden
 sequences (../shared/golden/<model>/seqNN.tokens.i32) in random order, then a 48-token tail = a
@@ -82,6 +83,7 @@ def main():
     ap.add_argument("--extra", default="", help="more blend-eval arguments for the blend runs")
     ap.add_argument("--chunks", type=int, default=0, help="override the number of chunks")
     ap.add_argument("--chunk-len", type=int, default=0, help="override the chunk length")
+    ap.add_argument("--chunk-prefix", default="none", help="chunk-cache mode for every run (none, bos)")
     ap.add_argument("--json", default="", help="write the aggregated results here")
     a = ap.parse_args()
     ratios = [float(x) for x in a.ratios.split(",")]
@@ -90,12 +92,13 @@ def main():
         for model in a.models.split(","):
             mpath = os.path.join(SHARED, PROTOCOL[model][0])
             comps = compositions(model, a.n, a.seed, tmp, a.chunks or None, a.chunk_len or None)
-            naive = [run(mpath, c, ["--mode", "naive"])[0] for c in comps]
+            cp = ["--chunk-prefix", a.chunk_prefix]
+            naive = [run(mpath, c, ["--mode", "naive"] + cp)[0] for c in comps]
             res = {"naive": {"mean_kl": sum(x["mean_kl"] for x in naive) / len(naive),
                              "top1": sum(x["top1_agreement"] for x in naive) / len(naive)},
                    "n": len(comps), "total_tokens": naive[0]["total_tokens"], "blend": {}}
             for metric in a.metrics.split(","):
-                rows = [run(mpath, c, ["--mode", "blend", "--metric", metric, "--ratio", a.ratios] + shlex.split(a.extra)) for c in comps]
+                rows = [run(mpath, c, ["--mode", "blend", "--metric", metric, "--ratio", a.ratios] + cp + shlex.split(a.extra)) for c in comps]
                 curve = []
                 for j, r in enumerate(ratios):
                     xs = [row[j] for row in rows]

@@ -19,7 +19,7 @@ static const char *EVAL_USAGE =
     "kvloom blend-eval --model PATH --chunks A.i32,B.i32,... --tail T.i32 --query-len Q\n"
     "         [--mode blend|naive|full|prefix] [--ratio R[,R2,...]] [--select-layer L] [--metric k|v|kv|kvn]\n"
     "         [--gradual N --gradual-first R0] [--fresh-candidates 0|1] [--attn-weight 0|1]\n"
-    "         [--chunk-head N] [--whole-chunks 0|1] [--chunk-prefix none|bos|system] [--system S.i32]\n"
+    "         [--chunk-head N] [--whole-chunks 0|1] [--diag 0|1] [--chunk-prefix none|bos|system] [--system S.i32]\n"
     "  prompt = BOS [+ system] + chunks + tail; each chunk is prefilled alone (behind --chunk-prefix:\n"
     "  nothing, a BOS, or BOS + the system prefix; default none); the system prefix's own cache is\n"
     "  computed once behind the BOS and reused exactly.\n"
@@ -107,13 +107,110 @@ static quality compare(const float *full, const float *mode, const int32_t *targ
     return q;
 }
 
+/* Attention the query tokens (slots q0..n-1) put, per layer, on the BOS (slot 0) and on the first
+ * token of each cached chunk, summed over heads and divided by heads x queries: a forward over plan p
+ * (kv loaded for it) done step by step. */
+static kvl_status attn_profile(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, int32_t q0, double *on_bos, double *on_first) {
+    kvl_fwd *f;
+    KVL_TRY(kvl_fwd_begin(m, kv, p->n_slots, p->tokens, p->positions, &f));
+    const kvl_model_config *c = kvl_model_get_config(m);
+    int32_t nq = p->n_slots - q0, *q = malloc((size_t)nq * sizeof *q);
+    float *mass = malloc((size_t)p->n_slots * sizeof *mass);
+    kvl_status s = q && mass ? KVL_OK : KVL_ERR_NOMEM;
+    for (int32_t i = 0; i < nq; i++) q[i] = q0 + i;
+    for (int32_t l = 0; l < p->n_layers && s == KVL_OK; l++) {
+        kvl_blend_layer *L = &p->layers[l];
+        s = kvl_fwd_qkv(f, l, L->slots, L->n_qkv, NULL, NULL);
+        if (s == KVL_OK) s = kvl_fwd_commit(f, L->slots, L->n_keep);
+        if (s == KVL_OK) s = kvl_fwd_attn_mass(f, q, nq, mass);
+        if (s == KVL_OK) {
+            on_bos[l] = mass[0] / ((double)nq * c->n_heads);
+            on_first[l] = 0;
+            for (int32_t j = 0; j < p->n_slots; j++)
+                if (p->src_index[j] == 0) on_first[l] += mass[j] / ((double)nq * c->n_heads);
+        }
+        if (s == KVL_OK) s = kvl_fwd_attn_ffn(f, L->slots, L->n_keep);
+    }
+    free(q);
+    free(mass);
+    kvl_fwd_free(f);
+    return s;
+}
+
+/* --diag: per layer, the relative squared deviation of the placed chunk caches from the K/V a full
+ * prefill computes (chunk-initial tokens vs the rest), and where the query's attention goes in the
+ * full prefill and in naive reuse. One JSON line. */
+static kvl_status diag(kvl_model *m, const kvl_blend_segment *segs, int n_segs, const int32_t *lslots, int32_t n_pos,
+                       int32_t q0, const char *prefix) {
+    const kvl_model_config *c = kvl_model_get_config(m);
+    kvl_blend_plan *pn = NULL, *pf = NULL;
+    kvl_blend_opts o = kvl_blend_opts_default();
+    o.mode = KVL_BLEND_NAIVE;
+    KVL_TRY(kvl_blend_plan_build(m, segs, n_segs, lslots, n_pos, &o, &pn));
+    o.mode = KVL_BLEND_FULL;
+    kvl_status s = kvl_blend_plan_build(m, segs, n_segs, lslots, n_pos, &o, &pf);
+    int32_t n = pn->n_slots, L = c->n_layers;
+    size_t per = kvl_model_kv_elems_per_layer(m, n), d = per / (size_t)n;
+    float *a = malloc(per * 2 * (size_t)L * sizeof(float)), *b = malloc(per * 2 * (size_t)L * sizeof(float));
+    double *fb = calloc((size_t)L * 4, sizeof(double));
+    kvl_kv *kv = NULL;
+    if (s == KVL_OK && (!a || !b || !fb)) s = KVL_ERR_NOMEM;
+    if (s == KVL_OK) s = kvl_kv_create(m, n, &kv);
+    if (s == KVL_OK) s = kvl_blend_load(m, pf, segs, kv);
+    if (s == KVL_OK) s = attn_profile(m, pf, kv, q0, fb, fb + L);
+    if (s == KVL_OK) s = kvl_kv_read(kv, 0, L, 0, n, a);
+    if (s == KVL_OK) s = kvl_blend_load(m, pn, segs, kv);
+    if (s == KVL_OK) s = kvl_kv_read(kv, 0, L, 0, n, b);
+    if (s == KVL_OK) s = attn_profile(m, pn, kv, q0, fb + 2 * L, fb + 3 * L);
+    if (s == KVL_OK) {
+        json_t *j = json_pack("{s:s}", "chunk_prefix", prefix);
+        const char *names[4] = {"k_dev_first", "k_dev_rest", "v_dev_first", "v_dev_rest"};
+        json_t *arr[4];
+        for (int t = 0; t < 4; t++) arr[t] = json_array();
+        for (int32_t l = 0; l < L; l++)
+            for (int w = 0; w < 2; w++) {
+                double sf = 0, sr = 0;
+                int nf = 0, nr = 0;
+                for (int32_t i = 0; i < n; i++) {
+                    if (pn->kind[i] != KVL_SLOT_CACHED) continue;
+                    const float *x = a + ((size_t)l * 2 + (size_t)w) * per + (size_t)i * d, *y = b + ((size_t)l * 2 + (size_t)w) * per + (size_t)i * d;
+                    double num = 0, den = 0;
+                    for (size_t e = 0; e < d; e++) num += ((double)x[e] - y[e]) * ((double)x[e] - y[e]), den += (double)x[e] * x[e];
+                    double r = den > 0 ? num / den : 0;
+                    if (pn->src_index[i] == 0) sf += r, nf++;
+                    else sr += r, nr++;
+                }
+                json_array_append_new(arr[w * 2], json_real(nf ? sf / nf : 0));
+                json_array_append_new(arr[w * 2 + 1], json_real(nr ? sr / nr : 0));
+            }
+        for (int t = 0; t < 4; t++) json_object_set_new(j, names[t], arr[t]);
+        const char *an[4] = {"full_attn_bos", "full_attn_chunk_first", "naive_attn_bos", "naive_attn_chunk_first"};
+        for (int t = 0; t < 4; t++) {
+            json_t *x = json_array();
+            for (int32_t l = 0; l < L; l++) json_array_append_new(x, json_real(fb[t * L + l]));
+            json_object_set_new(j, an[t], x);
+        }
+        char *txt = json_dumps(j, JSON_COMPACT | JSON_REAL_PRECISION(5));
+        if (txt) printf("%s\n", txt);
+        free(txt);
+        json_decref(j);
+    }
+    kvl_kv_free(kv);
+    free(a);
+    free(b);
+    free(fb);
+    kvl_blend_plan_free(pn);
+    kvl_blend_plan_free(pf);
+    return s;
+}
+
 int kvl_cmd_blend_eval(int argc, char **argv) {
     const char *C = "blend-eval";
     const char *model = NULL, *tail_path = NULL, *prefix = "none", *sys_path = NULL;
     char *chunks_arg = NULL, *ratio_arg = NULL;
     const kvl_blend_opts def = kvl_blend_opts_default();
     long qlen = -1, sel_layer = def.select_layer, gradual = def.gradual_layers, fresh = def.fresh_candidates, attnw = def.attn_weight;
-    long chunk_head = def.chunk_head, whole = def.whole_chunks;
+    long chunk_head = def.chunk_head, whole = def.whole_chunks, want_diag = 0;
     double gfirst = -1;
     int mode = def.mode, metric = def.metric;
     for (int i = 1; i < argc; i++) {
@@ -145,6 +242,9 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
                 return kvl_cli_usage(C, EVAL_USAGE, "--chunk-prefix must be none, bos or system, got '%s'", v);
             prefix = v;
         } else if (!strcmp(a, "--system")) sys_path = v;
+        else if (!strcmp(a, "--diag")) {
+            if (kvl_cli_int(v, 0, 1, &want_diag)) return kvl_cli_usage(C, EVAL_USAGE, "--diag must be 0 or 1, got '%s'", v);
+        }
         else if (!strcmp(a, "--chunk-head")) {
             if (kvl_cli_int(v, 0, 1 << 20, &chunk_head)) return kvl_cli_usage(C, EVAL_USAGE, "--chunk-head needs a token count >= 0, got '%s'", v);
         } else if (!strcmp(a, "--whole-chunks")) {
@@ -249,6 +349,7 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
     if (sys_cache) segs[n_segs++] = (kvl_blend_segment){sys_cache, NULL, 0};
     for (int i = 0; i < n_chunks; i++) segs[n_segs++] = (kvl_blend_segment){caches[i], NULL, 0};
     segs[n_segs++] = (kvl_blend_segment){NULL, tail, n_tail};
+    if (s == KVL_OK && want_diag) s = diag(m, segs, n_segs, lslots, n_pos, n - n_tail, prefix);
     for (int r = 0; r < n_ratios && s == KVL_OK; r++) {
         kvl_blend_opts o = kvl_blend_opts_default();
         o.mode = mode;
