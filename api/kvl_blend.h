@@ -166,6 +166,8 @@ typedef struct kvl_blend_plan {
     int32_t n_logits;
     int32_t *logit_slots;     /* [n_logits] slots whose logits are produced (computed at every layer) */
     kvl_blend_layer *layers;  /* [n_layers] */
+    int32_t have_captured;    /* set by kvl_blend_run after the first selection layer ranked: */
+    double captured;          /* share of the candidates' total score held by the kept ones */
 } kvl_blend_plan;
 
 /* Lays out segs[0..n_seg) in order at positions 0.., checks every cache (fingerprint of m, shape,

@@ -445,7 +445,7 @@ static void weight_by_mass(float *dev, const float *mass, const int32_t *slots, 
     for (int32_t i = 0; i < n; i++) dev[i] *= (float)(1.0 + mass[slots[i]] / mean);
 }
 
-static kvl_status select_layer(kvl_fwd *f, const kvl_blend_plan *p, kvl_blend_layer *L) {
+static kvl_status select_layer(kvl_fwd *f, kvl_blend_plan *p, kvl_blend_layer *L) {
     int32_t n = L->n_qkv;
     float *dev = malloc((size_t)n * sizeof *dev);
     ranked *r = malloc((size_t)n * sizeof *r);
@@ -497,6 +497,13 @@ static kvl_status select_layer(kvl_fwd *f, const kvl_blend_plan *p, kvl_blend_la
             if (p->whole_chunks) chunk_order(p, r, nr);
             else qsort(r, (size_t)nr, sizeof *r, by_dev_desc);
             for (int32_t i = 0; i < want; i++) tmp[nk++] = r[i].slot;
+            double tot = 0, kept = 0;
+            for (int32_t i = 0; i < nr; i++) tot += r[i].dev;
+            for (int32_t i = 0; i < want; i++) kept += r[i].dev;
+            if (!p->have_captured) {
+                p->captured = tot > 0 ? kept / tot : 1.0;
+                p->have_captured = 1;
+            }
             qsort(tmp, (size_t)nk, sizeof *tmp, by_int);
             int32_t nd = 0;
             for (int32_t i = want; i < nr; i++) tmp[nk + nd++] = r[i].slot;
@@ -517,6 +524,8 @@ kvl_status kvl_blend_run(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *log
     kvl_fwd *f;
     KVL_TRY(kvl_fwd_begin(m, kv, p->n_slots, p->tokens, p->positions, &f));
     kvl_status s = KVL_OK;
+    p->have_captured = 0;
+    p->captured = 0;
     for (int32_t l = 0; l < p->n_layers && s == KVL_OK; l++) {
         kvl_blend_layer *L = &p->layers[l];
         /* a layer whose set has the size of the previous layer's kept set is exactly that set (the

@@ -107,10 +107,10 @@ static quality compare(const float *full, const float *mode, const int32_t *targ
     return q;
 }
 
-/* Attention the query tokens (slots q0..n-1) put, per layer, on the BOS (slot 0) and on the first
- * token of each cached chunk, summed over heads and divided by heads x queries: a forward over plan p
- * (kv loaded for it) done step by step. */
-static kvl_status attn_profile(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, int32_t q0, double *on_bos, double *on_first) {
+/* Attention the query tokens (slots q0..n-1) put on every slot, per layer, summed over heads and
+ * divided by heads x queries: mass [n_layers][n_slots], from a step-by-step forward over plan p (kv
+ * loaded for it; a blend plan must have run once so that its slots are filled). */
+static kvl_status attn_profile(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, int32_t q0, double *mass_out) {
     kvl_fwd *f;
     KVL_TRY(kvl_fwd_begin(m, kv, p->n_slots, p->tokens, p->positions, &f));
     const kvl_model_config *c = kvl_model_get_config(m);
@@ -121,14 +121,9 @@ static kvl_status attn_profile(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, int3
     for (int32_t l = 0; l < p->n_layers && s == KVL_OK; l++) {
         kvl_blend_layer *L = &p->layers[l];
         s = kvl_fwd_qkv(f, l, L->slots, L->n_qkv, NULL, NULL);
-        if (s == KVL_OK) s = kvl_fwd_commit(f, L->slots, L->n_keep);
+        if (s == KVL_OK) s = kvl_fwd_commit(f, L->slots, L->select && p->fresh_candidates ? L->n_qkv : L->n_keep);
         if (s == KVL_OK) s = kvl_fwd_attn_mass(f, q, nq, mass);
-        if (s == KVL_OK) {
-            on_bos[l] = mass[0] / ((double)nq * c->n_heads);
-            on_first[l] = 0;
-            for (int32_t j = 0; j < p->n_slots; j++)
-                if (p->src_index[j] == 0) on_first[l] += mass[j] / ((double)nq * c->n_heads);
-        }
+        for (int32_t j = 0; j < p->n_slots && s == KVL_OK; j++) mass_out[(size_t)l * p->n_slots + j] = mass[j] / ((double)nq * c->n_heads);
         if (s == KVL_OK) s = kvl_fwd_attn_ffn(f, L->slots, L->n_keep);
     }
     free(q);
@@ -137,33 +132,56 @@ static kvl_status attn_profile(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, int3
     return s;
 }
 
+/* sum of mass[l][*] over the slots with sel[j] */
+static double mass_on(const double *mass, int32_t n, int32_t l, const uint8_t *sel) {
+    double t = 0;
+    for (int32_t j = 0; j < n; j++)
+        if (sel[j]) t += mass[(size_t)l * n + j];
+    return t;
+}
+
 /* --diag: per layer, the relative squared deviation of the placed chunk caches from the K/V a full
- * prefill computes (chunk-initial tokens vs the rest), and where the query's attention goes in the
- * full prefill and in naive reuse. One JSON line. */
+ * prefill computes (chunk-initial tokens vs the rest), and where the query's attention goes (BOS,
+ * chunk-initial tokens, the cached tokens a blend at bo->ratio recomputes) in the full prefill, in
+ * naive reuse and in that blend. One JSON line. */
 static kvl_status diag(kvl_model *m, const kvl_blend_segment *segs, int n_segs, const int32_t *lslots, int32_t n_pos,
-                       int32_t q0, const char *prefix) {
+                       int32_t q0, const char *prefix, const kvl_blend_opts *bo) {
     const kvl_model_config *c = kvl_model_get_config(m);
-    kvl_blend_plan *pn = NULL, *pf = NULL;
+    kvl_blend_plan *pn = NULL, *pf = NULL, *pb = NULL;
     kvl_blend_opts o = kvl_blend_opts_default();
     o.mode = KVL_BLEND_NAIVE;
     KVL_TRY(kvl_blend_plan_build(m, segs, n_segs, lslots, n_pos, &o, &pn));
     o.mode = KVL_BLEND_FULL;
     kvl_status s = kvl_blend_plan_build(m, segs, n_segs, lslots, n_pos, &o, &pf);
+    if (s == KVL_OK) s = kvl_blend_plan_build(m, segs, n_segs, lslots, n_pos, bo, &pb);
     int32_t n = pn->n_slots, L = c->n_layers;
     size_t per = kvl_model_kv_elems_per_layer(m, n), d = per / (size_t)n;
     float *a = malloc(per * 2 * (size_t)L * sizeof(float)), *b = malloc(per * 2 * (size_t)L * sizeof(float));
-    double *fb = calloc((size_t)L * 4, sizeof(double));
+    float *lg = malloc((size_t)n_pos * (size_t)c->vocab_size * sizeof(float));
+    double *mf = malloc((size_t)L * n * sizeof(double)), *mn = malloc((size_t)L * n * sizeof(double)), *mb = malloc((size_t)L * n * sizeof(double));
+    uint8_t *is_bos = calloc((size_t)n, 1), *is_first = calloc((size_t)n, 1), *is_kept = calloc((size_t)n * L, 1);
     kvl_kv *kv = NULL;
-    if (s == KVL_OK && (!a || !b || !fb)) s = KVL_ERR_NOMEM;
+    if (s == KVL_OK && (!a || !b || !lg || !mf || !mn || !mb || !is_bos || !is_first || !is_kept)) s = KVL_ERR_NOMEM;
     if (s == KVL_OK) s = kvl_kv_create(m, n, &kv);
     if (s == KVL_OK) s = kvl_blend_load(m, pf, segs, kv);
-    if (s == KVL_OK) s = attn_profile(m, pf, kv, q0, fb, fb + L);
+    if (s == KVL_OK) s = attn_profile(m, pf, kv, q0, mf);
     if (s == KVL_OK) s = kvl_kv_read(kv, 0, L, 0, n, a);
     if (s == KVL_OK) s = kvl_blend_load(m, pn, segs, kv);
     if (s == KVL_OK) s = kvl_kv_read(kv, 0, L, 0, n, b);
-    if (s == KVL_OK) s = attn_profile(m, pn, kv, q0, fb + 2 * L, fb + 3 * L);
+    if (s == KVL_OK) s = attn_profile(m, pn, kv, q0, mn);
+    if (s == KVL_OK) s = kvl_blend_load(m, pb, segs, kv);
+    if (s == KVL_OK) s = kvl_blend_run(m, pb, kv, lg);
+    if (s == KVL_OK) s = kvl_blend_load(m, pb, segs, kv);
+    if (s == KVL_OK) s = attn_profile(m, pb, kv, q0, mb);
     if (s == KVL_OK) {
-        json_t *j = json_pack("{s:s}", "chunk_prefix", prefix);
+        is_bos[0] = 1;
+        for (int32_t j = 0; j < n; j++) is_first[j] = pn->src_index[j] == 0 && pn->kind[j] == KVL_SLOT_CACHED;
+        for (int32_t l = 0; l < L; l++)
+            for (int32_t i = 0; i < pb->layers[l].n_keep; i++) {
+                int32_t j = pb->layers[l].slots[i];
+                is_kept[(size_t)l * n + j] = pb->kind[j] == KVL_SLOT_CACHED;
+            }
+        json_t *j = json_pack("{s:s, s:f}", "chunk_prefix", prefix, "diag_ratio", (double)bo->ratio);
         const char *names[4] = {"k_dev_first", "k_dev_rest", "v_dev_first", "v_dev_rest"};
         json_t *arr[4];
         for (int t = 0; t < 4; t++) arr[t] = json_array();
@@ -177,18 +195,29 @@ static kvl_status diag(kvl_model *m, const kvl_blend_segment *segs, int n_segs, 
                     double num = 0, den = 0;
                     for (size_t e = 0; e < d; e++) num += ((double)x[e] - y[e]) * ((double)x[e] - y[e]), den += (double)x[e] * x[e];
                     double r = den > 0 ? num / den : 0;
-                    if (pn->src_index[i] == 0) sf += r, nf++;
+                    if (is_first[i]) sf += r, nf++;
                     else sr += r, nr++;
                 }
                 json_array_append_new(arr[w * 2], json_real(nf ? sf / nf : 0));
                 json_array_append_new(arr[w * 2 + 1], json_real(nr ? sr / nr : 0));
             }
         for (int t = 0; t < 4; t++) json_object_set_new(j, names[t], arr[t]);
-        const char *an[4] = {"full_attn_bos", "full_attn_chunk_first", "naive_attn_bos", "naive_attn_chunk_first"};
-        for (int t = 0; t < 4; t++) {
-            json_t *x = json_array();
-            for (int32_t l = 0; l < L; l++) json_array_append_new(x, json_real(fb[t * L + l]));
-            json_object_set_new(j, an[t], x);
+        const double *prof[3] = {mf, mn, mb};
+        const char *pname[3] = {"full", "naive", "blend"};
+        for (int t = 0; t < 3; t++) {
+            json_t *xb = json_array(), *xf = json_array(), *xk = json_array();
+            for (int32_t l = 0; l < L; l++) {
+                json_array_append_new(xb, json_real(mass_on(prof[t], n, l, is_bos)));
+                json_array_append_new(xf, json_real(mass_on(prof[t], n, l, is_first)));
+                json_array_append_new(xk, json_real(mass_on(prof[t], n, l, is_kept + (size_t)l * n)));
+            }
+            char k1[64], k2[64], k3[64];
+            snprintf(k1, sizeof k1, "%s_attn_bos", pname[t]);
+            snprintf(k2, sizeof k2, "%s_attn_chunk_first", pname[t]);
+            snprintf(k3, sizeof k3, "%s_attn_recomputed", pname[t]);
+            json_object_set_new(j, k1, xb);
+            json_object_set_new(j, k2, xf);
+            json_object_set_new(j, k3, xk);
         }
         char *txt = json_dumps(j, JSON_COMPACT | JSON_REAL_PRECISION(5));
         if (txt) printf("%s\n", txt);
@@ -196,11 +225,10 @@ static kvl_status diag(kvl_model *m, const kvl_blend_segment *segs, int n_segs, 
         json_decref(j);
     }
     kvl_kv_free(kv);
-    free(a);
-    free(b);
-    free(fb);
+    free(a); free(b); free(lg); free(mf); free(mn); free(mb); free(is_bos); free(is_first); free(is_kept);
     kvl_blend_plan_free(pn);
     kvl_blend_plan_free(pf);
+    kvl_blend_plan_free(pb);
     return s;
 }
 
@@ -349,7 +377,6 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
     if (sys_cache) segs[n_segs++] = (kvl_blend_segment){sys_cache, NULL, 0};
     for (int i = 0; i < n_chunks; i++) segs[n_segs++] = (kvl_blend_segment){caches[i], NULL, 0};
     segs[n_segs++] = (kvl_blend_segment){NULL, tail, n_tail};
-    if (s == KVL_OK && want_diag) s = diag(m, segs, n_segs, lslots, n_pos, n - n_tail, prefix);
     for (int r = 0; r < n_ratios && s == KVL_OK; r++) {
         kvl_blend_opts o = kvl_blend_opts_default();
         o.mode = mode;
@@ -363,6 +390,8 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         o.attn_weight = (int32_t)attnw;
         o.chunk_head = (int32_t)chunk_head;
         o.whole_chunks = (int32_t)whole;
+        if (r == 0 && want_diag && mode == KVL_BLEND_BLEND) s = diag(m, segs, n_segs, lslots, n_pos, n - n_tail, prefix, &o);
+        if (s != KVL_OK) break;
         kvl_blend_plan *p = NULL;
         double t0 = kvl_cli_now_ms();
         s = kvl_blend_plan_build(m, segs, n_segs, lslots, n_pos, &o, &p);
@@ -372,7 +401,7 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         if (s == KVL_OK) {
             quality q = compare(full_logits, mode_logits, targets, n_pos, c->vocab_size);
             kvl_blend_cost cost = kvl_blend_plan_cost(p);
-            json_t *j = json_pack("{s:s, s:f, s:s, s:i, s:i, s:i, s:i, s:i, s:i, s:s, s:f, s:f, s:f, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:i}",
+            json_t *j = json_pack("{s:s, s:f, s:s, s:i, s:i, s:i, s:i, s:i, s:i, s:s, s:f, s:f, s:f, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:i}",
                                   "mode", kvl_blend_mode_name(mode), "ratio", mode == KVL_BLEND_BLEND ? ratios[r] : 0.0,
                                   "metric", metric_name(metric), "select_layer", (int)sel_layer, "gradual", (int)gradual,
                                   "fresh_candidates", (int)fresh, "attn_weight", (int)attnw,
@@ -382,7 +411,7 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
                                   "recomputed_tokens", (int)cost.final_cached, "computed_tokens", (int)p->layers[p->n_layers - 1].n_keep,
                                   "cached_tokens", (int)p->n_cached, "exact_tokens", (int)p->n_exact, "total_tokens", (int)n,
                                   "token_layers", (int)cost.token_layers, "cached_fraction", cost.cached_fraction,
-                                  "cached_work_fraction", cost.cached_work_fraction,
+                                  "cached_work_fraction", cost.cached_work_fraction, "captured", p->have_captured ? p->captured : -1.0,
                                   "compute_fraction", (double)cost.token_layers / (double)cost.full_token_layers, "mode_ms", mode_ms,
                                   "full_ms", full_ms, "positions", (int)n_pos);
             char *txt = j ? json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10)) : NULL;
