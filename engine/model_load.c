@@ -288,21 +288,21 @@ out:
 
 /* ------------------------------------------------------------ Hugging Face */
 
-static int json_int(json_t *o, const char *k, int def, int *ok) {
+static int json_int(json_t *o, const char *k, int def, const char **bad) {
     json_t *v = json_object_get(o, k);
     if (!v || json_is_null(v)) return def;
     if (!json_is_integer(v) || json_integer_value(v) < INT32_MIN || json_integer_value(v) > INT32_MAX) {
-        *ok = 0;
+        if (!*bad) *bad = k;
         return def;
     }
     return (int)json_integer_value(v);
 }
 
-static double json_num(json_t *o, const char *k, double def, int *ok) {
+static double json_num(json_t *o, const char *k, double def, const char **bad) {
     json_t *v = json_object_get(o, k);
     if (!v || json_is_null(v)) return def;
     if (!json_is_number(v)) {
-        *ok = 0;
+        if (!*bad) *bad = k;
         return def;
     }
     return json_number_value(v);
@@ -316,7 +316,7 @@ static kvl_status hf_config(const char *dir, kvl_model_config *c) {
     json_t *j = json_load_file(path, 0, &je);
     if (!j) return kvl_errorf(KVL_ERR_JSON, "%s: %s (line %d)", path, je.text, je.line);
     kvl_status st = KVL_OK;
-    int ok = 1;
+    const char *bad = NULL;
     if (!json_is_object(j)) { st = kvl_errorf(KVL_ERR_MODEL_CONFIG, "%s: not a JSON object", path); goto out; }
     json_t *mt = json_object_get(j, "model_type");
     if (mt && (!json_is_string(mt) || (strcmp(json_string_value(mt), "llama") != 0 && strcmp(json_string_value(mt), "mistral") != 0))) {
@@ -334,19 +334,19 @@ static kvl_status hf_config(const char *dir, kvl_model_config *c) {
         goto out;
     }
     memset(c, 0, sizeof *c);
-    c->dim = json_int(j, "hidden_size", 0, &ok);
-    c->hidden_dim = json_int(j, "intermediate_size", 0, &ok);
-    c->n_layers = json_int(j, "num_hidden_layers", 0, &ok);
-    c->n_heads = json_int(j, "num_attention_heads", 0, &ok);
-    c->n_kv_heads = json_int(j, "num_key_value_heads", c->n_heads, &ok);
-    c->head_dim = json_int(j, "head_dim", c->n_heads > 0 ? c->dim / c->n_heads : 0, &ok);
-    c->vocab_size = json_int(j, "vocab_size", 0, &ok);
-    c->max_seq = json_int(j, "max_position_embeddings", 0, &ok);
-    c->norm_eps = (float)json_num(j, "rms_norm_eps", 1e-6, &ok);
-    double theta = json_num(j, "rope_theta", 0, &ok);
+    c->dim = json_int(j, "hidden_size", 0, &bad);
+    c->hidden_dim = json_int(j, "intermediate_size", 0, &bad);
+    c->n_layers = json_int(j, "num_hidden_layers", 0, &bad);
+    c->n_heads = json_int(j, "num_attention_heads", 0, &bad);
+    c->n_kv_heads = json_int(j, "num_key_value_heads", c->n_heads, &bad);
+    c->head_dim = json_int(j, "head_dim", c->n_heads > 0 ? c->dim / c->n_heads : 0, &bad);
+    c->vocab_size = json_int(j, "vocab_size", 0, &bad);
+    c->max_seq = json_int(j, "max_position_embeddings", 0, &bad);
+    c->norm_eps = (float)json_num(j, "rms_norm_eps", 1e-6, &bad);
+    double theta = json_num(j, "rope_theta", 0, &bad);
     json_t *rp = json_object_get(j, "rope_parameters");
     if (json_is_object(rp)) {
-        if (theta == 0) theta = json_num(rp, "rope_theta", 0, &ok);
+        if (theta == 0) theta = json_num(rp, "rope_theta", 0, &bad);
         json_t *rt = json_object_get(rp, "rope_type");
         if (rt && (!json_is_string(rt) || strcmp(json_string_value(rt), "default") != 0)) {
             st = kvl_errorf(KVL_ERR_MODEL_CONFIG, "%s: rope_type '%s' is not supported (default only)", path, json_is_string(rt) ? json_string_value(rt) : "?");
@@ -361,10 +361,10 @@ static kvl_status hf_config(const char *dir, kvl_model_config *c) {
     c->rope_theta = (float)(theta == 0 ? 10000.0 : theta);
     json_t *tie = json_object_get(j, "tie_word_embeddings");
     c->tied_embeddings = tie ? json_is_true(tie) : 0;
-    c->bos_id = json_int(j, "bos_token_id", 1, &ok);
-    c->eos_id = json_int(j, "eos_token_id", 2, &ok);
+    c->bos_id = json_int(j, "bos_token_id", 1, &bad);
+    c->eos_id = json_int(j, "eos_token_id", 2, &bad);
     c->rope_style = KVL_ROPE_HALF;
-    if (!ok) { st = kvl_errorf(KVL_ERR_MODEL_CONFIG, "%s: a field has the wrong JSON type", path); goto out; }
+    if (bad) { st = kvl_errorf(KVL_ERR_MODEL_CONFIG, "%s: field '%s' has the wrong JSON type or range", path, bad); goto out; }
     if (!c->dim || !c->hidden_dim || !c->n_layers || !c->n_heads || !c->vocab_size || !c->max_seq) {
         st = kvl_errorf(KVL_ERR_MODEL_CONFIG, "%s: missing one of hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, vocab_size, max_position_embeddings", path);
         goto out;

@@ -27,16 +27,20 @@ deps() {
     fi
 }
 
-build_dir() { # DIR [cmake args...]
+build_dir() { # DIR [cmake -D args...] [--target T]
     local dir=$1; shift
-    cmake -S "$ROOT" -B "$dir" -DKVL_SHARED_DIR="$SHARED" "$@" >"$dir.configure.log" 2>&1 || {
+    local cfg=() tgt=()
+    while [ $# -gt 0 ]; do
+        if [ "$1" = --target ]; then tgt=(--target "$2"); shift 2; else cfg+=("$1"); shift; fi
+    done
+    cmake -S "$ROOT" -B "$dir" -DKVL_SHARED_DIR="$SHARED" "${cfg[@]}" >"$dir.configure.log" 2>&1 || {
         cat "$dir.configure.log"; exit 1; }
-    cmake --build "$dir" -j"$JOBS"
+    cmake --build "$dir" -j"$JOBS" "${tgt[@]}"
 }
 
 case "${1:-}" in
 deps) deps ;;
-build) deps; build_dir build ;;
+build) deps; build_dir build -DKVL_CUDA="${KVL_CUDA:-AUTO}" ;;
 run)
     shift
     deps
@@ -48,9 +52,13 @@ run)
     ;;
 test)
     deps
-    echo "== normal build"
-    build_dir build
+    echo "== normal build (CUDA backend compiled where nvcc exists)"
+    build_dir build -DKVL_CUDA="${KVL_CUDA:-AUTO}"
     ctest --test-dir build --output-on-failure -j"$JOBS"
+    echo "== libFuzzer targets (clang, ${KVL_FUZZ_SECONDS:-20} s each)"
+    build_dir build-fuzz -DCMAKE_C_COMPILER=clang -DKVL_FUZZ=ON -DKVL_CUDA=OFF -DKVL_NATIVE=OFF \
+        -DKVL_FUZZ_SECONDS="${KVL_FUZZ_SECONDS:-20}" --target kvl_fuzz_all
+    ctest --test-dir build-fuzz --output-on-failure -R '^fuzz_'
     echo "== ASan + UBSan build"
     # the CUDA backend is compiled (and its host code tested) in the normal build; the sanitizer
     # build checks the C code paths
