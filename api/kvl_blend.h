@@ -116,6 +116,12 @@ typedef struct kvl_blend_opts {
                             * gradual layers) nothing is ranked and only these + uncached tokens run */
     int32_t whole_chunks;  /* BLEND: 1 = select whole chunks, the largest mean score first (the last
                             * one partly, by token score); 0 = tokens */
+    float budget;          /* BLEND: > 0 = derive the policy from this compute budget (cached
+                            * token-layers recomputed / (cached tokens x layers), qkv-only work counted
+                            * whole): ratio from the budget when it reaches budget_min_ratio, else
+                            * static chunk-head tokens (round robin over the chunks), no ranking;
+                            * overrides ratio, chunk_head and gradual_layers. 0 = off */
+    float budget_min_ratio;/* BLEND: smallest kept ratio worth a ranking step (default 0.1) */
 } kvl_blend_opts;
 
 /* Defaults (chosen by measurement, docs/BENCHMARKS.md "Blend"): BLEND, ratio 0.15, select_layer 1,
@@ -151,6 +157,8 @@ typedef struct kvl_blend_plan {
     int32_t metric;           /* kvl_dev_metric used at selection layers */
     int32_t fresh_candidates, attn_weight, whole_chunks; /* from kvl_blend_opts */
     double qkv_weight;        /* FLOPs of a token's Q/K/V projections / those of a whole token-layer */
+    int32_t budget_policy;    /* what opts.budget chose: 0 none, 1 ranking, 2 static chunk heads */
+    float ratio;              /* BLEND: the kept ratio the plan uses (after opts.budget) */
     int32_t n_slots, n_layers;
     int32_t *tokens;          /* [n_slots] */
     int32_t *positions;       /* [n_slots] (slot i sits at position i) */

@@ -98,7 +98,7 @@ kvl_status kvl_chunk_cache_prefill(kvl_model *m, const int32_t *tokens, int32_t 
 /* ---------------------------------------------------------------- options */
 
 kvl_blend_opts kvl_blend_opts_default(void) {
-    kvl_blend_opts o = {KVL_BLEND_BLEND, 0.15f, 1, KVL_DEV_V, 1, 0.3f, 1, 1, 0, 0};
+    kvl_blend_opts o = {KVL_BLEND_BLEND, 0.15f, 1, KVL_DEV_V, 1, 0.3f, 1, 1, 0, 0, 0.0f, 0.1f};
     return o;
 }
 
@@ -134,6 +134,7 @@ void kvl_blend_plan_free(kvl_blend_plan *p) {
 static kvl_status check_opts(const kvl_blend_opts *o, int32_t n_layers) {
     if (o->mode < KVL_BLEND_FULL || o->mode > KVL_BLEND_PREFIX) return kvl_errorf(KVL_ERR_BLEND_PLAN, "unknown blend mode %d", o->mode);
     if (o->mode != KVL_BLEND_BLEND) return KVL_OK;
+    if (!(o->budget >= 0.0f && o->budget <= 1.0f)) return kvl_errorf(KVL_ERR_BLEND_PLAN, "budget %g outside [0, 1]", (double)o->budget);
     if (o->chunk_head < 0) return kvl_errorf(KVL_ERR_BLEND_PLAN, "chunk head of %d tokens", o->chunk_head);
     if (!(o->ratio >= 0.0f && o->ratio <= 1.0f)) return kvl_errorf(KVL_ERR_BLEND_PLAN, "recompute ratio %g outside [0, 1]", (double)o->ratio);
     if (o->select_layer < 0 || o->select_layer >= n_layers)
@@ -212,6 +213,40 @@ static kvl_status build_layers(kvl_blend_plan *p, const kvl_blend_opts *o) {
     free(all);
     free(pin);
     return s;
+}
+
+/* Turns a budget (cached token-layers recomputed / (cached tokens x layers), a qkv-only token-layer
+ * counted whole) into a policy. A ranking step costs every layer up to and including the selection
+ * layer for every cached token; what remains buys the kept ratio:
+ *     budget * L = select_layer + 1 + (L - select_layer - 1) * ratio.
+ * When that ratio falls below budget_min_ratio (a ranking that keeps only a few tokens made things
+ * worse than no recompute on facts13M, docs/BENCHMARKS.md "Blend policies"), the budget goes to static
+ * chunk-head tokens instead: the first token of every chunk, then the second, ..., computed at every
+ * layer with no ranking (EPIC). */
+static void apply_budget(kvl_blend_plan *p, kvl_blend_opts *o) {
+    int32_t L = p->n_layers, sel = o->select_layer, rest = L - sel - 1;
+    double r = rest > 0 ? ((double)o->budget * L - sel - 1) / rest : -1.0;
+    o->gradual_layers = 1;
+    o->chunk_head = 0;
+    if (r >= o->budget_min_ratio) {
+        o->ratio = (float)(r > 1.0 ? 1.0 : r);
+        p->budget_policy = 1;
+        return;
+    }
+    o->ratio = 0.0f;
+    p->budget_policy = 2;
+    int64_t want = (int64_t)floor((double)o->budget * p->n_cached + 1e-9), got = 0;
+    for (int32_t d = 0; got < want; d++) {
+        int any = 0;
+        for (int32_t g = 0; g < p->n_segments && got < want; g++) {
+            int32_t s0 = p->seg_slot0[g], end = g + 1 < p->n_segments ? p->seg_slot0[g + 1] : p->n_slots;
+            if (p->kind[s0] != KVL_SLOT_CACHED || s0 + d >= end) continue;
+            any = 1;
+            p->pinned[s0 + d] = 1;
+            got++;
+        }
+        if (!any) break;
+    }
 }
 
 kvl_status kvl_blend_plan_build(kvl_model *m, const kvl_blend_segment *segs, int32_t n_seg, const int32_t *logit_slots,
@@ -316,6 +351,8 @@ kvl_status kvl_blend_plan_build(kvl_model *m, const kvl_blend_segment *segs, int
         else p->logit_slots[i] = s;
     }
     p->n_logits = n_logits;
+    if (st == KVL_OK && o.mode == KVL_BLEND_BLEND && o.budget > 0.0f) apply_budget(p, &o);
+    p->ratio = o.mode == KVL_BLEND_BLEND ? o.ratio : 0.0f;
     if (st == KVL_OK) st = build_layers(p, &o);
     if (st != KVL_OK) {
         kvl_blend_plan_free(p);

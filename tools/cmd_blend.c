@@ -19,7 +19,7 @@ static const char *EVAL_USAGE =
     "kvloom blend-eval --model PATH --chunks A.i32,B.i32,... --tail T.i32 --query-len Q\n"
     "         [--mode blend|naive|full|prefix] [--ratio R[,R2,...]] [--select-layer L] [--metric k|v|kv|kvn]\n"
     "         [--gradual N --gradual-first R0] [--fresh-candidates 0|1] [--attn-weight 0|1]\n"
-    "         [--chunk-head N] [--whole-chunks 0|1] [--diag 0|1] [--chunk-prefix none|bos|system] [--system S.i32]\n"
+    "         [--chunk-head N] [--whole-chunks 0|1] [--budget B[,B2,...] [--budget-min-ratio R]] [--diag 0|1] [--chunk-prefix none|bos|system] [--system S.i32]\n"
     "  prompt = BOS [+ system] + chunks + tail; each chunk is prefilled alone (behind --chunk-prefix:\n"
     "  nothing, a BOS, or BOS + the system prefix; default none); the system prefix's own cache is\n"
     "  computed once behind the BOS and reused exactly.\n"
@@ -235,11 +235,11 @@ static kvl_status diag(kvl_model *m, const kvl_blend_segment *segs, int n_segs, 
 int kvl_cmd_blend_eval(int argc, char **argv) {
     const char *C = "blend-eval";
     const char *model = NULL, *tail_path = NULL, *prefix = "none", *sys_path = NULL;
-    char *chunks_arg = NULL, *ratio_arg = NULL;
+    char *chunks_arg = NULL, *ratio_arg = NULL, *budget_arg = NULL;
     const kvl_blend_opts def = kvl_blend_opts_default();
     long qlen = -1, sel_layer = def.select_layer, gradual = def.gradual_layers, fresh = def.fresh_candidates, attnw = def.attn_weight;
     long chunk_head = def.chunk_head, whole = def.whole_chunks, want_diag = 0;
-    double gfirst = -1;
+    double gfirst = -1, bmin = def.budget_min_ratio;
     int mode = def.mode, metric = def.metric;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -270,7 +270,10 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
                 return kvl_cli_usage(C, EVAL_USAGE, "--chunk-prefix must be none, bos or system, got '%s'", v);
             prefix = v;
         } else if (!strcmp(a, "--system")) sys_path = v;
-        else if (!strcmp(a, "--diag")) {
+        else if (!strcmp(a, "--budget")) budget_arg = argv[i];
+        else if (!strcmp(a, "--budget-min-ratio")) {
+            if (kvl_cli_float(v, 0, 1, &bmin)) return kvl_cli_usage(C, EVAL_USAGE, "--budget-min-ratio needs a ratio in [0, 1], got '%s'", v);
+        } else if (!strcmp(a, "--diag")) {
             if (kvl_cli_int(v, 0, 1, &want_diag)) return kvl_cli_usage(C, EVAL_USAGE, "--diag must be 0 or 1, got '%s'", v);
         }
         else if (!strcmp(a, "--chunk-head")) {
@@ -293,6 +296,16 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         if (n_ratios <= 0) return kvl_cli_usage(C, EVAL_USAGE, "--ratio needs 1..%d comma-separated ratios", MAX_RATIOS);
         for (int i = 0; i < n_ratios; i++)
             if (kvl_cli_float(ratio_strs[i], 0, 1, &ratios[i])) return kvl_cli_usage(C, EVAL_USAGE, "--ratio needs ratios in [0, 1], got '%s'", ratio_strs[i]);
+    }
+    /* --budget B[,B2,...] replaces --ratio: one result per budget */
+    int by_budget = budget_arg != NULL;
+    if (by_budget) {
+        if (ratio_arg) return kvl_cli_usage(C, EVAL_USAGE, "--budget and --ratio exclude each other");
+        n_ratios = split_commas(budget_arg, ratio_strs, MAX_RATIOS);
+        if (n_ratios <= 0) return kvl_cli_usage(C, EVAL_USAGE, "--budget needs 1..%d comma-separated budgets", MAX_RATIOS);
+        for (int i = 0; i < n_ratios; i++)
+            if (kvl_cli_float(ratio_strs[i], 0, 1, &ratios[i]) || ratios[i] <= 0)
+                return kvl_cli_usage(C, EVAL_USAGE, "--budget needs budgets in (0, 1], got '%s'", ratio_strs[i]);
     }
     if (mode != KVL_BLEND_BLEND) n_ratios = 1;
 
@@ -390,6 +403,11 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         o.attn_weight = (int32_t)attnw;
         o.chunk_head = (int32_t)chunk_head;
         o.whole_chunks = (int32_t)whole;
+        o.budget_min_ratio = (float)bmin;
+        if (by_budget) {
+            o.budget = (float)ratios[r];
+            o.ratio = 0.0f;
+        }
         if (r == 0 && want_diag && mode == KVL_BLEND_BLEND) s = diag(m, segs, n_segs, lslots, n_pos, n - n_tail, prefix, &o);
         if (s != KVL_OK) break;
         kvl_blend_plan *p = NULL;
@@ -401,8 +419,8 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         if (s == KVL_OK) {
             quality q = compare(full_logits, mode_logits, targets, n_pos, c->vocab_size);
             kvl_blend_cost cost = kvl_blend_plan_cost(p);
-            json_t *j = json_pack("{s:s, s:f, s:s, s:i, s:i, s:i, s:i, s:i, s:i, s:s, s:f, s:f, s:f, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:i}",
-                                  "mode", kvl_blend_mode_name(mode), "ratio", mode == KVL_BLEND_BLEND ? ratios[r] : 0.0,
+            json_t *j = json_pack("{s:s, s:f, s:s, s:i, s:i, s:i, s:i, s:i, s:i, s:s, s:f, s:f, s:f, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:i, s:f, s:f, s:f, s:i}",
+                                  "mode", kvl_blend_mode_name(mode), "ratio", (double)p->ratio,
                                   "metric", metric_name(metric), "select_layer", (int)sel_layer, "gradual", (int)gradual,
                                   "fresh_candidates", (int)fresh, "attn_weight", (int)attnw,
                                   "chunk_head", (int)chunk_head, "whole_chunks", (int)whole,
@@ -412,6 +430,7 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
                                   "cached_tokens", (int)p->n_cached, "exact_tokens", (int)p->n_exact, "total_tokens", (int)n,
                                   "token_layers", (int)cost.token_layers, "cached_fraction", cost.cached_fraction,
                                   "cached_work_fraction", cost.cached_work_fraction, "captured", p->have_captured ? p->captured : -1.0,
+                                  "budget", by_budget ? ratios[r] : 0.0, "budget_policy", (int)p->budget_policy,
                                   "compute_fraction", (double)cost.token_layers / (double)cost.full_token_layers, "mode_ms", mode_ms,
                                   "full_ms", full_ms, "positions", (int)n_pos);
             char *txt = j ? json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10)) : NULL;
