@@ -110,7 +110,10 @@ typedef struct kvl_blend_opts {
                             * the kept tokens' (CacheBlend's code) */
     int32_t attn_weight;   /* BLEND: 1 (default) = rank by deviation x (1 + a / mean a), a = attention
                             * mass the query tokens (the uncached tokens after the last cached one)
-                            * put on each candidate at the selection layer; 0 = deviation alone */
+                            * put on each candidate at the selection layer; 0 = deviation alone;
+                            * 2 = attention mass alone (no deviation: usable at layer 0, where a
+                            * re-rotated cache equals a fresh prefill and only the query's attention
+                            * tells the tokens apart) */
     int32_t chunk_head;    /* BLEND: the first chunk_head tokens of every cached chunk are recomputed
                             * at every layer (EPIC); they count towards ratio. With ratio 0 (and no
                             * gradual layers) nothing is ranked and only these + uncached tokens run */
@@ -146,7 +149,9 @@ typedef enum kvl_slot_kind {
 typedef struct kvl_blend_layer {
     int32_t n_qkv;
     int32_t n_keep;
-    int32_t select;         /* 1: ranked by deviation at this layer */
+    int32_t select;         /* 1: ranked by deviation at this layer; 2: layer 0 ranked by the
+                             * query's attention before any cached token is computed: only the
+                             * first n_keep slots get Q/K/V (the others are the ranked candidates) */
     int32_t *slots;         /* [n_qkv] */
 } kvl_blend_layer;
 

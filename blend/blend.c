@@ -135,6 +135,7 @@ static kvl_status check_opts(const kvl_blend_opts *o, int32_t n_layers) {
     if (o->mode < KVL_BLEND_FULL || o->mode > KVL_BLEND_PREFIX) return kvl_errorf(KVL_ERR_BLEND_PLAN, "unknown blend mode %d", o->mode);
     if (o->mode != KVL_BLEND_BLEND) return KVL_OK;
     if (!(o->budget >= 0.0f && o->budget <= 1.0f)) return kvl_errorf(KVL_ERR_BLEND_PLAN, "budget %g outside [0, 1]", (double)o->budget);
+    if (o->attn_weight < 0 || o->attn_weight > 2) return kvl_errorf(KVL_ERR_BLEND_PLAN, "unknown attention weighting %d", o->attn_weight);
     if (o->chunk_head < 0) return kvl_errorf(KVL_ERR_BLEND_PLAN, "chunk head of %d tokens", o->chunk_head);
     if (!(o->ratio >= 0.0f && o->ratio <= 1.0f)) return kvl_errorf(KVL_ERR_BLEND_PLAN, "recompute ratio %g outside [0, 1]", (double)o->ratio);
     if (o->select_layer < 0 || o->select_layer >= n_layers)
@@ -203,7 +204,8 @@ static kvl_status build_layers(kvl_blend_plan *p, const kvl_blend_opts *o) {
             int32_t n_keep = n_pin - n_pin_cached + n_sel;
             if (n_keep > n_qkv) n_keep = n_qkv;
             /* the kept set is decided at run time: list the candidates (previous layer's kept slots) */
-            s = set_layer(&p->layers[l], l ? p->layers[l - 1].slots : all, n_qkv, n_keep, 1);
+            s = set_layer(&p->layers[l], l ? p->layers[l - 1].slots : all, n_qkv, n_keep,
+                          l == 0 && o->attn_weight == 2 ? 2 : 1);
             keep = n_keep;
         } else {
             /* same set as the last selection layer; filled in by kvl_blend_run */
@@ -369,7 +371,9 @@ kvl_blend_cost kvl_blend_plan_cost(const kvl_blend_plan *p) {
     for (int32_t l = 0; l < p->n_layers; l++) {
         const kvl_blend_layer *L = &p->layers[l];
         c.token_layers += L->n_qkv;
-        for (int32_t i = 0; i < L->n_qkv; i++) {
+        int32_t computed = L->select == 2 ? L->n_keep : L->n_qkv; /* select 2: candidates get no qkv */
+        c.token_layers += computed - L->n_qkv;
+        for (int32_t i = 0; i < computed; i++) {
             int cached = p->kind[L->slots[i]] == KVL_SLOT_CACHED;
             c.cached_token_layers += cached;
             if (cached) work += i < L->n_keep ? 1.0 : p->qkv_weight;
@@ -488,7 +492,9 @@ static kvl_status select_layer(kvl_fwd *f, kvl_blend_plan *p, kvl_blend_layer *L
     ranked *r = malloc((size_t)n * sizeof *r);
     int32_t *tmp = malloc((size_t)n * sizeof *tmp);
     kvl_status s = dev && r && tmp ? KVL_OK : KVL_ERR_NOMEM;
-    if (s == KVL_OK && p->metric == KVL_BLEND_METRIC_KV_NORM) {
+    if (s == KVL_OK && p->attn_weight == 2) {
+        /* ranked by attention alone: no deviation (uncached slots have nothing to compare with) */
+    } else if (s == KVL_OK && p->metric == KVL_BLEND_METRIC_KV_NORM) {
         /* K and V deviations live on different scales (keys are larger): each is divided by its
          * mean over the candidates before they are added */
         float *dv = malloc((size_t)n * sizeof *dv);
@@ -518,7 +524,11 @@ static kvl_status select_layer(kvl_fwd *f, kvl_blend_plan *p, kvl_blend_layer *L
         float *mass = malloc((size_t)p->n_slots * sizeof *mass);
         s = mass ? kvl_fwd_attn_mass(f, tmp, nq, mass) : KVL_ERR_NOMEM;
         if (s == KVL_OK && nq > 0)
-            weight_by_mass(dev, mass, L->slots, n);
+        {
+            if (p->attn_weight == 2)
+                for (int32_t i = 0; i < n; i++) dev[i] = mass[L->slots[i]]; /* attention alone */
+            else weight_by_mass(dev, mass, L->slots, n);
+        }
         free(mass);
     }
     if (s == KVL_OK) {
@@ -554,6 +564,61 @@ static kvl_status select_layer(kvl_fwd *f, kvl_blend_plan *p, kvl_blend_layer *L
     return s;
 }
 
+/* Query-attention selection at layer 0 (select == 2): a re-rotated cache is exact at layer 0, so the
+ * query's attention over it is what a full prefill sees there. Only the uncached (and pinned) slots
+ * get Q/K/V first; the cached candidates are ranked by the attention mass the query puts on them and
+ * only the kept ones are computed: no token-layer is spent on ranking. */
+static kvl_status select_attention_first(kvl_fwd *f, kvl_blend_plan *p, kvl_blend_layer *L, int32_t l) {
+    int32_t n = L->n_qkv, nu = 0, nq = 0, nr = 0;
+    int32_t *tmp = malloc((size_t)n * sizeof *tmp), *q = malloc((size_t)n * sizeof *q);
+    ranked *r = malloc((size_t)n * sizeof *r);
+    float *mass = malloc((size_t)p->n_slots * sizeof *mass);
+    kvl_status s = tmp && q && r && mass ? KVL_OK : KVL_ERR_NOMEM;
+    int32_t last_cached = -1;
+    for (int32_t i = 0; i < p->n_slots; i++)
+        if (p->kind[i] != KVL_SLOT_UNCACHED) last_cached = i;
+    for (int32_t i = 0; i < n && s == KVL_OK; i++) {
+        int32_t j = L->slots[i];
+        if (p->kind[j] != KVL_SLOT_CACHED || p->pinned[j]) {
+            tmp[nu++] = j;
+            if (p->kind[j] == KVL_SLOT_UNCACHED && j > last_cached) q[nq++] = j;
+        }
+    }
+    if (s == KVL_OK) s = kvl_fwd_qkv(f, l, tmp, nu, NULL, NULL);
+    if (s == KVL_OK) s = kvl_fwd_commit(f, tmp, nu);
+    if (s == KVL_OK && nq > 0) s = kvl_fwd_attn_mass(f, q, nq, mass);
+    if (s == KVL_OK) {
+        for (int32_t i = 0; i < n; i++) {
+            int32_t j = L->slots[i];
+            if (p->kind[j] == KVL_SLOT_CACHED && !p->pinned[j]) r[nr++] = (ranked){nq > 0 ? mass[j] : 0.0f, j, 0.0f};
+        }
+        int32_t want = L->n_keep - nu;
+        if (want < 0 || want > nr) s = kvl_errorf(KVL_ERR_BLEND_PLAN, "selection keeps %d of %d candidates, %d of which must be kept", L->n_keep, n, nu);
+        else {
+            if (p->whole_chunks) chunk_order(p, r, nr);
+            else qsort(r, (size_t)nr, sizeof *r, by_dev_desc);
+            double tot = 0, kept = 0;
+            for (int32_t i = 0; i < nr; i++) tot += r[i].dev, kept += i < want ? r[i].dev : 0;
+            p->captured = tot > 0 ? kept / tot : 1.0;
+            p->have_captured = 1;
+            int32_t nk = nu;
+            for (int32_t i = 0; i < want; i++) tmp[nk++] = r[i].slot;
+            qsort(tmp, (size_t)nk, sizeof *tmp, by_int);
+            int32_t nd = 0;
+            for (int32_t i = want; i < nr; i++) tmp[nk + nd++] = r[i].slot;
+            qsort(tmp + nk, (size_t)nd, sizeof *tmp, by_int);
+            memcpy(L->slots, tmp, (size_t)n * sizeof *tmp);
+        }
+    }
+    if (s == KVL_OK) s = kvl_fwd_qkv(f, l, L->slots, L->n_keep, NULL, NULL);
+    if (s == KVL_OK) s = kvl_fwd_commit(f, L->slots, L->n_keep);
+    free(tmp);
+    free(q);
+    free(r);
+    free(mass);
+    return s;
+}
+
 kvl_status kvl_blend_run(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *logits) {
     if (!m || !p || !kv || (p->n_logits > 0 && !logits)) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_blend_run: NULL argument");
     if (kvl_model_get_config(m)->n_layers != p->n_layers)
@@ -569,6 +634,11 @@ kvl_status kvl_blend_run(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *log
          * sets nest); copying it carries the run-time selection down to the following layers */
         if (l > 0 && L->n_qkv == p->layers[l - 1].n_keep && L->slots != p->layers[l - 1].slots)
             memcpy(L->slots, p->layers[l - 1].slots, (size_t)L->n_qkv * sizeof(int32_t));
+        if (L->select == 2) {
+            s = select_attention_first(f, p, L, l);
+            if (s == KVL_OK) s = kvl_fwd_attn_ffn(f, L->slots, L->n_keep);
+            continue;
+        }
         s = kvl_fwd_qkv(f, l, L->slots, L->n_qkv, NULL, NULL);
         if (s == KVL_OK && L->select) s = select_layer(f, p, L);
         /* selection layers committed their fresh K/V while ranking */

@@ -18,7 +18,7 @@ int kvl_cmd_blend_bench(int argc, char **argv);
 static const char *EVAL_USAGE =
     "kvloom blend-eval --model PATH --chunks A.i32,B.i32,... --tail T.i32 --query-len Q\n"
     "         [--mode blend|naive|full|prefix] [--ratio R[,R2,...]] [--select-layer L] [--metric k|v|kv|kvn]\n"
-    "         [--gradual N --gradual-first R0] [--fresh-candidates 0|1] [--attn-weight 0|1]\n"
+    "         [--gradual N --gradual-first R0] [--fresh-candidates 0|1] [--attn-weight 0|1|2]\n"
     "         [--chunk-head N] [--whole-chunks 0|1] [--budget B[,B2,...] [--budget-min-ratio R]] [--diag 0|1] [--chunk-prefix none|bos|system] [--system S.i32]\n"
     "  prompt = BOS [+ system] + chunks + tail; each chunk is prefilled alone (behind --chunk-prefix:\n"
     "  nothing, a BOS, or BOS + the system prefix; default none); the system prefix's own cache is\n"
@@ -264,7 +264,7 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         } else if (!strcmp(a, "--fresh-candidates")) {
             if (kvl_cli_int(v, 0, 1, &fresh)) return kvl_cli_usage(C, EVAL_USAGE, "--fresh-candidates must be 0 or 1, got '%s'", v);
         } else if (!strcmp(a, "--attn-weight")) {
-            if (kvl_cli_int(v, 0, 1, &attnw)) return kvl_cli_usage(C, EVAL_USAGE, "--attn-weight must be 0 or 1, got '%s'", v);
+            if (kvl_cli_int(v, 0, 2, &attnw)) return kvl_cli_usage(C, EVAL_USAGE, "--attn-weight must be 0, 1 or 2, got '%s'", v);
         } else if (!strcmp(a, "--chunk-prefix")) {
             if (strcmp(v, "none") && strcmp(v, "bos") && strcmp(v, "system"))
                 return kvl_cli_usage(C, EVAL_USAGE, "--chunk-prefix must be none, bos or system, got '%s'", v);
