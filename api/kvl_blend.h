@@ -125,6 +125,12 @@ typedef struct kvl_blend_opts {
                             * static chunk-head tokens (round robin over the chunks), no ranking;
                             * overrides ratio, chunk_head and gradual_layers. 0 = off */
     float budget_min_ratio;/* BLEND: smallest kept ratio worth a ranking step (default 0.1) */
+    float guard;           /* BLEND: > 0 = when the kept tokens hold less than this share of the
+                            * candidates' total score at the selection layer, keep more (by score)
+                            * until they do or guard_max_ratio of the cached tokens are kept; the
+                            * kept counts of that layer and the ones after grow at run time. One
+                            * selection layer only. 0 = off (default) */
+    float guard_max_ratio; /* BLEND: cap of the guard's kept ratio (default 0.5) */
 } kvl_blend_opts;
 
 /* Defaults (chosen by measurement, docs/BENCHMARKS.md "Blend"): BLEND, ratio 0.15, select_layer 1,
@@ -179,6 +185,8 @@ typedef struct kvl_blend_plan {
     int32_t n_logits;
     int32_t *logit_slots;     /* [n_logits] slots whose logits are produced (computed at every layer) */
     kvl_blend_layer *layers;  /* [n_layers] */
+    float guard, guard_max_ratio; /* from kvl_blend_opts */
+    int32_t guard_added;      /* set by kvl_blend_run: tokens the guard added to the kept set */
     int32_t have_captured;    /* set by kvl_blend_run after the first selection layer ranked: */
     double captured;          /* share of the candidates' total score held by the kept ones */
 } kvl_blend_plan;

@@ -98,7 +98,7 @@ kvl_status kvl_chunk_cache_prefill(kvl_model *m, const int32_t *tokens, int32_t 
 /* ---------------------------------------------------------------- options */
 
 kvl_blend_opts kvl_blend_opts_default(void) {
-    kvl_blend_opts o = {KVL_BLEND_BLEND, 0.15f, 1, KVL_DEV_V, 1, 0.3f, 1, 1, 0, 0, 0.0f, 0.1f};
+    kvl_blend_opts o = {KVL_BLEND_BLEND, 0.15f, 1, KVL_DEV_V, 1, 0.3f, 1, 1, 0, 0, 0.0f, 0.1f, 0.0f, 0.5f};
     return o;
 }
 
@@ -135,6 +135,8 @@ static kvl_status check_opts(const kvl_blend_opts *o, int32_t n_layers) {
     if (o->mode < KVL_BLEND_FULL || o->mode > KVL_BLEND_PREFIX) return kvl_errorf(KVL_ERR_BLEND_PLAN, "unknown blend mode %d", o->mode);
     if (o->mode != KVL_BLEND_BLEND) return KVL_OK;
     if (!(o->budget >= 0.0f && o->budget <= 1.0f)) return kvl_errorf(KVL_ERR_BLEND_PLAN, "budget %g outside [0, 1]", (double)o->budget);
+    if (!(o->guard >= 0.0f && o->guard <= 1.0f) || !(o->guard_max_ratio >= 0.0f && o->guard_max_ratio <= 1.0f))
+        return kvl_errorf(KVL_ERR_BLEND_PLAN, "guard %g / guard_max_ratio %g outside [0, 1]", (double)o->guard, (double)o->guard_max_ratio);
     if (o->attn_weight < 0 || o->attn_weight > 2) return kvl_errorf(KVL_ERR_BLEND_PLAN, "unknown attention weighting %d", o->attn_weight);
     if (o->chunk_head < 0) return kvl_errorf(KVL_ERR_BLEND_PLAN, "chunk head of %d tokens", o->chunk_head);
     if (!(o->ratio >= 0.0f && o->ratio <= 1.0f)) return kvl_errorf(KVL_ERR_BLEND_PLAN, "recompute ratio %g outside [0, 1]", (double)o->ratio);
@@ -145,14 +147,16 @@ static kvl_status check_opts(const kvl_blend_opts *o, int32_t n_layers) {
     if (o->select_layer + g > n_layers)
         return kvl_errorf(KVL_ERR_BLEND_PLAN, "gradual filtering over %d layers from layer %d passes the model's %d layers", g,
                           o->select_layer, n_layers);
+    if (o->guard > 0.0f && g > 1) return kvl_errorf(KVL_ERR_BLEND_PLAN, "the guard works with one selection layer, not gradual filtering");
     if (g > 1 && !(o->gradual_first >= o->ratio && o->gradual_first <= 1.0f))
         return kvl_errorf(KVL_ERR_BLEND_PLAN, "gradual filtering starts at ratio %g, must lie in [ratio %g, 1]",
                           (double)o->gradual_first, (double)o->ratio);
     return KVL_OK;
 }
 
-static kvl_status set_layer(kvl_blend_layer *L, const int32_t *slots, int32_t n_qkv, int32_t n_keep, int select) {
-    L->slots = malloc((size_t)(n_qkv ? n_qkv : 1) * sizeof(int32_t));
+/* slots get room for every slot of the prompt: the guard may widen a layer's set at run time */
+static kvl_status set_layer(kvl_blend_layer *L, int32_t cap, const int32_t *slots, int32_t n_qkv, int32_t n_keep, int select) {
+    L->slots = malloc((size_t)(cap > n_qkv ? cap : n_qkv > 0 ? n_qkv : 1) * sizeof(int32_t));
     if (!L->slots) return KVL_ERR_NOMEM;
     if (n_qkv) memcpy(L->slots, slots, (size_t)n_qkv * sizeof(int32_t));
     L->n_qkv = n_qkv;
@@ -192,7 +196,7 @@ static kvl_status build_layers(kvl_blend_plan *p, const kvl_blend_opts *o) {
     int32_t keep = n_all;
     for (int32_t l = 0; l < p->n_layers && s == KVL_OK; l++) {
         if (!ranks || l < o->select_layer) {
-            s = set_layer(&p->layers[l], all, n_all, n_all, 0);
+            s = set_layer(&p->layers[l], p->n_slots, all, n_all, n_all, 0);
         } else if (l < o->select_layer + g) {
             /* kept fraction of the cached candidates at this selection layer (pinned chunk-head
              * tokens count towards it) */
@@ -204,12 +208,12 @@ static kvl_status build_layers(kvl_blend_plan *p, const kvl_blend_opts *o) {
             int32_t n_keep = n_pin - n_pin_cached + n_sel;
             if (n_keep > n_qkv) n_keep = n_qkv;
             /* the kept set is decided at run time: list the candidates (previous layer's kept slots) */
-            s = set_layer(&p->layers[l], l ? p->layers[l - 1].slots : all, n_qkv, n_keep,
+            s = set_layer(&p->layers[l], p->n_slots, l ? p->layers[l - 1].slots : all, n_qkv, n_keep,
                           l == 0 && o->attn_weight == 2 ? 2 : 1);
             keep = n_keep;
         } else {
             /* same set as the last selection layer; filled in by kvl_blend_run */
-            s = set_layer(&p->layers[l], p->layers[l - 1].slots, keep, keep, 0);
+            s = set_layer(&p->layers[l], p->n_slots, p->layers[l - 1].slots, keep, keep, 0);
         }
     }
     free(all);
@@ -290,6 +294,8 @@ kvl_status kvl_blend_plan_build(kvl_model *m, const kvl_blend_segment *segs, int
     p->fresh_candidates = o.fresh_candidates;
     p->attn_weight = o.attn_weight;
     p->whole_chunks = o.whole_chunks;
+    p->guard = o.guard;
+    p->guard_max_ratio = o.guard_max_ratio;
     {
         /* FLOPs of the Q/K/V projections relative to a whole token-layer (projections + FFN) */
         double D = c->dim, qkv = D * ((double)c->n_heads + 2.0 * c->n_kv_heads) * c->head_dim;
@@ -543,10 +549,24 @@ static kvl_status select_layer(kvl_fwd *f, kvl_blend_plan *p, kvl_blend_layer *L
         } else {
             if (p->whole_chunks) chunk_order(p, r, nr);
             else qsort(r, (size_t)nr, sizeof *r, by_dev_desc);
-            for (int32_t i = 0; i < want; i++) tmp[nk++] = r[i].slot;
             double tot = 0, kept = 0;
             for (int32_t i = 0; i < nr; i++) tot += r[i].dev;
             for (int32_t i = 0; i < want; i++) kept += r[i].dev;
+            if (p->guard > 0 && tot > 0 && kept < p->guard * tot) {
+                /* guard: the kept tokens hold too little of the deviation, so the rest of the
+                 * cache stays far from what a full prefill computes next to freshly computed
+                 * tokens; keep more, up to guard_max_ratio of the cached tokens */
+                int32_t cap = (int32_t)floor(p->guard_max_ratio * p->n_cached + 0.5);
+                if (cap > nr) cap = nr;
+                int32_t w = want;
+                while (w < cap && kept < p->guard * tot) kept += r[w++].dev;
+                if (w > want) {
+                    L->n_keep += w - want;
+                    p->guard_added += w - want;
+                    want = w;
+                }
+            }
+            for (int32_t i = 0; i < want; i++) tmp[nk++] = r[i].slot;
             if (!p->have_captured) {
                 p->captured = tot > 0 ? kept / tot : 1.0;
                 p->have_captured = 1;
@@ -628,6 +648,7 @@ kvl_status kvl_blend_run(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *log
     kvl_status s = KVL_OK;
     p->have_captured = 0;
     p->captured = 0;
+    p->guard_added = 0;
     for (int32_t l = 0; l < p->n_layers && s == KVL_OK; l++) {
         kvl_blend_layer *L = &p->layers[l];
         /* a layer whose set has the size of the previous layer's kept set is exactly that set (the
@@ -640,7 +661,13 @@ kvl_status kvl_blend_run(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *log
             continue;
         }
         s = kvl_fwd_qkv(f, l, L->slots, L->n_qkv, NULL, NULL);
-        if (s == KVL_OK && L->select) s = select_layer(f, p, L);
+        if (s == KVL_OK && L->select) {
+            int32_t before = L->n_keep;
+            s = select_layer(f, p, L);
+            /* the guard widened the set: the layers that follow (single selection layer) take it */
+            for (int32_t l2 = l + 1; s == KVL_OK && L->n_keep != before && l2 < p->n_layers; l2++)
+                p->layers[l2].n_qkv = p->layers[l2].n_keep = L->n_keep;
+        }
         /* selection layers committed their fresh K/V while ranking */
         if (s == KVL_OK && !L->select) s = kvl_fwd_commit(f, L->slots, L->n_keep);
         if (s == KVL_OK && L->select && !p->fresh_candidates) s = kvl_fwd_commit(f, L->slots, L->n_keep);

@@ -19,12 +19,13 @@ static const char *EVAL_USAGE =
     "kvloom blend-eval --model PATH --chunks A.i32,B.i32,... --tail T.i32 --query-len Q\n"
     "         [--mode blend|naive|full|prefix] [--ratio R[,R2,...]] [--select-layer L] [--metric k|v|kv|kvn]\n"
     "         [--gradual N --gradual-first R0] [--fresh-candidates 0|1] [--attn-weight 0|1|2]\n"
-    "         [--chunk-head N] [--whole-chunks 0|1] [--budget B[,B2,...] [--budget-min-ratio R]] [--diag 0|1] [--chunk-prefix none|bos|system] [--system S.i32]\n"
+    "         [--chunk-head N] [--whole-chunks 0|1] [--budget B[,B2,...] [--budget-min-ratio R]]\n"
+    "         [--guard SHARE [--guard-max R]] [--diag 0|1] [--chunk-prefix none|bos|system] [--system S.i32]\n"
     "  prompt = BOS [+ system] + chunks + tail; each chunk is prefilled alone (behind --chunk-prefix:\n"
     "  nothing, a BOS, or BOS + the system prefix; default none); the system prefix's own cache is\n"
-    "  computed once behind the BOS and reused exactly.\n"
-    "  and its cache placed at its offset; the mode's logits at the positions predicting tail[Q:] are\n"
-    "  compared with a full prefill. One JSON line per ratio.";
+    "  computed once behind the BOS and reused exactly. Each cache is placed at its offset; the mode's\n"
+    "  logits at the positions predicting tail[Q:] are compared with a full prefill (teacher-forced).\n"
+    "  One JSON line per ratio (or budget).";
 
 /* splits a comma list in place */
 static int split_commas(char *s, char **out, int max) {
@@ -239,7 +240,7 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
     const kvl_blend_opts def = kvl_blend_opts_default();
     long qlen = -1, sel_layer = def.select_layer, gradual = def.gradual_layers, fresh = def.fresh_candidates, attnw = def.attn_weight;
     long chunk_head = def.chunk_head, whole = def.whole_chunks, want_diag = 0;
-    double gfirst = -1, bmin = def.budget_min_ratio;
+    double gfirst = -1, bmin = def.budget_min_ratio, guard = def.guard, guard_max = def.guard_max_ratio;
     int mode = def.mode, metric = def.metric;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -271,6 +272,11 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
             prefix = v;
         } else if (!strcmp(a, "--system")) sys_path = v;
         else if (!strcmp(a, "--budget")) budget_arg = argv[i];
+        else if (!strcmp(a, "--guard")) {
+            if (kvl_cli_float(v, 0, 1, &guard)) return kvl_cli_usage(C, EVAL_USAGE, "--guard needs a share in [0, 1], got '%s'", v);
+        } else if (!strcmp(a, "--guard-max")) {
+            if (kvl_cli_float(v, 0, 1, &guard_max)) return kvl_cli_usage(C, EVAL_USAGE, "--guard-max needs a ratio in [0, 1], got '%s'", v);
+        }
         else if (!strcmp(a, "--budget-min-ratio")) {
             if (kvl_cli_float(v, 0, 1, &bmin)) return kvl_cli_usage(C, EVAL_USAGE, "--budget-min-ratio needs a ratio in [0, 1], got '%s'", v);
         } else if (!strcmp(a, "--diag")) {
@@ -404,6 +410,8 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         o.chunk_head = (int32_t)chunk_head;
         o.whole_chunks = (int32_t)whole;
         o.budget_min_ratio = (float)bmin;
+        o.guard = (float)guard;
+        o.guard_max_ratio = (float)guard_max;
         if (by_budget) {
             o.budget = (float)ratios[r];
             o.ratio = 0.0f;
@@ -419,7 +427,7 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         if (s == KVL_OK) {
             quality q = compare(full_logits, mode_logits, targets, n_pos, c->vocab_size);
             kvl_blend_cost cost = kvl_blend_plan_cost(p);
-            json_t *j = json_pack("{s:s, s:f, s:s, s:i, s:i, s:i, s:i, s:i, s:i, s:s, s:f, s:f, s:f, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:i, s:f, s:f, s:f, s:i}",
+            json_t *j = json_pack("{s:s, s:f, s:s, s:i, s:i, s:i, s:i, s:i, s:i, s:s, s:f, s:f, s:f, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:i, s:i, s:f, s:f, s:f, s:i}",
                                   "mode", kvl_blend_mode_name(mode), "ratio", (double)p->ratio,
                                   "metric", metric_name(metric), "select_layer", (int)sel_layer, "gradual", (int)gradual,
                                   "fresh_candidates", (int)fresh, "attn_weight", (int)attnw,
@@ -430,7 +438,7 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
                                   "cached_tokens", (int)p->n_cached, "exact_tokens", (int)p->n_exact, "total_tokens", (int)n,
                                   "token_layers", (int)cost.token_layers, "cached_fraction", cost.cached_fraction,
                                   "cached_work_fraction", cost.cached_work_fraction, "captured", p->have_captured ? p->captured : -1.0,
-                                  "budget", by_budget ? ratios[r] : 0.0, "budget_policy", (int)p->budget_policy,
+                                  "budget", by_budget ? ratios[r] : 0.0, "budget_policy", (int)p->budget_policy, "guard_added", (int)p->guard_added,
                                   "compute_fraction", (double)cost.token_layers / (double)cost.full_token_layers, "mode_ms", mode_ms,
                                   "full_ms", full_ms, "positions", (int)n_pos);
             char *txt = j ? json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10)) : NULL;
@@ -455,7 +463,7 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
 }
 
 static const char *BENCH_USAGE =
-    "kvloom blend-bench [--layers 12] [--dim 768] [--heads 12] [--kv-heads 12] [--hidden 2048]\n"
+    "kvloom blend-bench [--layers 12] [--dim 768] [--heads 12] [--kv-heads 4] [--hidden 2048]\n"
     "         [--chunks 8] [--chunk-len 256] [--query 64] [--ratio 0.15[,R2,...]] [--repeat 1] [--seed 1]\n"
     "  times, in one run on a synthetic model: full prefill, naive reuse and blend at each ratio of\n"
     "  BOS + chunks + query (chunk caches prefilled beforehand, not timed); prints a table and a JSON line";
@@ -469,7 +477,7 @@ static uint64_t xorshift(uint64_t *s) {
 
 int kvl_cmd_blend_bench(int argc, char **argv) {
     const char *C = "blend-bench";
-    long L = 12, D = 768, H = 12, KVH = 12, F = 2048, NC = 8, CL = 256, Q = 64, rep = 1, seed = 1;
+    long L = 12, D = 768, H = 12, KVH = 4, F = 2048, NC = 8, CL = 256, Q = 64, rep = 1, seed = 1;
     char *ratio_arg = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
