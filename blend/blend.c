@@ -235,7 +235,9 @@ static void apply_budget(kvl_blend_plan *p, kvl_blend_opts *o) {
     o->gradual_layers = 1;
     o->chunk_head = 0;
     if (r >= o->budget_min_ratio) {
-        o->ratio = (float)(r > 1.0 ? 1.0 : r);
+        /* whole tokens, rounded down so that the plan stays within the budget */
+        r = r > 1.0 ? 1.0 : floor(r * p->n_cached + 1e-9) / p->n_cached;
+        o->ratio = (float)r;
         p->budget_policy = 1;
         return;
     }

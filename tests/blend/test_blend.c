@@ -271,6 +271,85 @@ static void test_plan(void) {
     }
     kvl_blend_plan_free(p);
 
+    /* query-attention selection at layer 0: no cached token computed but the kept ones, and the
+     * kept ones are those the query attends to most at layer 0 (exact there) */
+    o = kvl_blend_opts_default();
+    o.select_layer = 0;
+    o.attn_weight = 2;
+    o.ratio = 0.25f;
+    p = run_mode(&fx, o, lg);
+    if (p) {
+        int32_t want = n_unc + (int32_t)(0.25 * n_cached + 0.5);
+        CHECK(p->layers[0].select == 2 && p->layers[0].n_keep == want);
+        for (int l = 1; l < p->n_layers; l++) CHECK(p->layers[l].n_qkv == want && p->layers[l].n_keep == want);
+        kvl_blend_cost cost = kvl_blend_plan_cost(p);
+        CHECK(cost.token_layers == (int64_t)want * p->n_layers);
+        CHECK(fabs(cost.cached_fraction - (double)(want - n_unc) / n_cached) < 1e-12);
+        kvl_kv *kv = NULL;
+        kvl_fwd *f = NULL;
+        CHECK_OK(kvl_kv_create(fx.m, fx.n, &kv));
+        CHECK_OK(kvl_blend_load(fx.m, p, fx.segs, kv));
+        CHECK_OK(kvl_fwd_begin(fx.m, kv, fx.n, fx.prompt, fx.pos, &f));
+        int32_t unc[16], q[NQ], nu = 0;
+        for (int32_t i = 0; i < fx.n; i++)
+            if (p->kind[i] == KVL_SLOT_UNCACHED) unc[nu++] = i;
+        for (int32_t i = 0; i < NQ; i++) q[i] = fx.n - NQ + i;
+        float mass[64];
+        CHECK_OK(kvl_fwd_qkv(f, 0, unc, nu, NULL, NULL));
+        CHECK_OK(kvl_fwd_commit(f, unc, nu));
+        CHECK_OK(kvl_fwd_attn_mass(f, q, NQ, mass));
+        float min_kept = INFINITY, max_dropped = -INFINITY;
+        for (int32_t i = 0; i < fx.n; i++) {
+            if (p->kind[i] != KVL_SLOT_CACHED) continue;
+            if (contains(p->layers[0].slots, want, i)) min_kept = fminf(min_kept, mass[i]);
+            else max_dropped = fmaxf(max_dropped, mass[i]);
+        }
+        CHECK_MSG(min_kept >= max_dropped, "kept min attention %g < dropped max %g", (double)min_kept, (double)max_dropped);
+        kvl_fwd_free(f);
+        kvl_kv_free(kv);
+    }
+    kvl_blend_plan_free(p);
+
+    /* the guard widens the kept set until it holds the asked share of the score (or its cap) */
+    o = kvl_blend_opts_default();
+    o.ratio = 0.05f;
+    o.guard = 0.9f;
+    o.guard_max_ratio = 0.6f;
+    p = run_mode(&fx, o, lg);
+    if (p) {
+        int32_t base = n_unc + (int32_t)(0.05 * n_cached + 0.5), cap = n_unc + (int32_t)(0.6 * n_cached + 0.5);
+        CHECK(p->guard_added > 0 && p->layers[1].n_keep == base + p->guard_added && p->layers[1].n_keep <= cap);
+        CHECK(p->captured >= 0.9 - 1e-9 || p->layers[1].n_keep == cap);
+        for (int l = 2; l < p->n_layers; l++) {
+            CHECK(p->layers[l].n_keep == p->layers[1].n_keep && p->layers[l].n_qkv == p->layers[1].n_keep);
+            CHECK(!memcmp(p->layers[l].slots, p->layers[1].slots, (size_t)p->layers[1].n_keep * sizeof(int32_t)));
+        }
+    }
+    kvl_blend_plan_free(p);
+
+    /* a budget: low ones buy round-robin chunk heads, high ones a ranking (8 cached tokens per
+     * layer-share here: 4 layers, select 1 -> ratio = (4b - 2) / 2) */
+    o = kvl_blend_opts_default();
+    o.budget = 0.2f;
+    p = run_mode(&fx, o, lg);
+    if (p) {
+        CHECK(p->budget_policy == 2 && p->ratio == 0.0f);
+        int32_t pinned_cached = 0;
+        for (int32_t i = 0; i < fx.n; i++) pinned_cached += p->pinned[i] && p->kind[i] == KVL_SLOT_CACHED;
+        CHECK(pinned_cached == (int32_t)floor(0.2 * n_cached));
+        CHECK(p->pinned[1] && p->pinned[1 + CL] && p->pinned[1 + 2 * CL]); /* every chunk's first token */
+        kvl_blend_cost cost = kvl_blend_plan_cost(p);
+        CHECK(cost.cached_fraction <= 0.2 + 1e-12);
+    }
+    kvl_blend_plan_free(p);
+    o.budget = 0.8f;
+    p = run_mode(&fx, o, lg);
+    if (p) {
+        CHECK(p->budget_policy == 1 && fabsf(p->ratio - 21.0f / 36) < 1e-6f);
+        CHECK(kvl_blend_plan_cost(p).cached_fraction <= 0.8 + 1e-6);
+    }
+    kvl_blend_plan_free(p);
+
     /* naive: only uncached tokens, and the result is the engine's masked forward over the loaded kv */
     o = kvl_blend_opts_default();
     o.mode = KVL_BLEND_NAIVE;
