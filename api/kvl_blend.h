@@ -111,9 +111,9 @@ typedef struct kvl_blend_opts {
     int32_t attn_weight;   /* BLEND: 1 (default) = rank by deviation x (1 + a / mean a), a = attention
                             * mass the query tokens (the uncached tokens after the last cached one)
                             * put on each candidate at the selection layer; 0 = deviation alone;
-                            * 2 = attention mass alone (no deviation: usable at layer 0, where a
-                            * re-rotated cache equals a fresh prefill and only the query's attention
-                            * tells the tokens apart) */
+                            * 2 = attention mass alone. At layer 0 (select_layer 0) both rank by
+                            * the query's attention alone: a re-rotated cache equals a fresh
+                            * prefill there, so only the query's attention tells tokens apart */
     int32_t chunk_head;    /* BLEND: the first chunk_head tokens of every cached chunk are recomputed
                             * at every layer (EPIC); they count towards ratio. With ratio 0 (and no
                             * gradual layers) nothing is ranked and only these + uncached tokens run */
@@ -121,10 +121,10 @@ typedef struct kvl_blend_opts {
                             * one partly, by token score); 0 = tokens */
     float budget;          /* BLEND: > 0 = derive the policy from this compute budget (cached
                             * token-layers recomputed / (cached tokens x layers), qkv-only work counted
-                            * whole): ratio from the budget when it reaches budget_min_ratio, else
-                            * static chunk-head tokens (round robin over the chunks), no ranking;
-                            * overrides ratio, chunk_head and gradual_layers. 0 = off */
-    float budget_min_ratio;/* BLEND: smallest kept ratio worth a ranking step (default 0.1) */
+                            * whole): query-attention selection at layer 0 keeping 2r, narrowed to r
+                            * at layer 1 by the query's attention there, r = budget * L / (L + 2);
+                            * overrides ratio, select_layer, attn_weight, gradual_*, chunk_head and
+                            * whole_chunks. 0 = off (default) */
     float guard;           /* BLEND: > 0 = when the kept tokens hold less than this share of the
                             * candidates' total score at the selection layer, keep more (by score)
                             * until they do or guard_max_ratio of the cached tokens are kept; the
@@ -168,7 +168,7 @@ typedef struct kvl_blend_plan {
     int32_t metric;           /* kvl_dev_metric used at selection layers */
     int32_t fresh_candidates, attn_weight, whole_chunks; /* from kvl_blend_opts */
     double qkv_weight;        /* FLOPs of a token's Q/K/V projections / those of a whole token-layer */
-    int32_t budget_policy;    /* what opts.budget chose: 0 none, 1 ranking, 2 static chunk heads */
+    int32_t budget_policy;    /* 1: the policy came from opts.budget, 0: from the explicit options */
     float ratio;              /* BLEND: the kept ratio the plan uses (after opts.budget) */
     int32_t n_slots, n_layers;
     int32_t *tokens;          /* [n_slots] */

@@ -98,7 +98,7 @@ kvl_status kvl_chunk_cache_prefill(kvl_model *m, const int32_t *tokens, int32_t 
 /* ---------------------------------------------------------------- options */
 
 kvl_blend_opts kvl_blend_opts_default(void) {
-    kvl_blend_opts o = {KVL_BLEND_BLEND, 0.15f, 1, KVL_DEV_V, 1, 0.3f, 1, 1, 0, 0, 0.0f, 0.1f, 0.0f, 0.5f};
+    kvl_blend_opts o = {KVL_BLEND_BLEND, 0.15f, 1, KVL_DEV_V, 1, 0.3f, 1, 1, 0, 0, 0.0f, 0.0f, 0.5f};
     return o;
 }
 
@@ -209,7 +209,7 @@ static kvl_status build_layers(kvl_blend_plan *p, const kvl_blend_opts *o) {
             if (n_keep > n_qkv) n_keep = n_qkv;
             /* the kept set is decided at run time: list the candidates (previous layer's kept slots) */
             s = set_layer(&p->layers[l], p->n_slots, l ? p->layers[l - 1].slots : all, n_qkv, n_keep,
-                          l == 0 && o->attn_weight == 2 ? 2 : 1);
+                          l == 0 && o->attn_weight ? 2 : 1);
             keep = n_keep;
         } else {
             /* same set as the last selection layer; filled in by kvl_blend_run */
@@ -222,39 +222,38 @@ static kvl_status build_layers(kvl_blend_plan *p, const kvl_blend_opts *o) {
 }
 
 /* Turns a budget (cached token-layers recomputed / (cached tokens x layers), a qkv-only token-layer
- * counted whole) into a policy. A ranking step costs every layer up to and including the selection
- * layer for every cached token; what remains buys the kept ratio:
- *     budget * L = select_layer + 1 + (L - select_layer - 1) * ratio.
- * When that ratio falls below budget_min_ratio (a ranking that keeps only a few tokens made things
- * worse than no recompute on facts13M, docs/BENCHMARKS.md "Blend policies"), the budget goes to static
- * chunk-head tokens instead: the first token of every chunk, then the second, ..., computed at every
- * layer with no ranking (EPIC). */
+ * counted whole) into the policy chosen by measurement on facts13M and the TinyStories models
+ * (docs/BENCHMARKS.md, "Blend policies"): query-attention selection with gradual filtering. Layer 0
+ * keeps the 2r of the cached tokens the query attends to most (exact there, nothing spent on
+ * ranking); layer 1 computes Q/K/V for those and keeps the r the query attends to most there; the
+ * other layers compute r. Cost: (2 * 2r + (L - 2) * r) / L = budget, so r = budget * L / (L + 2);
+ * counts are rounded down so that the plan stays within the budget. Below a 10% budget: layer 0
+ * keeps r = budget, no narrowing. */
 static void apply_budget(kvl_blend_plan *p, kvl_blend_opts *o) {
-    int32_t L = p->n_layers, sel = o->select_layer, rest = L - sel - 1;
-    double r = rest > 0 ? ((double)o->budget * L - sel - 1) / rest : -1.0;
-    o->gradual_layers = 1;
+    int32_t L = p->n_layers, n = p->n_cached;
+    o->select_layer = 0;
+    o->attn_weight = 2; /* layer 1 ranks by the query's attention too: beat deviation x attention on facts13M */
     o->chunk_head = 0;
-    if (r >= o->budget_min_ratio) {
-        /* whole tokens, rounded down so that the plan stays within the budget */
-        r = r > 1.0 ? 1.0 : floor(r * p->n_cached + 1e-9) / p->n_cached;
-        o->ratio = (float)r;
-        p->budget_policy = 1;
+    o->whole_chunks = 0;
+    p->budget_policy = 1;
+    /* below 10% the narrowing step would keep a token or two per prompt and spend half the budget
+     * on the wider layer-0 set: one selection layer, r = budget */
+    if (L < 3 || n == 0 || o->budget < 0.1f) {
+        o->gradual_layers = 1;
+        o->ratio = n ? (float)(floor((double)o->budget * n + 1e-9) / n) : 0.0f;
         return;
     }
-    o->ratio = 0.0f;
-    p->budget_policy = 2;
-    int64_t want = (int64_t)floor((double)o->budget * p->n_cached + 1e-9), got = 0;
-    for (int32_t d = 0; got < want; d++) {
-        int any = 0;
-        for (int32_t g = 0; g < p->n_segments && got < want; g++) {
-            int32_t s0 = p->seg_slot0[g], end = g + 1 < p->n_segments ? p->seg_slot0[g + 1] : p->n_slots;
-            if (p->kind[s0] != KVL_SLOT_CACHED || s0 + d >= end) continue;
-            any = 1;
-            p->pinned[s0 + d] = 1;
-            got++;
-        }
-        if (!any) break;
+    double r = (double)o->budget * L / (L + 2);
+    int32_t k = (int32_t)floor(r * n + 1e-9), k0 = 2 * k;
+    if (k0 > n) { /* 2r past every token: layer 0 keeps all, the rest of the budget goes to r */
+        k0 = n;
+        k = (int32_t)floor(((double)o->budget * L * n - 2.0 * n) / (L - 2) + 1e-9);
+        if (k > n) k = n;
+        if (k < 0) k = 0;
     }
+    o->gradual_layers = 2;
+    o->ratio = (float)k / n;
+    o->gradual_first = (float)k0 / n;
 }
 
 kvl_status kvl_blend_plan_build(kvl_model *m, const kvl_blend_segment *segs, int32_t n_seg, const int32_t *logit_slots,

@@ -80,12 +80,15 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--metrics", default="k,v,kv")
     ap.add_argument("--ratios", default="0,0.05,0.10,0.15,0.20,0.30,0.50,1.0")
+    ap.add_argument("--budgets", default="", help="run --budget B1,B2,... (the budget policy) instead of --ratio")
     ap.add_argument("--extra", default="", help="more blend-eval arguments for the blend runs")
     ap.add_argument("--chunks", type=int, default=0, help="override the number of chunks")
     ap.add_argument("--chunk-len", type=int, default=0, help="override the chunk length")
     ap.add_argument("--chunk-prefix", default="none", help="chunk-cache mode for every run (none, bos)")
     ap.add_argument("--json", default="", help="write the aggregated results here")
     a = ap.parse_args()
+    if a.budgets:
+        a.ratios = a.budgets
     ratios = [float(x) for x in a.ratios.split(",")]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,11 +101,11 @@ def main():
                              "top1": sum(x["top1_agreement"] for x in naive) / len(naive)},
                    "n": len(comps), "total_tokens": naive[0]["total_tokens"], "blend": {}}
             for metric in a.metrics.split(","):
-                rows = [run(mpath, c, ["--mode", "blend", "--metric", metric, "--ratio", a.ratios] + cp + shlex.split(a.extra)) for c in comps]
+                rows = [run(mpath, c, ["--mode", "blend", "--metric", metric, "--budget" if a.budgets else "--ratio", a.ratios] + cp + shlex.split(a.extra)) for c in comps]
                 curve = []
                 for j, r in enumerate(ratios):
                     xs = [row[j] for row in rows]
-                    curve.append({"ratio": r, "mean_kl": sum(x["mean_kl"] for x in xs) / len(xs),
+                    curve.append({"ratio": r, "budget_spent": sum(x["cached_fraction"] for x in xs) / len(xs), "mean_kl": sum(x["mean_kl"] for x in xs) / len(xs),
                                   "top1": sum(x["top1_agreement"] for x in xs) / len(xs),
                                   "compute_fraction": sum(x["compute_fraction"] for x in xs) / len(xs),
                                   "mode_ms": sum(x["mode_ms"] for x in xs) / len(xs),
@@ -111,7 +114,7 @@ def main():
             results[model] = res
             print("## %s: %d compositions, %d tokens each; naive mean KL %.6f, top-1 %.4f" % (
                 model, res["n"], res["total_tokens"], res["naive"]["mean_kl"], res["naive"]["top1"]))
-            print("| metric | " + " | ".join("r=%g%%" % (100 * r) for r in ratios) + " |")
+            print("| metric | " + " | ".join(("b=%g%%" if a.budgets else "r=%g%%") % (100 * r) for r in ratios) + " |")
             print("|---|" + "---|" * len(ratios))
             for metric, curve in res["blend"].items():
                 print("| %s KL | " % metric + " | ".join("%.6f" % c["mean_kl"] for c in curve) + " |")
@@ -119,6 +122,7 @@ def main():
                 print("| %s naive/blend | " % metric + " | ".join(
                     ("%.2fx" % (res["naive"]["mean_kl"] / c["mean_kl"]) if c["mean_kl"] > 0 else "exact") for c in curve) + " |")
                 print("| %s token-layers | " % metric + " | ".join("%.1f%%" % (100 * c["compute_fraction"]) for c in curve) + " |")
+                print("| %s cached budget spent | " % metric + " | ".join("%.1f%%" % (100 * c["budget_spent"]) for c in curve) + " |")
             sys.stdout.flush()
     if a.json:
         json.dump(results, open(a.json, "w"), indent=1)

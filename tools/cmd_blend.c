@@ -19,7 +19,7 @@ static const char *EVAL_USAGE =
     "kvloom blend-eval --model PATH --chunks A.i32,B.i32,... --tail T.i32 --query-len Q\n"
     "         [--mode blend|naive|full|prefix] [--ratio R[,R2,...]] [--select-layer L] [--metric k|v|kv|kvn]\n"
     "         [--gradual N --gradual-first R0] [--fresh-candidates 0|1] [--attn-weight 0|1|2]\n"
-    "         [--chunk-head N] [--whole-chunks 0|1] [--budget B[,B2,...] [--budget-min-ratio R]]\n"
+    "         [--chunk-head N] [--whole-chunks 0|1] [--budget B[,B2,...]]\n"
     "         [--guard SHARE [--guard-max R]] [--diag 0|1] [--chunk-prefix none|bos|system] [--system S.i32]\n"
     "  prompt = BOS [+ system] + chunks + tail; each chunk is prefilled alone (behind --chunk-prefix:\n"
     "  nothing, a BOS, or BOS + the system prefix; default none); the system prefix's own cache is\n"
@@ -240,7 +240,7 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
     const kvl_blend_opts def = kvl_blend_opts_default();
     long qlen = -1, sel_layer = def.select_layer, gradual = def.gradual_layers, fresh = def.fresh_candidates, attnw = def.attn_weight;
     long chunk_head = def.chunk_head, whole = def.whole_chunks, want_diag = 0;
-    double gfirst = -1, bmin = def.budget_min_ratio, guard = def.guard, guard_max = def.guard_max_ratio;
+    double gfirst = -1, guard = def.guard, guard_max = def.guard_max_ratio;
     int mode = def.mode, metric = def.metric;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -277,9 +277,7 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         } else if (!strcmp(a, "--guard-max")) {
             if (kvl_cli_float(v, 0, 1, &guard_max)) return kvl_cli_usage(C, EVAL_USAGE, "--guard-max needs a ratio in [0, 1], got '%s'", v);
         }
-        else if (!strcmp(a, "--budget-min-ratio")) {
-            if (kvl_cli_float(v, 0, 1, &bmin)) return kvl_cli_usage(C, EVAL_USAGE, "--budget-min-ratio needs a ratio in [0, 1], got '%s'", v);
-        } else if (!strcmp(a, "--diag")) {
+ else if (!strcmp(a, "--diag")) {
             if (kvl_cli_int(v, 0, 1, &want_diag)) return kvl_cli_usage(C, EVAL_USAGE, "--diag must be 0 or 1, got '%s'", v);
         }
         else if (!strcmp(a, "--chunk-head")) {
@@ -409,7 +407,6 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         o.attn_weight = (int32_t)attnw;
         o.chunk_head = (int32_t)chunk_head;
         o.whole_chunks = (int32_t)whole;
-        o.budget_min_ratio = (float)bmin;
         o.guard = (float)guard;
         o.guard_max_ratio = (float)guard_max;
         if (by_budget) {
