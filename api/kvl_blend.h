@@ -124,7 +124,7 @@ typedef struct kvl_blend_opts {
                             * whole): query-attention selection at layer 0 keeping 2r, narrowed to r
                             * at layer 1 by the query's attention there, r = budget * L / (L + 2);
                             * overrides ratio, select_layer, attn_weight, gradual_*, chunk_head and
-                            * whole_chunks. 0 = off (default) */
+                            * whole_chunks. Default 0.2; 0 = the ratio policy */
     float guard;           /* BLEND: > 0 = when the kept tokens hold less than this share of the
                             * candidates' total score at the selection layer, keep more (by score)
                             * until they do or guard_max_ratio of the cached tokens are kept; the
@@ -133,8 +133,9 @@ typedef struct kvl_blend_opts {
     float guard_max_ratio; /* BLEND: cap of the guard's kept ratio (default 0.5) */
 } kvl_blend_opts;
 
-/* Defaults (chosen by measurement, docs/BENCHMARKS.md "Blend"): BLEND, ratio 0.15, select_layer 1,
- * metric V, one selection layer, fresh candidates, attention weighting, no chunk head, tokens. */
+/* Defaults (chosen by measurement, docs/blend.md): BLEND with the budget policy at a 20% budget.
+ * Set budget to 0 to use the ratio policy, whose defaults are ratio 0.15, select_layer 1, metric V,
+ * one selection layer, fresh candidates, attention weighting, no chunk head, tokens, no guard. */
 kvl_blend_opts kvl_blend_opts_default(void);
 
 /* ---------------------------------------------------------------- the plan */

@@ -98,7 +98,7 @@ kvl_status kvl_chunk_cache_prefill(kvl_model *m, const int32_t *tokens, int32_t 
 /* ---------------------------------------------------------------- options */
 
 kvl_blend_opts kvl_blend_opts_default(void) {
-    kvl_blend_opts o = {KVL_BLEND_BLEND, 0.15f, 1, KVL_DEV_V, 1, 0.3f, 1, 1, 0, 0, 0.0f, 0.0f, 0.5f};
+    kvl_blend_opts o = {KVL_BLEND_BLEND, 0.15f, 1, KVL_DEV_V, 1, 0.3f, 1, 1, 0, 0, 0.2f, 0.0f, 0.5f};
     return o;
 }
 

@@ -412,7 +412,7 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         if (by_budget) {
             o.budget = (float)ratios[r];
             o.ratio = 0.0f;
-        }
+        } else if (ratio_arg || mode != KVL_BLEND_BLEND) o.budget = 0.0f; /* the ratio policy */
         if (r == 0 && want_diag && mode == KVL_BLEND_BLEND) s = diag(m, segs, n_segs, lslots, n_pos, n - n_tail, prefix, &o);
         if (s != KVL_OK) break;
         kvl_blend_plan *p = NULL;
@@ -435,7 +435,7 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
                                   "cached_tokens", (int)p->n_cached, "exact_tokens", (int)p->n_exact, "total_tokens", (int)n,
                                   "token_layers", (int)cost.token_layers, "cached_fraction", cost.cached_fraction,
                                   "cached_work_fraction", cost.cached_work_fraction, "captured", p->have_captured ? p->captured : -1.0,
-                                  "budget", by_budget ? ratios[r] : 0.0, "budget_policy", (int)p->budget_policy, "guard_added", (int)p->guard_added,
+                                  "budget", (double)o.budget, "budget_policy", (int)p->budget_policy, "guard_added", (int)p->guard_added,
                                   "compute_fraction", (double)cost.token_layers / (double)cost.full_token_layers, "mode_ms", mode_ms,
                                   "full_ms", full_ms, "positions", (int)n_pos);
             char *txt = j ? json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10)) : NULL;
@@ -536,6 +536,7 @@ int kvl_cmd_blend_bench(int argc, char **argv) {
                 kvl_blend_opts o = kvl_blend_opts_default();
                 o.mode = row == 1 ? KVL_BLEND_NAIVE : KVL_BLEND_BLEND;
                 o.ratio = row == 1 ? 0.0f : (float)ratios[row - 2];
+                o.budget = 0.0f; /* the ratio policy: the blend issue's speed bar is for ratio 15% */
                 kvl_blend_plan *p = NULL;
                 s = kvl_blend_plan_build(m, segs, (int32_t)NC + 2, &last, 1, &o, &p);
                 if (s == KVL_OK) s = kvl_blend_load(m, p, segs, kv);

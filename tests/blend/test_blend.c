@@ -15,6 +15,13 @@ static kvl_model_config tiny_cfg(int rope_style) {
     return c;
 }
 
+/* the ratio policy (the default is the budget policy) */
+static kvl_blend_opts ratio_opts(void) {
+    kvl_blend_opts o = kvl_blend_opts_default();
+    o.budget = 0.0f;
+    return o;
+}
+
 typedef struct {
     kvl_model *m;
     int32_t chunk[NCH][CL], tail[NQ], bos;
@@ -93,7 +100,7 @@ static void test_ratio_one_is_full(int rope_style) {
         full_logits(&fx, ref);
         int modes[] = {KVL_BLEND_BLEND, KVL_BLEND_FULL, KVL_BLEND_PREFIX};
         for (int k = 0; k < 3; k++) {
-            kvl_blend_opts o = kvl_blend_opts_default();
+            kvl_blend_opts o = ratio_opts();
             o.mode = modes[k];
             o.ratio = 1.0f;
             kvl_blend_plan *p = run_mode(&fx, o, got);
@@ -128,7 +135,7 @@ static void test_rerotation(int rope_style) {
             int p = offsets[k];
             /* through the plan: p uncached tokens in front, then the cached chunk */
             kvl_blend_segment segs[2] = {{NULL, pad, p}, {cc, NULL, 0}};
-            kvl_blend_opts o = kvl_blend_opts_default();
+            kvl_blend_opts o = ratio_opts();
             o.mode = KVL_BLEND_NAIVE;
             kvl_blend_plan *pl = NULL;
             kvl_kv *kv = NULL, *ref = NULL;
@@ -173,7 +180,7 @@ static void test_plan(void) {
     float *lg = malloc(NQ * 128 * sizeof(float));
     int32_t n_cached = NCH * CL, n_unc = 1 + NQ;
     /* single-layer selection at layer 1 by key deviation alone */
-    kvl_blend_opts o = kvl_blend_opts_default();
+    kvl_blend_opts o = ratio_opts();
     o.ratio = 0.25f;
     o.metric = KVL_DEV_K;
     o.attn_weight = 0;
@@ -218,7 +225,7 @@ static void test_plan(void) {
     kvl_blend_plan_free(p);
 
     /* attention-weighted value deviation (the default): same ranking rebuilt from the engine steps */
-    o = kvl_blend_opts_default();
+    o = ratio_opts();
     o.ratio = 0.25f;
     p = run_mode(&fx, o, lg);
     if (p) {
@@ -254,7 +261,7 @@ static void test_plan(void) {
     kvl_blend_plan_free(p);
 
     /* gradual filtering over 3 layers from 60% to 20%: sets narrow and nest */
-    o = kvl_blend_opts_default();
+    o = ratio_opts();
     o.ratio = 0.2f;
     o.gradual_layers = 3;
     o.gradual_first = 0.6f;
@@ -273,7 +280,7 @@ static void test_plan(void) {
 
     /* query-attention selection at layer 0: no cached token computed but the kept ones, and the
      * kept ones are those the query attends to most at layer 0 (exact there) */
-    o = kvl_blend_opts_default();
+    o = ratio_opts();
     o.select_layer = 0;
     o.attn_weight = 2;
     o.ratio = 0.25f;
@@ -311,7 +318,7 @@ static void test_plan(void) {
     kvl_blend_plan_free(p);
 
     /* the guard widens the kept set until it holds the asked share of the score (or its cap) */
-    o = kvl_blend_opts_default();
+    o = ratio_opts();
     o.ratio = 0.05f;
     o.guard = 0.9f;
     o.guard_max_ratio = 0.6f;
@@ -330,7 +337,7 @@ static void test_plan(void) {
     /* a budget: query-attention selection, 2r kept at layer 0 and r from layer 1, within budget */
     float budgets[] = {0.05f, 0.2f, 0.5f, 0.8f};
     for (int k = 0; k < 4; k++) {
-        o = kvl_blend_opts_default();
+        o = ratio_opts();
         o.budget = budgets[k];
         p = run_mode(&fx, o, lg);
         if (p) {
@@ -346,7 +353,7 @@ static void test_plan(void) {
     }
 
     /* naive: only uncached tokens, and the result is the engine's masked forward over the loaded kv */
-    o = kvl_blend_opts_default();
+    o = ratio_opts();
     o.mode = KVL_BLEND_NAIVE;
     p = run_mode(&fx, o, lg);
     if (p) {
@@ -374,7 +381,7 @@ static void test_bad_input(void) {
     fixture_init(&fx, KVL_ROPE_INTERLEAVED, 0, 9);
     int32_t last = fx.n - 1;
     kvl_blend_plan *p = NULL;
-    kvl_blend_opts o = kvl_blend_opts_default();
+    kvl_blend_opts o = ratio_opts();
 
     /* a cache from another model (other seed: other fingerprint) */
     kvl_model_config c = tiny_cfg(KVL_ROPE_INTERLEAVED);
@@ -416,10 +423,10 @@ static void test_bad_input(void) {
     last = fx.n - 1;
     o.ratio = 1.5f;
     CHECK_ST(kvl_blend_plan_build(fx.m, fx.segs, NCH + 2, &last, 1, &o, &p), KVL_ERR_BLEND_PLAN);
-    o = kvl_blend_opts_default();
+    o = ratio_opts();
     o.select_layer = 4;
     CHECK_ST(kvl_blend_plan_build(fx.m, fx.segs, NCH + 2, &last, 1, &o, &p), KVL_ERR_BLEND_PLAN);
-    o = kvl_blend_opts_default();
+    o = ratio_opts();
     o.gradual_layers = 4; /* layers 1..4 of a 4-layer model */
     CHECK_ST(kvl_blend_plan_build(fx.m, fx.segs, NCH + 2, &last, 1, &o, &p), KVL_ERR_BLEND_PLAN);
     CHECK_ST(kvl_blend_plan_build(fx.m, fx.segs, 0, &last, 1, NULL, &p), KVL_ERR_BLEND_PLAN);
