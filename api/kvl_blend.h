@@ -149,17 +149,17 @@ typedef enum kvl_slot_kind {
 /* What one layer computes. slots[0 .. n_qkv) get fresh Q/K/V; the first n_keep of them (ascending
  * slot order) have their fresh K/V written into the kv and go through attention + FFN; the rest
  * (qkv only) were candidates that lost the ranking and keep their cached K/V. In a layer with
- * select != 0 the identities of the kept slots are decided by deviation while the layer runs:
+ * select != 0 the identities of the kept slots are decided by the ranking while the layer runs:
  * before kvl_blend_run, the slots of that layer and of every later one are placeholders and only
- * the counts (n_qkv, n_keep) are final; kvl_blend_run fills them in. Every layer's
+ * the counts (n_qkv, n_keep) are final (unless opts.guard widens them); kvl_blend_run fills them in. Every layer's
  * slots are a subset of the previous layer's kept slots (the engine's nesting rule). */
 typedef struct kvl_blend_layer {
     int32_t n_qkv;
     int32_t n_keep;
-    int32_t select;         /* 1: ranked by deviation at this layer; 2: layer 0 ranked by the
+    int32_t select;         /* 1: ranked at this layer (deviation and/or attention); 2: layer 0 ranked by the
                              * query's attention before any cached token is computed: only the
                              * first n_keep slots get Q/K/V (the others are the ranked candidates) */
-    int32_t *slots;         /* [n_qkv] */
+    int32_t *slots;         /* [n_qkv] (room for n_slots: the guard may widen the set at run time) */
 } kvl_blend_layer;
 
 /* Plain-data plan: slot layout, what each slot is, per-layer compute sets, cost counts. Created by
