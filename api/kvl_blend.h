@@ -122,7 +122,8 @@ typedef struct kvl_blend_opts {
     float budget;          /* BLEND: > 0 = derive the policy from this compute budget (cached
                             * token-layers recomputed / (cached tokens x layers), qkv-only work counted
                             * whole): query-attention selection at layer 0 keeping 2r, narrowed to r
-                            * at layer 1 by the query's attention there, r = budget * L / (L + 2);
+                            * at layer 1 by the query's attention there, r = budget * L / (L + 2)
+                            * (below a 20% budget one layer-0 selection keeping r = budget);
                             * overrides ratio, select_layer, attn_weight, gradual_*, chunk_head and
                             * whole_chunks. Default 0.2; 0 = the ratio policy */
     float guard;           /* BLEND: > 0 = when the kept tokens hold less than this share of the
