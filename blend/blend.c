@@ -496,7 +496,7 @@ static void weight_by_mass(float *dev, const float *mass, const int32_t *slots, 
 
 static kvl_status select_layer(kvl_fwd *f, kvl_blend_plan *p, kvl_blend_layer *L) {
     int32_t n = L->n_qkv;
-    float *dev = malloc((size_t)n * sizeof *dev);
+    float *dev = calloc((size_t)(n ? n : 1), sizeof *dev); /* zeros: attention ranking without a query */
     ranked *r = malloc((size_t)n * sizeof *r);
     int32_t *tmp = malloc((size_t)n * sizeof *tmp);
     kvl_status s = dev && r && tmp ? KVL_OK : KVL_ERR_NOMEM;
@@ -531,8 +531,7 @@ static kvl_status select_layer(kvl_fwd *f, kvl_blend_plan *p, kvl_blend_layer *L
             if (p->kind[L->slots[i]] == KVL_SLOT_UNCACHED && L->slots[i] > last_cached) tmp[nq++] = L->slots[i];
         float *mass = malloc((size_t)p->n_slots * sizeof *mass);
         s = mass ? kvl_fwd_attn_mass(f, tmp, nq, mass) : KVL_ERR_NOMEM;
-        if (s == KVL_OK && nq > 0)
-        {
+        if (s == KVL_OK && nq > 0) {
             if (p->attn_weight == 2)
                 for (int32_t i = 0; i < n; i++) dev[i] = mass[L->slots[i]]; /* attention alone */
             else weight_by_mass(dev, mass, L->slots, n);
