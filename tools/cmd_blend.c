@@ -244,6 +244,10 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
     int mode = def.mode, metric = def.metric;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            printf("usage: %s\n", EVAL_USAGE);
+            return 0;
+        }
         if (!v) return kvl_cli_usage(C, EVAL_USAGE, "unknown or incomplete argument '%s'", a);
         i++;
         if (!strcmp(a, "--model")) model = v;
@@ -478,6 +482,10 @@ int kvl_cmd_blend_bench(int argc, char **argv) {
     char *ratio_arg = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            printf("usage: %s\n", BENCH_USAGE);
+            return 0;
+        }
         long *dst = !strcmp(a, "--layers") ? &L : !strcmp(a, "--dim") ? &D : !strcmp(a, "--heads") ? &H
                   : !strcmp(a, "--kv-heads") ? &KVH : !strcmp(a, "--hidden") ? &F : !strcmp(a, "--chunks") ? &NC
                   : !strcmp(a, "--chunk-len") ? &CL : !strcmp(a, "--query") ? &Q : !strcmp(a, "--repeat") ? &rep
