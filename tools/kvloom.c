@@ -6,6 +6,9 @@ int kvl_cmd_logits(int argc, char **argv);
 int kvl_cmd_generate(int argc, char **argv);
 int kvl_cmd_blend_eval(int argc, char **argv);
 int kvl_cmd_blend_bench(int argc, char **argv);
+int kvl_cmd_codec_eval(int argc, char **argv);
+int kvl_cmd_codec_profile(int argc, char **argv);
+int kvl_cmd_gpu_bench(int argc, char **argv);
 
 static const struct {
     const char *name;
@@ -16,6 +19,9 @@ static const struct {
     {"generate", kvl_cmd_generate, "generate text from a prompt"},
     {"blend-eval", kvl_cmd_blend_eval, "CacheBlend quality vs full prefill on cached chunks (JSON)"},
     {"blend-bench", kvl_cmd_blend_bench, "CacheBlend vs full prefill timing on a synthetic model"},
+    {"codec-eval", kvl_cmd_codec_eval, "measure the KV codec (size, KL, top-1) on a token file"},
+    {"codec-profile", kvl_cmd_codec_profile, "build a model's codec probability profile from calibration KV"},
+    {"gpu-bench", kvl_cmd_gpu_bench, "prefill / selective recompute / decode timings on the CUDA backend"},
 };
 
 static int usage(FILE *f) {
