@@ -29,6 +29,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kvl_codec.h"
 #include "kvl_engine.h"
 #include "kvl_status.h"
 
@@ -66,6 +67,11 @@ kvl_status kvl_chunk_cache_create(const uint8_t fingerprint[32], int32_t n_layer
 
 /* Number of floats of cc->kv. */
 size_t kvl_chunk_cache_floats(const kvl_chunk_cache *cc);
+
+/* Passes cc->kv through the codec as a store round trip does: encodes it with opts (NULL: codec
+ * defaults) and decodes the result back into cc->kv (float32). *encoded_bytes (may be NULL) gets the
+ * encoded size. Errors from kvl_codec_encode / kvl_codec_decode. Not thread-safe per cc. */
+kvl_status kvl_chunk_cache_codec_roundtrip(kvl_chunk_cache *cc, const kvl_codec_opts *opts, size_t *encoded_bytes);
 
 /* Frees a chunk cache; NULL is fine. */
 void kvl_chunk_cache_free(kvl_chunk_cache *cc);

@@ -95,6 +95,20 @@ kvl_status kvl_chunk_cache_prefill(kvl_model *m, const int32_t *tokens, int32_t 
     return KVL_OK;
 }
 
+kvl_status kvl_chunk_cache_codec_roundtrip(kvl_chunk_cache *cc, const kvl_codec_opts *opts, size_t *encoded_bytes) {
+    if (!cc || !cc->kv) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_chunk_cache_codec_roundtrip: NULL cache");
+    kvl_codec_shape shape = {cc->n_layers, cc->n_tokens, cc->n_kv_heads, cc->head_dim};
+    kvl_codec_opts o = opts ? *opts : kvl_codec_opts_default();
+    uint8_t *buf = NULL;
+    size_t size = 0;
+    KVL_TRY(kvl_codec_encode(&shape, KVL_CODEC_F32, cc->kv, &o, &buf, &size));
+    kvl_status s = kvl_codec_decode(buf, size, o.profile, 0, cc->n_layers, KVL_CODEC_F32, cc->kv,
+                                    kvl_chunk_cache_floats(cc) * sizeof(float), 1);
+    free(buf);
+    if (s == KVL_OK && encoded_bytes) *encoded_bytes = size;
+    return s;
+}
+
 /* ---------------------------------------------------------------- options */
 
 kvl_blend_opts kvl_blend_opts_default(void) {

@@ -85,6 +85,7 @@ def main():
     ap.add_argument("--chunks", type=int, default=0, help="override the number of chunks")
     ap.add_argument("--chunk-len", type=int, default=0, help="override the chunk length")
     ap.add_argument("--chunk-prefix", default="none", help="chunk-cache mode for every run (none, bos)")
+    ap.add_argument("--codec-level", type=int, default=-1, help="pass chunk caches through the codec at this level")
     ap.add_argument("--json", default="", help="write the aggregated results here")
     a = ap.parse_args()
     if a.budgets:
@@ -95,7 +96,7 @@ def main():
         for model in a.models.split(","):
             mpath = os.path.join(SHARED, PROTOCOL[model][0])
             comps = compositions(model, a.n, a.seed, tmp, a.chunks or None, a.chunk_len or None)
-            cp = ["--chunk-prefix", a.chunk_prefix]
+            cp = ["--chunk-prefix", a.chunk_prefix] + (["--codec-level", str(a.codec_level)] if a.codec_level >= 0 else [])
             naive = [run(mpath, c, ["--mode", "naive"] + cp)[0] for c in comps]
             res = {"naive": {"mean_kl": sum(x["mean_kl"] for x in naive) / len(naive),
                              "top1": sum(x["top1_agreement"] for x in naive) / len(naive)},

@@ -20,11 +20,13 @@ static const char *EVAL_USAGE =
     "         [--mode blend|naive|full|prefix] [--ratio R[,R2,...]] [--select-layer L] [--metric k|v|kv|kvn]\n"
     "         [--gradual N --gradual-first R0] [--fresh-candidates 0|1] [--attn-weight 0|1|2]\n"
     "         [--chunk-head N] [--whole-chunks 0|1] [--budget B[,B2,...]]\n"
-    "         [--guard SHARE [--guard-max R]] [--diag 0|1] [--chunk-prefix none|bos|system] [--system S.i32]\n"
+    "         [--guard SHARE [--guard-max R]] [--codec-level L] [--diag 0|1]\n"
+    "         [--chunk-prefix none|bos|system] [--system S.i32]\n"
     "  prompt = BOS [+ system] + chunks + tail; each chunk is prefilled alone (behind --chunk-prefix:\n"
     "  nothing, a BOS, or BOS + the system prefix; default none); the system prefix's own cache is\n"
     "  computed once behind the BOS and reused exactly. Each cache is placed at its offset; the mode's\n"
     "  logits at the positions predicting tail[Q:] are compared with a full prefill (teacher-forced).\n"
+    "  --codec-level L passes each chunk cache through the codec (encode + decode) first.\n"
     "  One JSON line per ratio (or budget).";
 
 /* splits a comma list in place */
@@ -239,7 +241,8 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
     char *chunks_arg = NULL, *ratio_arg = NULL, *budget_arg = NULL;
     const kvl_blend_opts def = kvl_blend_opts_default();
     long qlen = -1, sel_layer = def.select_layer, gradual = def.gradual_layers, fresh = def.fresh_candidates, attnw = def.attn_weight;
-    long chunk_head = def.chunk_head, whole = def.whole_chunks, want_diag = 0;
+    long chunk_head = def.chunk_head, whole = def.whole_chunks, want_diag = 0, codec_level = -1;
+    size_t codec_bytes = 0, raw_bytes = 0;
     double gfirst = -1, guard = def.guard, guard_max = def.guard_max_ratio;
     int mode = def.mode, metric = def.metric;
     for (int i = 1; i < argc; i++) {
@@ -276,6 +279,10 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
             prefix = v;
         } else if (!strcmp(a, "--system")) sys_path = v;
         else if (!strcmp(a, "--budget")) budget_arg = argv[i];
+        else if (!strcmp(a, "--codec-level")) {
+            if (kvl_cli_int(v, 0, KVL_CODEC_MAX_LEVEL, &codec_level))
+                return kvl_cli_usage(C, EVAL_USAGE, "--codec-level needs a level in [0, %d], got '%s'", KVL_CODEC_MAX_LEVEL, v);
+        }
         else if (!strcmp(a, "--guard")) {
             if (kvl_cli_float(v, 0, 1, &guard)) return kvl_cli_usage(C, EVAL_USAGE, "--guard needs a share in [0, 1], got '%s'", v);
         } else if (!strcmp(a, "--guard-max")) {
@@ -382,6 +389,15 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
             else if (!strcmp(prefix, "bos")) n_ctx = 1;
             else if (!strcmp(prefix, "system")) n_ctx = 1 + n_sys;
             s = kvl_chunk_cache_prefill(m, chunk_tok[i], chunk_n[i], ctx, n_ctx, &caches[i]);
+            if (s == KVL_OK && codec_level >= 0) {
+                /* the chunk's cache as it would come back from the store: encoded, then decoded */
+                kvl_codec_opts co = kvl_codec_opts_default();
+                co.level = (int32_t)codec_level;
+                size_t sz = 0;
+                s = kvl_chunk_cache_codec_roundtrip(caches[i], &co, &sz);
+                codec_bytes += sz;
+                raw_bytes += kvl_chunk_cache_floats(caches[i]) * sizeof(float);
+            }
             ahead += chunk_n[i];
         }
     }
@@ -428,7 +444,7 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         if (s == KVL_OK) {
             quality q = compare(full_logits, mode_logits, targets, n_pos, c->vocab_size);
             kvl_blend_cost cost = kvl_blend_plan_cost(p);
-            json_t *j = json_pack("{s:s, s:f, s:s, s:i, s:i, s:i, s:i, s:i, s:i, s:s, s:f, s:f, s:f, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:i, s:i, s:f, s:f, s:f, s:i}",
+            json_t *j = json_pack("{s:s, s:f, s:s, s:i, s:i, s:i, s:i, s:i, s:i, s:s, s:f, s:f, s:f, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:i}",
                                   "mode", kvl_blend_mode_name(mode), "ratio", (double)p->ratio,
                                   "metric", metric_name(metric), "select_layer", (int)sel_layer, "gradual", (int)gradual,
                                   "fresh_candidates", (int)fresh, "attn_weight", (int)attnw,
@@ -440,6 +456,7 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
                                   "token_layers", (int)cost.token_layers, "cached_fraction", cost.cached_fraction,
                                   "cached_work_fraction", cost.cached_work_fraction, "captured", p->have_captured ? p->captured : -1.0,
                                   "budget", (double)o.budget, "budget_policy", (int)p->budget_policy, "guard_added", (int)p->guard_added,
+                                  "codec_level", (int)codec_level, "codec_bytes", (double)codec_bytes, "raw_f32_bytes", (double)raw_bytes,
                                   "compute_fraction", (double)cost.token_layers / (double)cost.full_token_layers, "mode_ms", mode_ms,
                                   "full_ms", full_ms, "positions", (int)n_pos);
             char *txt = j ? json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10)) : NULL;
