@@ -856,4 +856,5 @@ const kvl_backend_ops kvl_backend_cuda = {
     "cuda", cuda_model_init, cuda_model_fini, cuda_kv_alloc, cuda_kv_release, cuda_kv_write, cuda_kv_read,
     cuda_kv_copy, cuda_kv_rerotate, cuda_fwd_init, cuda_fwd_fini, cuda_fwd_qkv, cuda_fwd_deviation,
     cuda_fwd_commit, cuda_fwd_attn_ffn, cuda_fwd_logits,
+    NULL, /* fwd_attn_mass: not on the GPU yet (kvl_fwd_attn_mass answers KVL_ERR_UNSUPPORTED) */
 };

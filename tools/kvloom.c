@@ -4,6 +4,8 @@
 
 int kvl_cmd_logits(int argc, char **argv);
 int kvl_cmd_generate(int argc, char **argv);
+int kvl_cmd_blend_eval(int argc, char **argv);
+int kvl_cmd_blend_bench(int argc, char **argv);
 int kvl_cmd_codec_eval(int argc, char **argv);
 int kvl_cmd_codec_profile(int argc, char **argv);
 int kvl_cmd_gpu_bench(int argc, char **argv);
@@ -15,6 +17,8 @@ static const struct {
 } cmds[] = {
     {"logits", kvl_cmd_logits, "full prefill of a token file, writes float32 logits"},
     {"generate", kvl_cmd_generate, "generate text from a prompt"},
+    {"blend-eval", kvl_cmd_blend_eval, "CacheBlend quality vs full prefill on cached chunks (JSON)"},
+    {"blend-bench", kvl_cmd_blend_bench, "CacheBlend vs full prefill timing on a synthetic model"},
     {"codec-eval", kvl_cmd_codec_eval, "measure the KV codec (size, KL, top-1) on a token file"},
     {"codec-profile", kvl_cmd_codec_profile, "build a model's codec probability profile from calibration KV"},
     {"gpu-bench", kvl_cmd_gpu_bench, "prefill / selective recompute / decode timings on the CUDA backend"},
