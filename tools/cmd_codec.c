@@ -43,6 +43,8 @@ typedef struct calib_opts {
     int chunk;
     int search;     /* search per-model bins (else the built-in level bins) */
     int search_seqs;
+    float temp;     /* sampling temperature of the generated calibration text */
+    double default_kl; /* the default level's KL target on the calibration text */
 } calib_opts;
 
 static kvl_codec_shape model_shape(const kvl_model *m, int32_t T) {
@@ -77,8 +79,9 @@ static kvl_status add_sequence(kvl_model *m, kvl_codec_profile_builder *b, const
  * that its KL(exact || decoded) over 64 teacher-forced tokens reaches the level's target with the
  * fewest bits. Keys get Qk bins in every layer, values max(1, Qk / r); r is chosen at the default
  * level and kept for the others. */
-static const double LEVEL_KL_TARGET[KVL_CODEC_MAX_LEVEL + 1] = {0, 0.002, 0.007, 0.02, 0.05};
-#define SEARCH_SEQS 8
+static const double LEVEL_KL_TARGET[KVL_CODEC_MAX_LEVEL + 1] = {0, 0.002, 0.009, 0.02, 0.05};
+#define SEARCH_SEQS 32
+#define SEARCH_SEQS_MAX 64
 #define SEARCH_MAX_Q 255
 
 typedef struct search_seq {
@@ -92,10 +95,11 @@ typedef struct search_seq {
 typedef struct searcher {
     kvl_model *m;
     int chunk;
-    search_seq s[SEARCH_SEQS];
+    search_seq s[SEARCH_SEQS_MAX];
     int ns;
     float *dec, *lg;
     int evals;
+    uint8_t *tried; /* [2 * layers]: sections already visited by the refinement pass */
 } searcher;
 
 static void searcher_free(searcher *S) {
@@ -107,6 +111,7 @@ static void searcher_free(searcher *S) {
     }
     free(S->dec);
     free(S->lg);
+    free(S->tried);
 }
 
 static kvl_status searcher_init(searcher *S, kvl_model *m, const calib_opts *co) {
@@ -121,7 +126,8 @@ static kvl_status searcher_init(searcher *S, kvl_model *m, const calib_opts *co)
     size_t per_tok = (size_t)c->n_layers * 2 * c->n_kv_heads * c->head_dim;
     S->dec = malloc(per_tok * (size_t)len * 4);
     S->lg = malloc((size_t)SUFFIX * c->vocab_size * 4);
-    if (!S->dec || !S->lg) return KVL_ERR_NOMEM;
+    S->tried = calloc((size_t)c->n_layers * 2, 1);
+    if (!S->dec || !S->lg || !S->tried) return KVL_ERR_NOMEM;
     /* the calibration files (their first len tokens) when given, else the model's own samples with
      * seeds apart from the table-calibration seeds; sequences that are too short are skipped */
     int tries = co->n_files > 0 ? co->n_files : 4 * co->search_seqs;
@@ -136,7 +142,7 @@ static kvl_status searcher_init(searcher *S, kvl_model *m, const calib_opts *co)
             if (!q->ids) return KVL_ERR_NOMEM;
             int32_t n_out = 0;
             q->ids[0] = c->bos_id;
-            KVL_TRY(kvl_generate(m, q->ids, 1, len - 1, 1.0f, (uint64_t)(co->seed + 500000 + k), NULL, NULL, q->ids + 1,
+            KVL_TRY(kvl_generate(m, q->ids, 1, len - 1, co->temp, (uint64_t)(co->seed + 500000 + k), NULL, NULL, q->ids + 1,
                                  &n_out));
             q->n = 1 + n_out;
         }
@@ -205,12 +211,41 @@ static void alloc_bins(int32_t L, const double *sens, double alpha, uint16_t *bi
     }
 }
 
+#define REFINE_PASSES 3
 #define ALPHA_STEPS 80 /* alpha = 2^(k / 8), k in [0, ALPHA_STEPS] */
 
-/* the smallest alpha whose bins meet the level's KL target; the bins in bins, their bits in *bits */
-static kvl_status search_level(searcher *S, int level, const double *sens, uint16_t *bins, double *bits) {
+/* The sqrt-sensitivity rule is measured far from the operating point (one section at 4 bins), so
+ * coordinate descent from the largest sections down then takes away about 1/8 of a section's bins
+ * wherever the KL target still holds, in up to REFINE_PASSES passes over the sections (a pass that
+ * changes nothing ends it). bins meet tau on entry and on return; *bits follows them. */
+static kvl_status refine_bins(searcher *S, int level, double tau, uint16_t *bins, double *bits) {
     int32_t L = kvl_model_get_config(S->m)->n_layers;
-    double tau = LEVEL_KL_TARGET[level], kl, b, hi_bits = 0;
+    double kl, b;
+    for (int pass = 0, accepted = 1; pass < REFINE_PASSES && accepted; pass++) {
+        accepted = 0;
+        memset(S->tried, 0, (size_t)L * 2);
+        for (int32_t step = 0; step < 2 * L; step++) {
+            int32_t best = -1;
+            for (int32_t i = 0; i < 2 * L; i++)
+                if (bins[i] > 1 && !S->tried[i] && (best < 0 || bins[i] > bins[best])) best = i;
+            if (best < 0) break;
+            S->tried[best] = 1;
+            uint16_t keep = bins[best];
+            bins[best] = (uint16_t)(keep - (keep / 8 > 1 ? keep / 8 : 1));
+            KVL_TRY(search_eval(S, level, bins, &kl, &b));
+            if (kl <= tau) {
+                *bits = b;
+                accepted = 1;
+            } else bins[best] = keep;
+        }
+    }
+    return KVL_OK;
+}
+
+/* the smallest alpha whose bins meet the level's KL target; the bins in bins, their bits in *bits */
+static kvl_status search_level(searcher *S, int level, double tau, const double *sens, uint16_t *bins, double *bits) {
+    int32_t L = kvl_model_get_config(S->m)->n_layers;
+    double kl, b, hi_bits = 0;
     int lo = 0, hi = ALPHA_STEPS;
     alloc_bins(L, sens, exp2(hi / 8.0), bins);
     KVL_TRY(search_eval(S, level, bins, &kl, &hi_bits));
@@ -224,6 +259,7 @@ static kvl_status search_level(searcher *S, int level, const double *sens, uint1
         } else lo = mid + 1;
     }
     alloc_bins(L, sens, exp2(hi / 8.0), bins);
+    KVL_TRY(refine_bins(S, level, tau, bins, &hi_bits));
     *bits = hi_bits;
     return KVL_OK;
 }
@@ -248,7 +284,7 @@ static kvl_status search_bins(kvl_model *m, const calib_opts *co, kvl_codec_prof
     }
     for (int32_t i = 0; s == KVL_OK && i < 2 * L; i++) sens[i] /= mx;
     for (int lv = 1; s == KVL_OK && lv <= KVL_CODEC_MAX_LEVEL; lv++) {
-        s = search_level(&S, lv, sens, bins, &bits);
+        s = search_level(&S, lv, lv == KVL_CODEC_LEVEL_DEFAULT ? co->default_kl : LEVEL_KL_TARGET[lv], sens, bins, &bits);
         if (s == KVL_OK) s = kvl_codec_profile_builder_set_bins(b, lv, bins);
         if (s == KVL_OK) {
             fprintf(stderr, "kvloom: level %d bins (k,v per layer):", lv);
@@ -287,7 +323,7 @@ static kvl_status build_profile(kvl_model *m, const calib_opts *co, kvl_codec_pr
         for (int i = 0; s == KVL_OK && i < co->n_seqs; i++) {
             int32_t n_out = 0;
             seq[0] = c->bos_id;
-            s = kvl_generate(m, seq, 1, len - 1, 1.0f, (uint64_t)(co->seed + i), NULL, NULL, seq + 1, &n_out);
+            s = kvl_generate(m, seq, 1, len - 1, co->temp, (uint64_t)(co->seed + i), NULL, NULL, seq + 1, &n_out);
             if (s == KVL_OK) s = add_sequence(m, b, seq, 1 + n_out, co->chunk);
         }
         free(seq);
@@ -299,10 +335,11 @@ static kvl_status build_profile(kvl_model *m, const calib_opts *co, kvl_codec_pr
 
 static const char *PROFILE_USAGE =
     "kvloom codec-profile --model PATH [--calib TOKENS.i32 ...] [--seqs N --len N --seed S] [--chunk 256]\n"
-    "                     [--search-seqs N | --builtin-bins] --out FILE\n"
+    "                     [--search-seqs N | --builtin-bins] [--temp T] [--default-kl KL] --out FILE\n"
     "  --calib: calibration token files (one per flag; the first max_seq tokens of each) used for the\n"
     "  tables and the bin search; without them the model samples its own (--seqs sequences of --len\n"
-    "  tokens for the tables, --search-seqs more for the bin search, temperature 1, seeds from --seed)";
+    "  tokens for the tables, --search-seqs more for the bin search, temperature --temp (default 1),\n"
+    "  seeds from --seed); --default-kl: the default level's KL target on the calibration text";
 
 static int parse_calib_arg(const char *cmd, const char *usage, int argc, char **argv, int *i, calib_opts *co) {
     long v;
@@ -313,9 +350,25 @@ static int parse_calib_arg(const char *cmd, const char *usage, int argc, char **
         return 1;
     }
     if (!strcmp(a, "--search-seqs")) {
-        if (kvl_cli_int(argv[++*i], 1, SEARCH_SEQS, &v))
-            return -kvl_cli_usage(cmd, usage, "--search-seqs needs 1..%d, got '%s'", SEARCH_SEQS, argv[*i]);
+        if (kvl_cli_int(argv[++*i], 1, SEARCH_SEQS_MAX, &v))
+            return -kvl_cli_usage(cmd, usage, "--search-seqs needs 1..%d, got '%s'", SEARCH_SEQS_MAX, argv[*i]);
         co->search_seqs = (int)v;
+        return 1;
+    }
+    if (!strcmp(a, "--default-kl")) {
+        char *end = NULL;
+        double t = strtod(argv[++*i], &end);
+        if (!end || *end || !(t > 0 && t < 1))
+            return -kvl_cli_usage(cmd, usage, "--default-kl needs a KL target in (0, 1), got '%s'", argv[*i]);
+        co->default_kl = t;
+        return 1;
+    }
+    if (!strcmp(a, "--temp")) {
+        char *end = NULL;
+        double t = strtod(argv[++*i], &end);
+        if (!end || *end || !(t > 0 && t <= 2))
+            return -kvl_cli_usage(cmd, usage, "--temp needs a temperature in (0, 2], got '%s'", argv[*i]);
+        co->temp = (float)t;
         return 1;
     }
     if (!strcmp(a, "--seqs") || !strcmp(a, "--len") || !strcmp(a, "--seed") || !strcmp(a, "--chunk")) {
@@ -331,7 +384,8 @@ static int parse_calib_arg(const char *cmd, const char *usage, int argc, char **
 }
 
 static calib_opts calib_defaults(const char **files) {
-    calib_opts co = {files, 0, 16, 256, 1000, 256, 1, SEARCH_SEQS};
+    calib_opts co = {files, 0, 16, 256, 1000, 256, 1, SEARCH_SEQS, 1.0f, 0};
+    co.default_kl = LEVEL_KL_TARGET[KVL_CODEC_LEVEL_DEFAULT];
     return co;
 }
 
