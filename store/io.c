@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "store_impl.h"
@@ -47,7 +48,7 @@ kvl_status kvl_io_init(kvl_store *st) {
         pthread_mutex_init(&r->mu, NULL);
         r->fixed = 0;
         r->stage = NULL;
-        if (!reg_err && posix_memalign(&r->stage, KVL_BLOCK, KVL_STAGE_BYTES) == 0) {
+        if (!reg_err && (r->stage = kvl_io_buf_alloc(KVL_STAGE_BYTES)) != NULL) {
             struct iovec iov = {r->stage, KVL_STAGE_BYTES};
             int e2 = io_uring_register_buffers(&r->ring, &iov, 1);
             if (e2 == 0) {
@@ -294,8 +295,22 @@ void *kvl_bufpool_get(kvl_bufpool *p, size_t len, size_t *cap) {
         p->allocated++;
         pthread_mutex_unlock(&p->mu);
     }
+    return kvl_io_buf_alloc(c);
+}
+
+void *kvl_io_buf_alloc(size_t len) {
     void *b = NULL;
-    if (posix_memalign(&b, KVL_BLOCK, c)) return NULL;
+    if (len < KVL_HUGE_BYTES) {
+        if (posix_memalign(&b, KVL_BLOCK, len)) return NULL;
+        return b;
+    }
+    /* Large read buffers go on transparent huge pages: an O_DIRECT request is then a few
+     * physically contiguous segments instead of 256 scattered 4 KiB pages per MiB, which a
+     * virtio disk (max_segments 254) otherwise has to split, and the block layer can merge
+     * neighbouring 1 MiB pieces into requests up to max_sectors_kb. Advice only: where the kernel
+     * refuses (THP off), this is an ordinary aligned buffer. */
+    if (posix_memalign(&b, KVL_HUGE_BYTES, len)) return NULL;
+    madvise(b, len, MADV_HUGEPAGE);
     return b;
 }
 
