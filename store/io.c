@@ -145,6 +145,7 @@ typedef struct piece {
     size_t req;
     uint64_t pos; /* byte position within the request */
     size_t len;
+    int fin; /* completed (successfully or not) */
 } piece;
 
 void kvl_io_run(kvl_store *st, kvl_ioreq *req, size_t n) {
@@ -165,9 +166,12 @@ void kvl_io_run(kvl_store *st, kvl_ioreq *req, size_t n) {
         req[i].left = (req[i].len + KVL_IO_PIECE - 1) / KVL_IO_PIECE;
         if (!req[i].left && req[i].done) req[i].done(&req[i], req[i].ctx);
     }
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
+        req[i].first = k;
+        req[i].nready = 0;
         for (uint64_t p = 0; p < req[i].len; p += KVL_IO_PIECE)
-            pc[k++] = (piece){i, p, (size_t)(req[i].len - p < KVL_IO_PIECE ? req[i].len - p : KVL_IO_PIECE)};
+            pc[k++] = (piece){i, p, (size_t)(req[i].len - p < KVL_IO_PIECE ? req[i].len - p : KVL_IO_PIECE), 0};
+    }
     kvl_ring *r = ring_get(st);
     unsigned qd = r->ring.sq.ring_entries;
     if (st->opt.queue_depth > 0 && (unsigned)st->opt.queue_depth < qd) qd = (unsigned)st->opt.queue_depth;
@@ -229,6 +233,18 @@ void kvl_io_run(kvl_store *st, kvl_ioreq *req, size_t n) {
                 rest.done = NULL;
                 run_plain(&rest, 1, 0);
                 if (rest.err && !q->err) q->err = rest.err;
+            }
+            p->fin = 1;
+            if (q->progress && !q->err) {
+                size_t np = (q->len + KVL_IO_PIECE - 1) / KVL_IO_PIECE, before = q->nready;
+                while (q->nready < np && pc[q->first + q->nready].fin) q->nready++;
+                if (q->nready != before) {
+                    /* as for done below: completions back to the ring first, then the caller's work */
+                    io_uring_cq_advance(&r->ring, seen);
+                    seen = 0;
+                    size_t ready = q->nready * (size_t)KVL_IO_PIECE;
+                    q->progress(q, ready < q->len ? ready : q->len, q->ctx);
+                }
             }
             if (--q->left == 0 && q->done) {
                 /* the request is complete: hand the ring's completions back first, then let the

@@ -234,9 +234,15 @@ struct kvl_ioreq {
     /* optional: called on the submitting thread as soon as this request is complete, while the
      * others are still in flight (so checksums overlap the I/O) */
     void (*done)(kvl_ioreq *req, void *ctx);
+    /* optional: called on the submitting thread whenever the completed prefix [0, ready) of a read
+     * grows (pieces finish roughly in order), so the caller can checksum a large value piece by
+     * piece while the rest of it is still in flight; not called for failed pieces (done is) */
+    void (*progress)(kvl_ioreq *req, size_t ready, void *ctx);
     void *ctx;
     size_t tag;
     size_t left;      /* internal: pieces outstanding */
+    size_t first;     /* internal: index of its first piece */
+    size_t nready;    /* internal: pieces of its completed prefix */
     kvl_ioreq *qnext; /* internal: verification queue link */
 };
 /* Runs all requests with up to queue_depth pieces in flight; per-request errors in req[i].err. */
