@@ -228,7 +228,7 @@ typedef struct kvl_store_stats {
     uint64_t open_ns;                            /* open-to-ready time of this handle */
     int index_from_snapshot; /* 1: the index was loaded from the clean-close snapshot, 0: scanned */
     int verify_threads;      /* checksum worker threads */
-    uint64_t worker_verified; /* reads whose checksum a worker thread verified */
+    uint64_t worker_verified; /* reads whose verdict (checksum) a worker thread gave */
     char io_backend[16];    /* "io_uring" or "pread" */
     char io_detail[160];    /* what the backend detected: registered buffers or why not, probes */
     int registered_buffers; /* 1 when puts write through buffers registered with io_uring */

@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "store_impl.h"
@@ -47,7 +48,7 @@ kvl_status kvl_io_init(kvl_store *st) {
         pthread_mutex_init(&r->mu, NULL);
         r->fixed = 0;
         r->stage = NULL;
-        if (!reg_err && posix_memalign(&r->stage, KVL_BLOCK, KVL_STAGE_BYTES) == 0) {
+        if (!reg_err && (r->stage = kvl_io_buf_alloc(KVL_STAGE_BYTES)) != NULL) {
             struct iovec iov = {r->stage, KVL_STAGE_BYTES};
             int e2 = io_uring_register_buffers(&r->ring, &iov, 1);
             if (e2 == 0) {
@@ -144,6 +145,7 @@ typedef struct piece {
     size_t req;
     uint64_t pos; /* byte position within the request */
     size_t len;
+    int fin; /* completed (successfully or not) */
 } piece;
 
 void kvl_io_run(kvl_store *st, kvl_ioreq *req, size_t n) {
@@ -164,9 +166,12 @@ void kvl_io_run(kvl_store *st, kvl_ioreq *req, size_t n) {
         req[i].left = (req[i].len + KVL_IO_PIECE - 1) / KVL_IO_PIECE;
         if (!req[i].left && req[i].done) req[i].done(&req[i], req[i].ctx);
     }
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
+        req[i].first = k;
+        req[i].nready = 0;
         for (uint64_t p = 0; p < req[i].len; p += KVL_IO_PIECE)
-            pc[k++] = (piece){i, p, (size_t)(req[i].len - p < KVL_IO_PIECE ? req[i].len - p : KVL_IO_PIECE)};
+            pc[k++] = (piece){i, p, (size_t)(req[i].len - p < KVL_IO_PIECE ? req[i].len - p : KVL_IO_PIECE), 0};
+    }
     kvl_ring *r = ring_get(st);
     unsigned qd = r->ring.sq.ring_entries;
     if (st->opt.queue_depth > 0 && (unsigned)st->opt.queue_depth < qd) qd = (unsigned)st->opt.queue_depth;
@@ -228,6 +233,18 @@ void kvl_io_run(kvl_store *st, kvl_ioreq *req, size_t n) {
                 rest.done = NULL;
                 run_plain(&rest, 1, 0);
                 if (rest.err && !q->err) q->err = rest.err;
+            }
+            p->fin = 1;
+            if (q->progress && !q->err) {
+                size_t np = (q->len + KVL_IO_PIECE - 1) / KVL_IO_PIECE, before = q->nready;
+                while (q->nready < np && pc[q->first + q->nready].fin) q->nready++;
+                if (q->nready != before) {
+                    /* as for done below: completions back to the ring first, then the caller's work */
+                    io_uring_cq_advance(&r->ring, seen);
+                    seen = 0;
+                    size_t ready = q->nready * (size_t)KVL_IO_PIECE;
+                    q->progress(q, ready < q->len ? ready : q->len, q->ctx);
+                }
             }
             if (--q->left == 0 && q->done) {
                 /* the request is complete: hand the ring's completions back first, then let the
@@ -294,8 +311,22 @@ void *kvl_bufpool_get(kvl_bufpool *p, size_t len, size_t *cap) {
         p->allocated++;
         pthread_mutex_unlock(&p->mu);
     }
+    return kvl_io_buf_alloc(c);
+}
+
+void *kvl_io_buf_alloc(size_t len) {
     void *b = NULL;
-    if (posix_memalign(&b, KVL_BLOCK, c)) return NULL;
+    if (len < KVL_HUGE_BYTES) {
+        if (posix_memalign(&b, KVL_BLOCK, len)) return NULL;
+        return b;
+    }
+    /* Large read buffers go on transparent huge pages: an O_DIRECT request is then a few
+     * physically contiguous segments instead of 256 scattered 4 KiB pages per MiB, which a
+     * virtio disk (max_segments 254) otherwise has to split, and the block layer can merge
+     * neighbouring 1 MiB pieces into requests up to max_sectors_kb. Advice only: where the kernel
+     * refuses (THP off), this is an ordinary aligned buffer. */
+    if (posix_memalign(&b, KVL_HUGE_BYTES, len)) return NULL;
+    madvise(b, len, MADV_HUGEPAGE);
     return b;
 }
 

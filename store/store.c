@@ -13,6 +13,9 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+/* xxh3 compiled here, for this build's target CPU (AVX2/AVX-512 with KVL_NATIVE), instead of the
+ * shared library's baseline SSE2 build: ~40% faster checksums of freshly read values */
+#define XXH_INLINE_ALL
 #include <xxhash.h>
 
 #include "store_impl.h"
@@ -1821,55 +1824,129 @@ kvl_status kvl_store_put(kvl_store *st, const kvl_store_key *key, const kvl_stor
 
 /* ------------------------------------------------------------------ get */
 
-/* reads and verifies the extents of recs (already pinned by the caller) */
+/* Verification of a batch of extent reads, overlapped with the I/O at piece granularity: as the
+ * completed prefix of a value grows (kvl_ioreq.progress), its header is checked and its payload
+ * (tokens + value, contiguous after the header) is fed to a streaming xxh3, so when the last piece
+ * of the batch lands only that piece is left to hash instead of a whole value. Each value is owned
+ * by at most one thread at a time (vstate.owned); the bytes of a value are hashed in order. */
+typedef struct vstate {
+    XXH3_state_t *xs;
+    size_t ready;    /* completed prefix of the extent (bytes) */
+    size_t hashed;   /* payload bytes hashed so far */
+    int owned;       /* a thread is hashing it or it sits in the worker queue */
+    int iodone;      /* all its reads finished (rq->err says how) */
+    int hdr_ok;      /* header checked */
+    kvl_status bad;  /* first failure seen while reading (the value fails once its I/O is done) */
+} vstate;
+
 typedef struct verify_ctx {
     kvl_store *st;
     const kvl_rec *recs;
     kvl_store_value **out;
     kvl_status *status;
+    vstate *vs;
     char (*msg)[160]; /* per item: the detail of a failure (kvl_errorf is per thread) */
-    pthread_mutex_t mu;
+    int parallel;     /* hand work to the store's verification workers */
+    pthread_mutex_t mu; /* vstate fields and left */
     pthread_cond_t cv;
-    size_t left; /* verifications not finished (under mu) */
+    size_t left; /* values not finished (under mu) */
 } verify_ctx;
 
-/* checks one completed extent read: header and checksum */
-static void verify_one(kvl_ioreq *rq, verify_ctx *c) {
+/* Does the work of value rq->tag that is ready: header check, hashing of the new bytes, and once
+ * all its reads are done the final verdict. Called by the value's owner (owned = 1 on entry);
+ * returns having given up ownership: 1 when it gave the verdict, else 0. After the verdict it
+ * touches nothing of c (may be gone). */
+static int verify_work(kvl_ioreq *rq, verify_ctx *c) {
     size_t i = rq->tag;
-    kvl_store *st = c->st;
+    vstate *v = &c->vs[i];
     const kvl_rec *r = &c->recs[i];
-    kvl_store_value *v = c->out[i];
-    kvl_status s = KVL_OK;
-    if (rq->err) s = io_status(rq->err, "reading an extent");
-    const uint8_t *p = v->buf;
-    if (s == KVL_OK) s = kvl_ext_hdr_check(p, r);
+    uint8_t *p = c->out[i]->buf;
+    const size_t pay_end = KVL_EXT_HDR + 4ull * r->n_tokens + r->value_len;
+    for (;;) {
+        pthread_mutex_lock(&c->mu);
+        size_t ready = v->ready < pay_end ? v->ready : pay_end;
+        int iodone = v->iodone;
+        size_t from = KVL_EXT_HDR + v->hashed;
+        if (v->bad || ready <= from) {
+            if (!iodone) {
+                v->owned = 0;
+                pthread_mutex_unlock(&c->mu);
+                return 0;
+            }
+            pthread_mutex_unlock(&c->mu);
+            break;
+        }
+        pthread_mutex_unlock(&c->mu);
+        kvl_status s = KVL_OK;
+        if (!v->hdr_ok) { /* ready > KVL_EXT_HDR here */
+            s = kvl_ext_hdr_check(p, r);
+            if (s == KVL_OK) {
+                v->hdr_ok = 1;
+                v->xs = XXH3_createState();
+                if (!v->xs || XXH3_64bits_reset(v->xs) != XXH_OK)
+                    s = kvl_errorf(KVL_ERR_NOMEM, "checksum state");
+            }
+        }
+        if (s == KVL_OK) {
+            /* no lock needed for the bytes: [from, ready) is complete and only the owner reads it */
+            if (XXH3_64bits_update(v->xs, p + from, ready - from) != XXH_OK)
+                s = kvl_errorf(KVL_ERR_INTERNAL, "checksum update");
+        }
+        pthread_mutex_lock(&c->mu);
+        if (s == KVL_OK) {
+            v->hashed = ready - KVL_EXT_HDR;
+        } else {
+            v->bad = s;
+            snprintf(c->msg[i], sizeof c->msg[i], "%s", kvl_last_error());
+        }
+        pthread_mutex_unlock(&c->mu);
+    }
+    /* all reads of this value are done and everything that could be hashed is: the verdict */
+    kvl_store *st = c->st;
+    kvl_store_value *val = c->out[i];
+    kvl_status s = v->bad;
+    if (s == KVL_OK && rq->err) {
+        s = io_status(rq->err, "reading an extent");
+        snprintf(c->msg[i], sizeof c->msg[i], "%s", kvl_last_error());
+    }
+    if (s == KVL_OK && !v->hdr_ok) { /* an empty payload: nothing was hashed, the header is still due */
+        s = kvl_ext_hdr_check(p, r);
+        if (s == KVL_OK) {
+            v->hdr_ok = 1;
+            v->xs = XXH3_createState();
+            if (!v->xs || XXH3_64bits_reset(v->xs) != XXH_OK) s = kvl_errorf(KVL_ERR_NOMEM, "checksum state");
+        }
+        if (s != KVL_OK) snprintf(c->msg[i], sizeof c->msg[i], "%s", kvl_last_error());
+    }
     if (s == KVL_OK) {
-        const int32_t *tok = (const int32_t *)(p + KVL_EXT_HDR);
-        const uint8_t *data = p + KVL_EXT_HDR + 4ull * r->n_tokens;
-        if (kvl_payload_sum(tok, r->n_tokens, data, r->value_len) != r->checksum)
+        if (v->hashed != pay_end - KVL_EXT_HDR || XXH3_64bits_digest(v->xs) != r->checksum) {
             s = kvl_errorf(KVL_ERR_CORRUPT, "checksum mismatch in segment %u at %llu", r->seg,
                            (unsigned long long)r->off);
-        v->tokens = tok;
-        v->data = data;
-        kvl_rec_to_meta(st, r, &v->meta);
+            snprintf(c->msg[i], sizeof c->msg[i], "%s", kvl_last_error());
+        } else {
+            val->tokens = (const int32_t *)(p + KVL_EXT_HDR);
+            val->data = p + KVL_EXT_HDR + 4ull * r->n_tokens;
+            kvl_rec_to_meta(st, r, &val->meta);
+        }
     }
     if (s != KVL_OK) {
         if (s == KVL_ERR_CORRUPT) atomic_fetch_add(&st->n_corrupt, 1);
-        snprintf(c->msg[i], sizeof c->msg[i], "%s", kvl_last_error());
-        kvl_store_value_free(v);
+        kvl_store_value_free(val);
         c->out[i] = NULL;
         c->status[i] = s;
     }
     pthread_mutex_lock(&c->mu);
     if (--c->left == 0) pthread_cond_signal(&c->cv);
     pthread_mutex_unlock(&c->mu); /* c may be gone after this */
+    return 1;
 }
 
-/* io completion callbacks: verify now on this thread, or queue for the workers */
-static void verify_inline(kvl_ioreq *rq, void *arg) { verify_one(rq, arg); }
-
-static void verify_enqueue(kvl_ioreq *rq, void *arg) {
-    verify_ctx *c = arg;
+/* hands value rq->tag (just made owned) to a worker, or works on it right here */
+static void verify_dispatch(kvl_ioreq *rq, verify_ctx *c) {
+    if (!c->parallel) {
+        verify_work(rq, c);
+        return;
+    }
     kvl_store *st = c->st;
     rq->qnext = NULL;
     pthread_mutex_lock(&st->vmu);
@@ -1878,6 +1955,30 @@ static void verify_enqueue(kvl_ioreq *rq, void *arg) {
     st->vq_tail = rq;
     pthread_cond_signal(&st->vcond);
     pthread_mutex_unlock(&st->vmu);
+}
+
+/* io callbacks (on the submitting thread): record the news, take ownership if nobody has it */
+static void verify_progress(kvl_ioreq *rq, size_t ready, void *arg) {
+    verify_ctx *c = arg;
+    vstate *v = &c->vs[rq->tag];
+    pthread_mutex_lock(&c->mu);
+    v->ready = ready;
+    int take = !v->owned;
+    if (take) v->owned = 1;
+    pthread_mutex_unlock(&c->mu);
+    if (take) verify_dispatch(rq, c);
+}
+
+static void verify_done(kvl_ioreq *rq, void *arg) {
+    verify_ctx *c = arg;
+    vstate *v = &c->vs[rq->tag];
+    pthread_mutex_lock(&c->mu);
+    if (!rq->err) v->ready = rq->len;
+    v->iodone = 1;
+    int take = !v->owned;
+    if (take) v->owned = 1;
+    pthread_mutex_unlock(&c->mu);
+    if (take) verify_dispatch(rq, c);
 }
 
 static kvl_ioreq *vq_pop_locked(kvl_store *st) {
@@ -1900,8 +2001,7 @@ static void *verify_worker(void *arg) {
             continue;
         }
         pthread_mutex_unlock(&st->vmu);
-        verify_one(rq, rq->ctx);
-        atomic_fetch_add(&st->n_vworker, 1);
+        if (verify_work(rq, rq->ctx)) atomic_fetch_add(&st->n_vworker, 1);
         pthread_mutex_lock(&st->vmu);
     }
     pthread_mutex_unlock(&st->vmu);
@@ -1936,18 +2036,20 @@ static void verify_workers_stop(kvl_store *st) {
 kvl_status kvl_read_verify(kvl_store *st, size_t n, const kvl_rec *recs, kvl_store_value **out, kvl_status *status) {
     kvl_ioreq *rq = calloc(n ? n : 1, sizeof *rq);
     char (*msg)[160] = calloc(n ? n : 1, sizeof *msg);
-    if (!rq || !msg) {
+    vstate *vs = calloc(n ? n : 1, sizeof *vs);
+    if (!rq || !msg || !vs) {
         free(rq);
         free(msg);
+        free(vs);
         return kvl_errorf(KVL_ERR_NOMEM, "read batch");
     }
-    verify_ctx ctx = {.st = st, .recs = recs, .out = out, .status = status, .msg = msg};
-    pthread_mutex_init(&ctx.mu, NULL);
-    pthread_cond_init(&ctx.cv, NULL);
     uint64_t total = 0;
     for (size_t i = 0; i < n; i++) total += recs[i].ext_len;
     /* workers pay off when there are several big values to checksum */
     int parallel = st->nvthreads > 0 && n >= 2 && total >= (256u << 10);
+    verify_ctx ctx = {.st = st, .recs = recs, .out = out, .status = status, .vs = vs, .msg = msg, .parallel = parallel};
+    pthread_mutex_init(&ctx.mu, NULL);
+    pthread_cond_init(&ctx.cv, NULL);
     size_t m = 0;
     for (size_t i = 0; i < n; i++) {
         out[i] = NULL;
@@ -1969,7 +2071,7 @@ kvl_status kvl_read_verify(kvl_store *st, size_t n, const kvl_rec *recs, kvl_sto
         atomic_init(&v->refs, 1);
         out[i] = v;
         rq[m++] = (kvl_ioreq){.fd = st->segs[recs[i].seg].fd, .buf = buf, .off = recs[i].off, .len = recs[i].ext_len,
-                              .done = parallel ? verify_enqueue : verify_inline, .ctx = &ctx, .tag = i};
+                              .done = verify_done, .progress = verify_progress, .ctx = &ctx, .tag = i};
     }
     ctx.left = m;
     kvl_io_run(st, rq, m);
@@ -1983,7 +2085,7 @@ kvl_status kvl_read_verify(kvl_store *st, size_t n, const kvl_rec *recs, kvl_sto
         kvl_ioreq *j = parallel ? vq_pop_locked(st) : NULL;
         pthread_mutex_unlock(&st->vmu);
         if (j) {
-            verify_one(j, j->ctx);
+            verify_work(j, j->ctx);
             continue;
         }
         pthread_mutex_lock(&ctx.mu);
@@ -1996,10 +2098,12 @@ kvl_status kvl_read_verify(kvl_store *st, size_t n, const kvl_rec *recs, kvl_sto
             kvl_errorf(status[i], "%s", msg[i]); /* the first failure's detail, on the caller's thread */
             break;
         }
+    for (size_t i = 0; i < n; i++) XXH3_freeState(vs[i].xs);
     pthread_mutex_destroy(&ctx.mu);
     pthread_cond_destroy(&ctx.cv);
     free(rq);
     free(msg);
+    free(vs);
     return KVL_OK;
 }
 

@@ -30,6 +30,7 @@
 #define KVL_NRINGS 4
 #define KVL_IO_PIECE (1u << 20)     /* large reads/writes are split into pieces of this size */
 #define KVL_STAGE_BYTES (4u << 20)  /* registered staging buffer per ring */
+#define KVL_HUGE_BYTES (2u << 20)   /* transparent huge page size on x86-64 / arm64 4K kernels */
 
 enum { CF_DEFAULT = 0, CF_ENTRIES, CF_FREE, CF_PENDING, CF_TENANTS, CF_LOG, CF_COUNT };
 
@@ -155,6 +156,9 @@ kvl_bufpool *kvl_bufpool_create(uint64_t max_bytes);
 void kvl_bufpool_unref(kvl_bufpool *p);
 void *kvl_bufpool_get(kvl_bufpool *p, size_t len, size_t *cap);
 void kvl_bufpool_put(kvl_bufpool *p, void *buf, size_t cap);
+/* An O_DIRECT-aligned buffer of len bytes (free() it); from KVL_HUGE_BYTES up, 2 MiB aligned and
+ * advised onto transparent huge pages (see io.c for why). NULL when out of memory. */
+void *kvl_io_buf_alloc(size_t len);
 
 struct kvl_store_value {
     atomic_int refs;
@@ -230,9 +234,15 @@ struct kvl_ioreq {
     /* optional: called on the submitting thread as soon as this request is complete, while the
      * others are still in flight (so checksums overlap the I/O) */
     void (*done)(kvl_ioreq *req, void *ctx);
+    /* optional: called on the submitting thread whenever the completed prefix [0, ready) of a read
+     * grows (pieces finish roughly in order), so the caller can checksum a large value piece by
+     * piece while the rest of it is still in flight; not called for failed pieces (done is) */
+    void (*progress)(kvl_ioreq *req, size_t ready, void *ctx);
     void *ctx;
     size_t tag;
     size_t left;      /* internal: pieces outstanding */
+    size_t first;     /* internal: index of its first piece */
+    size_t nready;    /* internal: pieces of its completed prefix */
     kvl_ioreq *qnext; /* internal: verification queue link */
 };
 /* Runs all requests with up to queue_depth pieces in flight; per-request errors in req[i].err. */

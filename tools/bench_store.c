@@ -3,7 +3,8 @@
  *   kvloom-bench-store [--dir DIR] [--gib N] [--entries N] [--batch N] [--qd N] [--keep]
  *
  * 1. raw: O_DIRECT sequential write (+ fdatasync) and read of a preallocated file in DIR with
- *    io_uring, 1 MiB requests, qd in flight: the disk's direct bandwidth as this process sees it.
+ *    io_uring, 1 MiB requests, qd in flight, into 2 MiB-aligned buffers on transparent huge pages:
+ *    the disk's direct bandwidth as the best direct reader in this process sees it.
  * 2. store, values of 4 MiB and 32 MiB (N GiB of each): put throughput (each put = O_DIRECT write +
  *    fdatasync + synced RocksDB commit) and batched get throughput (--batch values per
  *    kvl_store_get_batch, DRAM cache off, checksums verified). O_DIRECT bypasses the page cache,
@@ -21,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -63,15 +65,19 @@ static double raw_io(int fd, uint64_t bytes, int write, int qd, void *buf) {
     const size_t piece = 1u << 20;
     uint64_t next = 0, done = 0;
     int inflight = 0;
+    /* each request in flight has its own 1 MiB slot of buf: a stack of the free slots */
+    int *slots = malloc((size_t)qd * sizeof *slots), nfree = qd;
+    for (int i = 0; i < qd; i++) slots[i] = qd - 1 - i;
     double t0 = now_s();
     while (done < bytes) {
         while (inflight < qd && next < bytes) {
             struct io_uring_sqe *sqe = io_uring_get_sqe(&r);
             if (!sqe) break;
-            /* one buffer per slot; contents do not matter for bandwidth */
-            char *b = (char *)buf + (size_t)(inflight % qd) * piece;
+            int slot = slots[--nfree];
+            char *b = (char *)buf + (size_t)slot * piece;
             if (write) io_uring_prep_write(sqe, fd, b, (unsigned)piece, next);
             else io_uring_prep_read(sqe, fd, b, (unsigned)piece, next);
+            io_uring_sqe_set_data(sqe, (void *)(intptr_t)slot);
             next += piece;
             inflight++;
         }
@@ -83,12 +89,14 @@ static double raw_io(int fd, uint64_t bytes, int write, int qd, void *buf) {
                 fprintf(stderr, "raw io failed: %s\n", cqe->res < 0 ? strerror(-cqe->res) : "short");
                 exit(1);
             }
+            slots[nfree++] = (int)(intptr_t)io_uring_cqe_get_data(cqe);
             n++;
         }
         io_uring_cq_advance(&r, n);
         inflight -= (int)n;
         done += n * piece;
     }
+    free(slots);
     if (write && fdatasync(fd) != 0) perror("fdatasync");
     double dt = now_s() - t0;
     io_uring_queue_exit(&r);
@@ -109,6 +117,7 @@ static int cmp_d(const void *a, const void *b) {
 typedef struct res {
     double raw_w, raw_r;
     double put4, get4, put32, get32, putb4, putb32;
+    double rat4[3], rat32[3]; /* within-round store/raw: min, median, max */
     double stat_p50, stat_p99, get_p50, get_p99;
     double fill_s, open_s, open_cpu_s, scan_s, scan_cpu_s;
     int snap;
@@ -130,7 +139,7 @@ static void *raw_buf;
 static double best_raw_r = 0;
 
 static void value_phase(const char *dir, uint64_t total, size_t vsize, int batch, int qd, double *put_mbs,
-                        double *putb_mbs, double *get_mbs, int rounds) {
+                        double *putb_mbs, double *get_mbs, int rounds, double ratio[3]) {
     kvl_store_options o;
     kvl_store_options_default(&o);
     o.segment_bytes = 2ull << 30;
@@ -197,6 +206,7 @@ static void value_phase(const char *dir, uint64_t total, size_t vsize, int batch
     /* rounds of (raw read, store read) back to back; the best of each counts, so a noisy
      * neighbour on a shared machine hurts both sides alike */
     *get_mbs = 0;
+    double *rat = malloc((size_t)rounds * sizeof *rat);
     for (int round = 0; round < rounds; round++) {
     double rr = raw_io(raw_fd, total, 0, qd, raw_buf);
     if (rr > best_raw_r) best_raw_r = rr;
@@ -215,8 +225,15 @@ static void value_phase(const char *dir, uint64_t total, size_t vsize, int batch
     }
     double g = (double)got / (now_s() - t0) / 1e6;
     if (g > *get_mbs) *get_mbs = g;
+    rat[round] = g / rr;
     printf("    round %d: raw read %.0f MB/s, get_batch %.0f MB/s\n", round, rr, g);
     }
+    /* the store against the raw read right before it, round by round: min / median / max */
+    qsort(rat, (size_t)rounds, sizeof *rat, cmp_d);
+    ratio[0] = rat[0];
+    ratio[1] = rounds % 2 ? rat[rounds / 2] : (rat[rounds / 2 - 1] + rat[rounds / 2]) / 2;
+    ratio[2] = rat[rounds - 1];
+    free(rat);
     kvl_store_stats ss;
     kvl_store_get_stats(st, &ss);
     printf("  %zu x %zu MiB: put %.0f MB/s, put_batch(8) %.0f MB/s, get_batch(%d) %.0f MB/s  [%s]\n", n, vsize >> 20,
@@ -373,8 +390,13 @@ int main(int argc, char **argv) {
         fprintf(stderr, "fallocate of %llu bytes failed\n", (unsigned long long)total);
         return 1;
     }
+    /* the raw reader gets the best buffers a direct reader can have: 2 MiB aligned on transparent
+     * huge pages (like the store's read buffers), so each 1 MiB request is one physically
+     * contiguous segment; on 4 KiB pages a request is up to 256 segments and a virtio disk
+     * (max_segments 254) splits it, which made the raw side depend on memory fragmentation */
     void *buf = NULL;
-    if (posix_memalign(&buf, 4096, (size_t)qd << 20)) return 1;
+    if (posix_memalign(&buf, 2u << 20, (size_t)qd << 20)) return 1;
+    madvise(buf, (size_t)qd << 20, MADV_HUGEPAGE);
     memset(buf, 0x5a, (size_t)qd << 20);
     r.raw_w = raw_io(fd, total, 1, qd, buf);
     r.raw_r = raw_io(fd, total, 0, qd, buf);
@@ -384,8 +406,8 @@ int main(int argc, char **argv) {
 
     snprintf(p, sizeof p, "%s/store", dir);
     printf("store values (%.2f GiB each size, get batches of %d, cache off)\n", (double)total / (1 << 30), batch);
-    value_phase(p, total, 4u << 20, batch, qd, &r.put4, &r.putb4, &r.get4, rounds);
-    value_phase(p, total, 32u << 20, batch, qd, &r.put32, &r.putb32, &r.get32, rounds);
+    value_phase(p, total, 4u << 20, batch, qd, &r.put4, &r.putb4, &r.get4, rounds, r.rat4);
+    value_phase(p, total, 32u << 20, batch, qd, &r.put32, &r.putb32, &r.get32, rounds, r.rat32);
     r.raw_r = best_raw_r;
     close(fd);
     snprintf(p, sizeof p, "%s/raw.bin", dir);
@@ -411,6 +433,10 @@ int main(int argc, char **argv) {
            r.get4 / r.raw_r);
     printf("| get_batch(%d) 32 MiB values, verified | %.0f MB/s | %.2f of raw read |\n", batch, r.get32,
            r.get32 / r.raw_r);
+    printf("| get_batch / raw read just before it, per round: 4 MiB min / median / max | %.2f / %.2f / %.2f | |\n",
+           r.rat4[0], r.rat4[1], r.rat4[2]);
+    printf("| get_batch / raw read just before it, per round: 32 MiB min / median / max | %.2f / %.2f / %.2f | |\n",
+           r.rat32[0], r.rat32[1], r.rat32[2]);
     printf("| index lookup (stat) p50 / p99, %llu entries | %.2f / %.2f us | |\n", (unsigned long long)r.entries,
            r.stat_p50, r.stat_p99);
     printf("| small get (index + 4 KiB read) p50 / p99 | %.1f / %.1f us | |\n", r.get_p50, r.get_p99);

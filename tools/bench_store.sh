@@ -2,22 +2,29 @@
 # Store benchmark in one command: dd direct-I/O baseline (and fio if installed) on the same disk,
 # then kvloom-bench-store (raw io_uring baseline, store put/get, 1M-entry index, open time).
 #   tools/bench_store.sh [DIR] [kvloom-bench-store flags...]     e.g. tools/bench_store.sh /mnt/nvme --gib 4
-# Builds build-bench/ (store + tools only, no CUDA) when the binary is missing. On the GPU machine:
-#   source .devdeps/device-deps.sh unpack && tools/bench_store.sh
+# Builds build-bench/ (store + tools only, no CUDA; incremental, every run). On the GPU machine:
+#   source .devdeps/device-deps.sh unpack && KVL_GIT_REV=<rev> tools/bench_store.sh
+# (the copy there has no .git, so the revision printed comes from $KVL_GIT_REV)
 # Writes at most ~max(3 x --gib, 4.2 GB) under DIR and removes it afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-bench-store-data}
 [ $# -gt 0 ] && shift
 BIN=build-bench/bin/kvloom-bench-store
-if [ ! -x "$BIN" ]; then
+# always (re)build: a build-bench/ left from an earlier revision must not be benchmarked by mistake
+if [ ! -f build-bench/CMakeCache.txt ]; then
     cmake -S . -B build-bench -DCMAKE_BUILD_TYPE=Release -DKVL_CUDA=OFF >build-bench.configure.log 2>&1 || {
         cat build-bench.configure.log; exit 1; }
-    cmake --build build-bench -j"$(nproc)" --target kvloom-bench-store kvloom-admin >/dev/null
 fi
+cmake --build build-bench -j"$(nproc)" --target kvloom-bench-store kvloom-admin >build-bench.build.log 2>&1 || {
+    tail -30 build-bench.build.log; exit 1; }
 mkdir -p "$DIR"
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r)"
-echo "== git $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+# the device copy of the tree has no .git: the revision then comes from $KVL_GIT_REV
+REV=$(git rev-parse --short HEAD 2>/dev/null || true)
+if [ -n "$REV" ] && ! git diff --quiet HEAD -- 2>/dev/null; then REV="$REV+dirty"; fi
+[ -z "$REV" ] && REV=${KVL_GIT_REV:+$KVL_GIT_REV (from KVL_GIT_REV)}
+echo "== git ${REV:-unknown (no .git and KVL_GIT_REV unset)}, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 echo "== filesystem: $(df -hT "$DIR" | tail -1)"
 echo "== dd baseline (1 GiB, bs=4M, O_DIRECT; single request in flight)"
 dd if=/dev/zero of="$DIR/dd.bin" bs=4M count=256 oflag=direct conv=fdatasync 2>&1 | tail -1 | sed 's/^/   write: /'
