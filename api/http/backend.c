@@ -19,6 +19,11 @@ const char *kvl_svc_backend_describe(kvl_http_server *s) {
     return "chunk store NOT wired (caches are recomputed), modes: full";
 }
 
+json_t *kvl_svc_modes(kvl_http_server *s) {
+    (void)s;
+    return json_pack("[s]", "full");
+}
+
 static void le32(int32_t v, uint8_t b[4]) {
     uint32_t u = (uint32_t)v;
     b[0] = (uint8_t)u;

@@ -760,11 +760,11 @@ static void admin_stats(kvl_req *r) {
     kvl_http_server *s = r->srv;
     const kvl_model_config *mc = kvl_model_get_config(s->model);
     kvl_req_json(r, 200,
-                 json_pack("{s:f,s:{s:s,s:s,s:s,s:i,s:i,s:i},s:s,s:n,s:{s:I,s:I,s:i},s:{s:I,s:i,s:i,s:i,s:i,s:i}}",
+                 json_pack("{s:f,s:{s:s,s:s,s:s,s:i,s:i,s:i},s:s,s:o,s:n,s:{s:I,s:I,s:i},s:{s:I,s:i,s:i,s:i,s:i,s:i}}",
                            "uptime_s", (kvl_now_ms() - s->started_ms) / 1e3, "model", "path", s->model_path,
                            "fingerprint", s->fingerprint_hex, "backend", kvl_model_backend_name(s->model), "n_layers",
                            mc->n_layers, "max_seq", mc->max_seq, "vocab_size", mc->vocab_size, "wired",
-                           kvl_svc_backend_describe(s), "store", "requests", "inflight",
+                           kvl_svc_backend_describe(s), "modes", kvl_svc_modes(s), "store", "requests", "inflight",
                            (json_int_t)atomic_load(&s->queued), "open", (json_int_t)atomic_load(&s->open_requests),
                            "workers", s->cfg.workers, "limits", "max_body_bytes",
                            (json_int_t)s->cfg.limits.max_body_bytes, "max_tokens", s->cfg.limits.max_tokens,

@@ -197,6 +197,8 @@ kvl_status kvl_svc_backend_open(kvl_http_server *s);
 void kvl_svc_backend_close(kvl_http_server *s);
 /* What is wired, for logs and /admin/stats. */
 const char *kvl_svc_backend_describe(kvl_http_server *s);
+/* JSON array of the generate/context modes this build serves (new reference). */
+json_t *kvl_svc_modes(kvl_http_server *s);
 
 /* Key root of a tenant for the server's model, and a chunk's key in hex. */
 void kvl_svc_root(const kvl_http_server *s, const char *tenant, uint8_t root[32]);

@@ -1,0 +1,476 @@
+#!/usr/bin/env python3
+"""kvloomd tests against the real daemon on loopback.
+
+usage: test_service.py GROUP --bin build/bin/kvloomd --model MODEL --work DIR
+GROUP: e2e | auth | isolation | badinput | limits | drain | metrics | loopback | cli
+Every JSON response is validated against docs/openapi.yaml. Exit status = number of failures.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kvlsvc import Daemon, Failures, spec  # noqa: E402
+
+DOCS = [
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
+    "One day, she saw a big red ball under a tree. She ran to the ball and kicked it very high.",
+    "Tom had a small dog named Max. Max liked to run and jump in the garden. Every morning Tom gave "
+    "Max a bone and they played together until the sun was high in the sky.",
+    "The old boat sat by the river. A bird came and sat on the boat. The bird sang a happy song and "
+    "the fish in the river jumped to hear it. Then the rain came and everyone went home.",
+]
+TENANT_A, TENANT_B, ADMIN = "tok-alpha-0123456789abcdef", "tok-bravo-0123456789abcdef", "tok-admin-0123456789abcdef"
+
+F = Failures()
+check = F.check
+
+
+def write_auth(work):
+    p = os.path.join(work, "auth.json")
+    with open(p, "w") as f:
+        json.dump({"tenants": {TENANT_A: "alpha", TENANT_B: "bravo"}, "admin_token": ADMIN}, f)
+    return p
+
+
+def fresh(work, name):
+    d = os.path.join(work, name)
+    shutil.rmtree(d, ignore_errors=True)
+    for suffix in (".stderr",):
+        if os.path.exists(d + suffix):
+            os.remove(d + suffix)
+    return d
+
+
+def modes_of(d, token=None):
+    return d.request("GET", "/admin/stats", admin=True, token=token).json()["modes"]
+
+
+# ---------------------------------------------------------------- end to end
+
+def test_e2e(a):
+    store = fresh(a.work, "e2e")
+    d = Daemon(a.bin, a.model, store).start()
+    try:
+        check("ready" in d.ready_line and str(d.port) in d.ready_line, f"ready line names the port: {d.ready_line!r}")
+        r = d.request("GET", "/healthz")
+        check(r.status == 200, f"healthz {r}")
+        check(d.request("GET", "/readyz").status == 200, "readyz")
+        docs = []
+        for i, text in enumerate(DOCS):
+            r = d.request("POST", "/v1/documents", {"text": text, "chunk_tokens": 16, "doc_id": f"doc{i}"})
+            check(r.status == 201, f"ingest doc{i}: {r}")
+            j = r.json()
+            check(j["doc_id"] == f"doc{i}", "doc id echoed")
+            check(sum(c["tokens"] for c in j["chunks"]) == j["tokens"], "chunk tokens add up")
+            check(all(c["tokens"] <= 16 for c in j["chunks"]) and len(j["chunks"]) >= 2, "split into chunks of <= 16")
+            docs.append(j)
+        # the same text under the default id twice gives the same id and keys
+        r1 = d.request("POST", "/v1/documents", {"text": DOCS[0], "chunk_tokens": 16}).json()
+        r2 = d.request("POST", "/v1/documents", {"text": DOCS[0], "chunk_tokens": 16}).json()
+        check(r1["doc_id"] == r2["doc_id"] and r1["chunks"] == r2["chunks"], "content-derived doc ids are stable")
+        check([c["key"] for c in r1["chunks"]] == [c["key"] for c in docs[0]["chunks"]], "same tokens, same chunk keys")
+        g = d.request("GET", "/v1/documents/doc1").json()
+        check([c["key"] for c in g["chunks"]] == [c["key"] for c in docs[1]["chunks"]], "GET document lists its chunks")
+
+        modes = modes_of(d)
+        check("full" in modes, f"full mode served: {modes}")
+        req = {"documents": ["doc0", "doc1", "doc2"], "query": "Lily and Max", "max_tokens": 12}
+        results = {}
+        for mode in ["full", "blend", "naive", "prefix"]:
+            r = d.request("POST", "/v1/generate", dict(req, mode=mode))
+            if mode not in modes:
+                check(r.status == 501 and r.json()["error"]["code"] == "not_implemented", f"unwired mode {mode}: {r}")
+                continue
+            check(r.status == 200, f"generate {mode}: {r}")
+            j = r.json()
+            results[mode] = j
+            st, tm = j["stats"], j["timing"]
+            n_chunks = sum(len(x["chunks"]) for x in docs)
+            check(st["chunks_hit"] + st["chunks_missed"] == n_chunks, f"{mode}: every chunk hit or missed: {st}")
+            check(st["prompt_tokens"] > 1 + sum(x["tokens"] for x in docs) and st["prompt_tokens"] == j["prompt_tokens"],
+                  f"{mode}: prompt = BOS + chunks + query: {st}")
+            check(0 < len(j["tokens"]) <= 12 and isinstance(j["text"], str), f"{mode}: tokens generated: {j}")
+            check(0 <= tm["ttft_ms"] <= tm["total_ms"], f"{mode}: ttft <= total: {tm}")
+            check(tm["recompute_ms"] <= tm["total_ms"], f"{mode}: recompute <= total: {tm}")
+            check(st["cached_tokens"] + st["recomputed_tokens"] >= st["prompt_tokens"] - 1 if mode != "full"
+                  else st["recomputed_tokens"] == st["prompt_tokens"], f"{mode}: token accounting {st}")
+        # full mode is deterministic and greedy: the same request twice gives the same tokens
+        r = d.request("POST", "/v1/generate", dict(req, mode="full")).json()
+        check(r["tokens"] == results["full"]["tokens"], "full mode deterministic")
+        # the reference: kvloom logits over the same prompt gives the same first token
+        first_ref = reference_first_token(a, d, req)
+        check(first_ref == r["tokens"][0], f"first token {r['tokens'][0]} equals kvloom logits' argmax {first_ref}")
+        # sampling with a seed is reproducible
+        s1 = d.request("POST", "/v1/generate", dict(req, mode="full", temperature=1.0, seed=7)).json()
+        s2 = d.request("POST", "/v1/generate", dict(req, mode="full", temperature=1.0, seed=7)).json()
+        check(s1["tokens"] == s2["tokens"], "seeded sampling reproducible")
+        # context: header + f32 tensor of the prompt
+        r = d.request("POST", "/v1/context", {"documents": ["doc0"], "query": "Lily", "mode": "full"})
+        check(r.status == 200 and r.headers["content-type"] == "application/octet-stream", f"context {r.status}")
+        if r.status == 200:
+            n = int.from_bytes(r.body[:4], "little")
+            hdr = json.loads(r.body[4:4 + n])
+            errs = list(spec().schema_validator("ContextHeader").iter_errors(hdr))
+            check(not errs, f"context header matches the contract: {errs[:1]}")
+            L, two, T, H, D = hdr["shape"]
+            check(len(r.body) == 4 + n + L * two * T * H * D * 4, "context tensor size")
+            check(T == len(hdr["tokens"]) == hdr["stats"]["prompt_tokens"], "context covers the prompt")
+            rb = d.request("POST", "/v1/context", {"documents": ["doc0"], "query": "Lily", "mode": "full", "dtype": "bf16"})
+            nb = int.from_bytes(rb.body[:4], "little")
+            check(len(rb.body) == 4 + nb + L * two * T * H * D * 2, "bf16 context size")
+        # delete
+        r = d.request("DELETE", "/v1/documents/doc2")
+        check(r.status == 200 and r.json()["deleted"] is True, f"delete {r}")
+        check(d.request("GET", "/v1/documents/doc2").status == 404, "deleted doc is gone")
+        check(d.request("DELETE", "/v1/documents/doc2").status == 404, "second delete 404")
+    finally:
+        d.stop()
+    # restart on the same store: documents survive; every chunk a hit when a store is wired
+    d = Daemon(a.bin, a.model, store).start()
+    try:
+        modes = modes_of(d)
+        r = d.request("POST", "/v1/generate", {"documents": ["doc0", "doc1"], "query": "Lily and Max", "max_tokens": 4,
+                                               "mode": "full"})
+        check(r.status == 200, f"generate after restart: {r}")
+        stats = d.request("GET", "/admin/stats", admin=True).json()
+        n = sum(len(x["chunks"]) for x in docs[:2])
+        if stats["store"] is not None and "blend" in modes:
+            r = d.request("POST", "/v1/generate", {"documents": ["doc0", "doc1"], "query": "Lily and Max", "max_tokens": 4})
+            st = r.json()["stats"]
+            check(st["chunks_hit"] == n and st["chunks_missed"] == 0, f"after restart every chunk is a hit: {st}")
+        else:
+            st = r.json()["stats"]
+            check(st["chunks_missed"] == n, f"no store wired: every chunk recomputed and reported: {st}")
+        check(d.request("GET", "/v1/documents/doc2").status == 404, "delete survived the restart")
+    finally:
+        d.stop()
+
+
+def reference_first_token(a, d, req):
+    """Argmax of `kvloom logits` (a separate full prefill) at the last token of the prompt that
+    /v1/context reports for the same request."""
+    import array
+    r = d.request("POST", "/v1/context", {"documents": req["documents"], "query": req["query"], "mode": "full"})
+    n = int.from_bytes(r.body[:4], "little")
+    toks = json.loads(r.body[4:4 + n])["tokens"]
+    tin, tout = os.path.join(a.work, "ref.i32"), os.path.join(a.work, "ref.f32")
+    with open(tin, "wb") as f:
+        array.array("i", toks).tofile(f)
+    kvloom = os.path.join(os.path.dirname(a.bin), "kvloom")
+    subprocess.run([kvloom, "logits", "--model", a.model, "--tokens", tin, "--out", tout], check=True, timeout=120)
+    logits = array.array("f")
+    with open(tout, "rb") as f:
+        logits.frombytes(f.read())
+    vocab = len(logits) // len(toks)
+    last = logits[(len(toks) - 1) * vocab:]
+    return max(range(vocab), key=lambda i: last[i])
+
+
+# ---------------------------------------------------------------- auth
+
+def test_auth(a):
+    store = fresh(a.work, "auth")
+    d = Daemon(a.bin, a.model, store, auth=write_auth(a.work)).start()
+    try:
+        body = {"text": DOCS[0], "chunk_tokens": 32, "doc_id": "d"}
+        for tok, want in [(None, 401), ("nope-nope-nope-nope-nope", 401), (ADMIN, 403), (TENANT_A, 201)]:
+            r = d.request("POST", "/v1/documents", body, token=tok)
+            check(r.status == want, f"API ingest with token {tok}: want {want}, got {r}")
+        r = d.request("POST", "/v1/documents", body, headers={"Authorization": "Basic dXNlcjpwYXNz"})
+        check(r.status == 401, f"non-bearer auth: {r}")
+        for path in ["/admin/stats", "/admin/tenants", "/metrics"]:
+            for tok, want in [(None, 401), ("nope-nope-nope-nope-nope", 401), (TENANT_A, 403), (ADMIN, 200)]:
+                r = d.request("GET", path, token=tok, admin=True)
+                check(r.status == want, f"{path} with {tok}: want {want}, got {r}")
+        for path in ["/healthz", "/readyz"]:
+            check(d.request("GET", path).status == 200, f"{path} needs no token")
+            check(d.request("GET", path, admin=True).status == 200, f"admin {path} needs no token")
+        r = d.request("GET", "/admin/tenants", token=ADMIN, admin=True).json()
+        names = {t["tenant"] for t in r["tenants"]}
+        check(names == {"alpha", "bravo"}, f"tenants listed: {names}")
+        # API paths do not exist on the admin listener and vice versa
+        check(d.request("GET", "/v1/documents/d", token=ADMIN, admin=True).status == 404, "no API on admin")
+        check(d.request("GET", "/admin/stats", token=TENANT_A).status == 404, "no admin on API")
+    finally:
+        d.stop()
+    # auth file problems stop the daemon with exit 1
+    bad = os.path.join(a.work, "bad-auth.json")
+    for content in ['{"tenants": {"short": "a"}}', '{"tenants": {}}', '{"tenants": {"%s": "a"}, "x": 1}' % TENANT_A,
+                    '{"tenants": {"%s": "bad name"}}' % TENANT_A, "not json"]:
+        with open(bad, "w") as f:
+            f.write(content)
+        p = subprocess.run([a.bin, "--model", a.model, "--store", fresh(a.work, "authbad"), "--listen", "127.0.0.1:0",
+                            "--admin-listen", "127.0.0.1:0", "--auth", bad], capture_output=True, text=True, timeout=60)
+        check(p.returncode == 1 and "auth file" in p.stderr, f"bad auth file {content!r}: rc {p.returncode} {p.stderr}")
+
+
+def test_isolation(a):
+    store = fresh(a.work, "iso")
+    d = Daemon(a.bin, a.model, store, auth=write_auth(a.work)).start()
+    try:
+        ra = d.request("POST", "/v1/documents", {"text": DOCS[1], "chunk_tokens": 16, "doc_id": "shared"}, token=TENANT_A)
+        rb = d.request("POST", "/v1/documents", {"text": DOCS[1], "chunk_tokens": 16, "doc_id": "shared"}, token=TENANT_B)
+        check(ra.status == rb.status == 201, f"both ingest: {ra} {rb}")
+        ka = [c["key"] for c in ra.json()["chunks"]]
+        kb = [c["key"] for c in rb.json()["chunks"]]
+        check(not set(ka) & set(kb), "same text, different tenants: disjoint keys (tenant in the key root)")
+        ra2 = d.request("POST", "/v1/documents", {"text": DOCS[2], "chunk_tokens": 16, "doc_id": "only-a"}, token=TENANT_A)
+        check(ra2.status == 201, "ingest only-a")
+        check(d.request("GET", "/v1/documents/only-a", token=TENANT_B).status == 404, "B cannot see A's document")
+        check(d.request("DELETE", "/v1/documents/only-a", token=TENANT_B).status == 404, "B cannot delete A's document")
+        check(d.request("GET", "/v1/documents/only-a", token=TENANT_A).status == 200, "A still has it")
+        r = d.request("POST", "/v1/generate", {"documents": ["only-a"], "query": "bird", "mode": "full"}, token=TENANT_B)
+        check(r.status == 404, f"B cannot generate over A's document: {r}")
+        for k in ka:
+            check(d.request("GET", f"/v1/chunks/{k}", token=TENANT_B).status == 404, "B cannot read A's chunk")
+            r = d.request("POST", "/v1/generate", {"chunks": [k], "query": "x", "mode": "full"}, token=TENANT_B)
+            check(r.status == 404, f"B cannot use A's chunk key: {r}")
+        t = {x["tenant"]: x for x in d.request("GET", "/admin/tenants", token=ADMIN, admin=True).json()["tenants"]}
+        check(t["alpha"]["documents"] == 2 and t["bravo"]["documents"] == 1, f"per-tenant usage: {t}")
+    finally:
+        d.stop()
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_badinput(a):
+    store = fresh(a.work, "bad")
+    d = Daemon(a.bin, a.model, store, extra=["--max-body-bytes", "8192", "--max-tokens", "300", "--max-chunks", "6",
+                                              "--max-new-tokens", "64"]).start()
+    try:
+        check(d.request("POST", "/v1/documents", {"text": DOCS[0], "chunk_tokens": 16, "doc_id": "ok"}).status == 201, "seed doc")
+        long_text = " ".join(["the cat sat on the mat"] * 80)
+        cases = {
+            "/v1/documents": [
+                (b"{", 400, "invalid_json"), (b"[1,2]", 400, "invalid_json"), (b"", 400, "invalid_json"),
+                ({"text": 5}, 400, "invalid_field"), ({"tokens": "abc"}, 400, "invalid_field"),
+                ({"tokens": [1, "x"]}, 400, "invalid_field"), ({"tokens": [1, -3]}, 400, "invalid_field"),
+                ({"tokens": [1, 100000]}, 400, "invalid_field"), ({"tokens": [1.5]}, 400, "invalid_field"),
+                ({"text": "a", "bogus": 1}, 400, "unknown_field"), ({"text": "a", "tokens": [1]}, 400, "invalid_request"),
+                ({}, 400, "invalid_request"), ({"text": ""}, 400, "invalid_request"),
+                ({"text": "a", "chunk_tokens": -1}, 400, "invalid_field"), ({"text": "a", "chunk_tokens": 0}, 400, "invalid_field"),
+                ({"text": "a", "chunk_tokens": 100000}, 400, "invalid_field"), ({"text": "a", "chunk_tokens": "8"}, 400, "invalid_field"),
+                ({"text": "a", "doc_id": "../etc"}, 400, "invalid_field"), ({"text": "a", "doc_id": ""}, 400, "invalid_field"),
+                ({"text": "a", "doc_id": 7}, 400, "invalid_field"),
+                ({"text": long_text}, 413, "payload_too_large"),
+                ({"tokens": [5] * 200, "chunk_tokens": 10}, 413, "payload_too_large"),
+                (b'{"text": "a", "text": "b"}', 400, "invalid_json"),
+                (b'{"text": "\xff\xfe"}', 400, "invalid_json"),
+            ],
+            "/v1/generate": [
+                (b"{", 400, "invalid_json"), (b"null", 400, "invalid_json"),
+                ({"query": "x", "mode": "full", "unknown": True}, 400, "unknown_field"),
+                ({"query": 3, "mode": "full"}, 400, "invalid_field"), ({"mode": "full"}, 400, "invalid_request"),
+                ({"query": "x", "mode": "fast"}, 400, "invalid_field"), ({"query": "x", "mode": 1}, 400, "invalid_field"),
+                ({"query": "x", "max_tokens": -1, "mode": "full"}, 400, "invalid_field"),
+                ({"query": "x", "max_tokens": 1000, "mode": "full"}, 413, "payload_too_large"),
+                ({"query": "x", "temperature": -1, "mode": "full"}, 400, "invalid_field"),
+                ({"query": "x", "seed": -5, "mode": "full"}, 400, "invalid_field"),
+                ({"query": "x", "recompute_ratio": 1.5}, 400, "invalid_field"),
+                ({"query": "x", "documents": "ok", "mode": "full"}, 400, "invalid_field"),
+                ({"query": "x", "documents": [1], "mode": "full"}, 400, "invalid_field"),
+                ({"query": "x", "documents": ["missing"], "mode": "full"}, 404, "not_found"),
+                ({"query": "x", "chunks": ["zz"], "mode": "full"}, 400, "invalid_field"),
+                ({"query": "x", "chunks": ["0" * 64], "mode": "full"}, 404, "not_found"),
+                ({"query": "x", "documents": ["ok"] * 7, "mode": "full"}, 413, "payload_too_large"),
+                ({"query_tokens": [1, 2, 600], "mode": "full"}, 400, "invalid_field"),
+                ({"query_tokens": [], "mode": "full"}, 400, "invalid_request"),
+                ({"query": "x", "query_tokens": [1], "mode": "full"}, 400, "invalid_request"),
+                ({"query_tokens": [7] * 290, "max_tokens": 64, "documents": ["ok"], "mode": "full"}, 413, "payload_too_large"),
+            ],
+            "/v1/context": [
+                (b"{", 400, "invalid_json"), ({"query": "x", "format": "png"}, 400, "invalid_field"),
+                ({"query": "x", "dtype": "f64", "mode": "full"}, 400, "invalid_field"),
+                ({"query": "x", "max_tokens": 3}, 400, "unknown_field"),
+            ],
+        }
+        for path, lst in cases.items():
+            for body, want, code in lst:
+                if isinstance(body, bytes):
+                    r = d.request("POST", path, raw=body)
+                else:
+                    r = d.request("POST", path, body)
+                ok = r.status == want and r.json()["error"]["code"] == code
+                check(ok, f"POST {path} {str(body)[:80]}: want {want} {code}, got {r}")
+        # context limit of the model: a prompt longer than max_seq
+        r = d.request("POST", "/v1/generate", {"query_tokens": [7] * 290, "max_tokens": 64, "mode": "full",
+                                               "documents": ["ok"]})
+        check(r.json()["error"].get("limit") in ("tokens", "context"), f"limit named: {r}")
+        # wrong content type and huge bodies
+        for path in ["/v1/documents", "/v1/generate", "/v1/context"]:
+            r = d.request("POST", path, raw=b'{"text": "a"}', ctype="text/plain")
+            check(r.status == 415 and r.json()["error"]["code"] == "unsupported_media_type", f"{path} text/plain: {r}")
+            r = d.request("POST", path, raw=b'{"text": "a"}', ctype=None)
+            check(r.status == 415, f"{path} without content type: {r}")
+            r = d.request("POST", path, raw=b" " * 20000)
+            check(r.status == 413 and r.json()["error"]["limit"] == "body_bytes", f"{path} huge body: {r}")
+        r = d.request("POST", "/admin/evict", raw=b"{", admin=True)
+        check(r.status in (400, 501), f"admin evict malformed: {r}")
+        r = d.request("POST", "/admin/evict", raw=b"{}", ctype="text/plain", admin=True)
+        check(r.status == 415, f"admin evict text/plain: {r}")
+        # chunked upload past the limit: 413 at the end of the body
+        import http.client
+        c = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+        c.putrequest("POST", "/v1/documents")
+        c.putheader("Content-Type", "application/json")
+        c.putheader("Transfer-Encoding", "chunked")
+        c.endheaders()
+        for _ in range(5):
+            piece = b" " * 4000
+            c.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+        c.send(b"0\r\n\r\n")
+        resp = c.getresponse()
+        body = resp.read()
+        check(resp.status == 413, f"chunked huge body: {resp.status} {body[:100]}")
+        c.close()
+        # unknown paths, keys and methods
+        for method, path, want in [("GET", "/nope", 404), ("GET", "/v1/documents/nope", 404),
+                                   ("GET", "/v1/documents/a%2Fb", 404), ("GET", "/v1/chunks/xyz", 404),
+                                   ("GET", "/v1/chunks/" + "0" * 64, 404), ("GET", "/v1/chunks/" + "0" * 64 + "/kv", 404),
+                                   ("DELETE", "/v1/chunks/" + "0" * 64, 404), ("PUT", "/v1/documents", 405),
+                                   ("GET", "/v1/generate", 405), ("DELETE", "/v1/generate", 405),
+                                   ("POST", "/healthz", 405)]:
+            r = d.request(method, path)
+            check(r.status == want, f"{method} {path}: want {want}, got {r}")
+        check(d.request("GET", "/healthz").status == 200 and d.alive(), "daemon still up after the bad-input matrix")
+    finally:
+        d.stop()
+
+
+# ---------------------------------------------------------------- limits
+
+def test_limits(a):
+    store = fresh(a.work, "lim")
+    d = Daemon(a.bin, a.model, store, extra=["--workers", "1", "--max-concurrent", "2"]).start()
+    try:
+        d.request("POST", "/v1/documents", {"text": DOCS[0], "chunk_tokens": 16, "doc_id": "x"})
+        statuses = []
+        lock = threading.Lock()
+
+        def one():
+            r = d.request("POST", "/v1/generate", {"documents": ["x"], "query": "Lily", "mode": "full", "max_tokens": 150,
+                                                   "temperature": 1.0, "seed": 1})
+            with lock:
+                statuses.append((r.status, r.headers.get("retry-after"), r.json().get("error", {}).get("limit")))
+        ts = [threading.Thread(target=one) for _ in range(8)]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+        codes = sorted(s for s, _, _ in statuses)
+        check(200 in codes and 429 in codes, f"concurrency limit: some served, some refused: {codes}")
+        check(all(ra == "1" and lim == "concurrent_requests" for s, ra, lim in statuses if s == 429),
+              f"429s carry Retry-After and the limit: {statuses}")
+    finally:
+        d.stop()
+    store = fresh(a.work, "lim2")
+    d = Daemon(a.bin, a.model, store, extra=["--workers", "1", "--request-timeout-ms", "1"]).start()
+    try:
+        r = d.request("POST", "/v1/generate", {"query": "Once upon a time", "mode": "full", "max_tokens": 200})
+        check(r.status in (503, 504) and r.json()["error"]["code"] == "request_timeout"
+              and r.json()["error"]["limit"] == "request_timeout_ms", f"request time limit: {r}")
+        check(d.request("GET", "/healthz").status == 200, "up after timeouts")
+    finally:
+        d.stop()
+
+
+def test_drain(a):
+    store = fresh(a.work, "drain")
+    d = Daemon(a.bin, a.model, store, extra=["--workers", "1"]).start()
+    box = {}
+
+    def slow():
+        box["r"] = d.request("POST", "/v1/generate", {"query": "Once upon a time", "mode": "full", "max_tokens": 300,
+                                                      "temperature": 1.0, "seed": 3}, validate=False)
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.3)
+    t0 = time.time()
+    d.stop()  # SIGTERM while the request runs: it must complete, then the daemon exits 0
+    t.join(30)
+    r = box.get("r")
+    check(r is not None and r.status == 200, f"in-flight request finished during the drain: {r}")
+    check(time.time() - t0 < 30, "drain bounded")
+
+
+def test_metrics(a):
+    store = fresh(a.work, "met")
+    d = Daemon(a.bin, a.model, store).start()
+    try:
+        d.request("POST", "/v1/documents", {"text": DOCS[2], "chunk_tokens": 16, "doc_id": "m"})
+        d.request("POST", "/v1/generate", {"documents": ["m"], "query": "bird", "mode": "full", "max_tokens": 4})
+        d.request("POST", "/v1/generate", raw=b"{")
+        r = d.request("GET", "/metrics", admin=True)
+        check(r.status == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4"), f"metrics: {r.status}")
+        text = r.body.decode()
+        vals = {}
+        for line in text.splitlines():
+            if line.startswith("#") or not line.strip():
+                continue
+            name, _, v = line.rpartition(" ")
+            float(v)  # every sample parses
+            vals[name] = float(v)
+        check(vals.get('kvloom_http_requests_total{route="documents_post",code="201"}') == 1, "ingest counted")
+        check(vals.get('kvloom_http_requests_total{route="generate",code="200"}') == 1, "generate counted")
+        check(vals.get('kvloom_http_requests_total{route="generate",code="400"}') == 1, "bad request counted")
+        check(vals.get("kvloom_ingested_chunks_total", 0) >= 2, "chunks counted")
+        check(vals.get("kvloom_ttft_seconds_count") == 1, "ttft observed")
+        b = [v for k, v in vals.items() if k.startswith('kvloom_http_request_duration_seconds_bucket{route="generate"')]
+        check(b == sorted(b) and b[-1] == 2, f"generate latency histogram cumulative: {b}")
+        check("kvloom_chunk_hits_total" in vals and "kvloom_chunk_misses_total" in vals, "hit/miss counters")
+    finally:
+        d.stop()
+
+
+def test_loopback(a):
+    store = fresh(a.work, "lb")
+    for listen in ["0.0.0.0:0", "[::]:0"]:
+        p = subprocess.run([a.bin, "--model", a.model, "--store", store, "--listen", listen, "--admin-listen", "127.0.0.1:0"],
+                           capture_output=True, text=True, timeout=60)
+        check(p.returncode == 1 and "loopback" in p.stderr, f"no auth + {listen}: refused: {p.returncode} {p.stderr}")
+    p = subprocess.run([a.bin, "--model", a.model, "--store", store, "--listen", "127.0.0.1:0"],
+                       capture_output=True, text=True, timeout=60)
+    check(p.returncode == 2 and "usage" in p.stderr, f"missing --admin-listen is a usage error: {p.returncode}")
+    p = subprocess.run([a.bin, "--model", "/nonexistent", "--store", store, "--listen", "127.0.0.1:0",
+                        "--admin-listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+    check(p.returncode == 1 and "error" in p.stderr, f"bad model path: {p.returncode} {p.stderr}")
+    # a port in use
+    d = Daemon(a.bin, a.model, store).start()
+    try:
+        p = subprocess.run([a.bin, "--model", a.model, "--store", fresh(a.work, "lb2"), "--listen", f"127.0.0.1:{d.port}",
+                            "--admin-listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+        check(p.returncode == 1 and "listen" in p.stderr, f"port in use: {p.returncode} {p.stderr}")
+    finally:
+        d.stop()
+
+
+GROUPS = {"e2e": test_e2e, "auth": test_auth, "isolation": test_isolation, "badinput": test_badinput,
+          "limits": test_limits, "drain": test_drain, "metrics": test_metrics, "loopback": test_loopback}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("group", choices=sorted(GROUPS) + ["all"])
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--work", required=True)
+    a = ap.parse_args()
+    os.makedirs(a.work, exist_ok=True)
+    groups = sorted(GROUPS) if a.group == "all" else [a.group]
+    t0 = time.time()
+    for g in groups:
+        try:
+            GROUPS[g](a)
+        except AssertionError as e:
+            check(False, f"{g}: {e}")
+    print(f"{'all checks passed' if not F.n else f'{F.n} check(s) failed'}; "
+          f"{spec().checked} responses validated against docs/openapi.yaml; {time.time() - t0:.1f} s")
+    sys.exit(min(F.n, 100))
+
+
+if __name__ == "__main__":
+    main()
