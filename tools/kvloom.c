@@ -4,6 +4,8 @@
 
 int kvl_cmd_logits(int argc, char **argv);
 int kvl_cmd_generate(int argc, char **argv);
+int kvl_cmd_ingest(int argc, char **argv);
+int kvl_cmd_ask(int argc, char **argv);
 
 static const struct {
     const char *name;
@@ -12,6 +14,8 @@ static const struct {
 } cmds[] = {
     {"logits", kvl_cmd_logits, "full prefill of a token file, writes float32 logits"},
     {"generate", kvl_cmd_generate, "generate text from a prompt"},
+    {"ingest", kvl_cmd_ingest, "send documents to a running kvloomd (POST /v1/documents)"},
+    {"ask", kvl_cmd_ask, "ask a question over ingested documents (POST /v1/generate)"},
 };
 
 static int usage(FILE *f) {

@@ -448,7 +448,47 @@ def test_loopback(a):
         d.stop()
 
 
-GROUPS = {"e2e": test_e2e, "auth": test_auth, "isolation": test_isolation, "badinput": test_badinput,
+def test_cli(a):
+    """kvloom ingest / ask against the daemon, with auth."""
+    store = fresh(a.work, "cli")
+    kvloom = os.path.join(os.path.dirname(a.bin), "kvloom")
+    d = Daemon(a.bin, a.model, store, auth=write_auth(a.work)).start()
+    try:
+        files = []
+        for i, text in enumerate(DOCS):
+            p = os.path.join(a.work, f"story {i}.txt")
+            with open(p, "w") as f:
+                f.write(text)
+            files.append(p)
+        url = f"http://127.0.0.1:{d.port}"
+        p = subprocess.run([kvloom, "ingest", "--server", url, "--token", TENANT_A, "--chunk-tokens", "16"] + files,
+                           capture_output=True, text=True, timeout=120)
+        check(p.returncode == 0, f"kvloom ingest: {p.returncode} {p.stderr}")
+        lines = p.stdout.strip().splitlines()
+        check(len(lines) == 3 and lines[0].split("\t")[1] == "story_0.txt", f"one line per document: {p.stdout!r}")
+        check(p.stderr.count("ingested ") == 3 and "chunks/s" in p.stderr and "ETA" in p.stderr,
+              f"plain progress lines off a terminal: {p.stderr!r}")
+        got = d.request("GET", "/v1/documents/story_1.txt", token=TENANT_A).json()
+        check(sum(c["tokens"] for c in got["chunks"]) == got["tokens"], "ingested through the CLI")
+        p = subprocess.run([kvloom, "ask", "--server", url + "/", "--token", TENANT_A, "--doc", "story_0.txt", "--doc",
+                            "story_1.txt", "--mode", "full", "-n", "8", "--json", "Who is Lily?"],
+                           capture_output=True, text=True, timeout=120)
+        check(p.returncode == 0, f"kvloom ask: {p.returncode} {p.stderr}")
+        if p.returncode == 0:
+            j = json.loads(p.stdout)
+            check(len(j["tokens"]) > 0 and j["stats"]["chunks_hit"] + j["stats"]["chunks_missed"] >= 4, f"ask answer {j}")
+        p = subprocess.run([kvloom, "ask", "--server", url, "--token", TENANT_B, "--doc", "story_0.txt", "--mode", "full",
+                            "q"], capture_output=True, text=True, timeout=60)
+        check(p.returncode == 1 and "404" in p.stderr, f"another tenant's document: {p.returncode} {p.stderr}")
+        p = subprocess.run([kvloom, "ask", "--server", url, "q"], capture_output=True, text=True, timeout=60)
+        check(p.returncode == 1 and "401" in p.stderr, f"no token: {p.returncode} {p.stderr}")
+        p = subprocess.run([kvloom, "ingest", "--server", url], capture_output=True, text=True, timeout=60)
+        check(p.returncode == 2, f"ingest without files is a usage error: {p.returncode}")
+    finally:
+        d.stop()
+
+
+GROUPS = {"cli": test_cli, "e2e": test_e2e, "auth": test_auth, "isolation": test_isolation, "badinput": test_badinput,
           "limits": test_limits, "drain": test_drain, "metrics": test_metrics, "loopback": test_loopback}
 
 
