@@ -379,21 +379,27 @@ def test_limits(a):
 
 
 def test_drain(a):
+    """SIGTERM with requests running and queued: every one of them completes, then exit 0."""
     store = fresh(a.work, "drain")
     d = Daemon(a.bin, a.model, store, extra=["--workers", "1"]).start()
-    box = {}
+    results = []
+    lock = threading.Lock()
 
-    def slow():
-        box["r"] = d.request("POST", "/v1/generate", {"query": "Once upon a time", "mode": "full", "max_tokens": 300,
-                                                      "temperature": 1.0, "seed": 3}, validate=False)
-    t = threading.Thread(target=slow)
-    t.start()
-    time.sleep(0.3)
+    def slow(seed):
+        r = d.request("POST", "/v1/generate", {"query": "Once upon a time", "mode": "full", "max_tokens": 400,
+                                               "temperature": 1.0, "seed": seed}, validate=False)
+        with lock:
+            results.append(r.status)
+    ts = [threading.Thread(target=slow, args=(i,)) for i in range(3)]
+    [t.start() for t in ts]
+    inflight, t_end = 0, time.time() + 10
+    while inflight < 2 and time.time() < t_end:
+        inflight = d.request("GET", "/admin/stats", admin=True).json()["requests"]["inflight"]
+    check(inflight >= 2, f"requests in flight before SIGTERM: {inflight}")
     t0 = time.time()
-    d.stop()  # SIGTERM while the request runs: it must complete, then the daemon exits 0
-    t.join(30)
-    r = box.get("r")
-    check(r is not None and r.status == 200, f"in-flight request finished during the drain: {r}")
+    d.stop()  # must drain: everything queued or running completes
+    [t.join(30) for t in ts]
+    check(sorted(results) == [200, 200, 200], f"in-flight requests finished during the drain: {results}")
     check(time.time() - t0 < 30, "drain bounded")
 
 
