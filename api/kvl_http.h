@@ -50,6 +50,8 @@ typedef struct kvl_http_config {
     int32_t gpu;              /* CUDA device ordinal, -1 = CPU backend */
     int32_t workers;          /* worker threads running engine/store work; <= 0: 2 */
     int32_t http_threads;     /* libmicrohttpd thread pool size per listener; <= 0: 2 */
+    uint64_t store_capacity_bytes; /* 0: the store's setting (1 GiB for a new store) */
+    uint64_t store_segment_bytes;  /* segment file size of a new store; 0: the store's default */
     kvl_http_limits limits;
 } kvl_http_config;
 

@@ -15,7 +15,8 @@
 static const char *USAGE =
     "kvloomd --model PATH --store DIR --listen HOST:PORT --admin-listen HOST:PORT [--auth FILE] [--gpu N]\n"
     "        [--workers N] [--http-threads N] [--max-body-bytes N] [--max-tokens N] [--max-chunks N]\n"
-    "        [--max-new-tokens N] [--max-concurrent N] [--request-timeout-ms N] [--drain-timeout-ms N]";
+    "        [--max-new-tokens N] [--max-concurrent N] [--request-timeout-ms N] [--drain-timeout-ms N]\n"
+    "        [--store-capacity-mb N] [--store-segment-mb N]";
 
 static int usage(const char *fmt, const char *arg) {
     fprintf(stderr, "kvloomd: ");
@@ -56,9 +57,13 @@ int main(int argc, char **argv) {
         NUM("--max-concurrent", 1, 1 << 20, c.limits.max_concurrent)
         NUM("--request-timeout-ms", 1, 86400000L, c.limits.request_timeout_ms)
         NUM("--drain-timeout-ms", 0, 86400000L, drain_ms)
+        NUM("--store-capacity-mb", 1, 1L << 30, c.store_capacity_bytes)
+        NUM("--store-segment-mb", 1, 1L << 20, c.store_segment_bytes)
         else return usage("unknown argument '%s'", a);
 #undef NUM
     }
+    c.store_capacity_bytes <<= 20;
+    c.store_segment_bytes <<= 20;
     if (!c.model_path || !c.store_dir || !c.listen || !c.admin_listen)
         return usage("%s", "--model, --store, --listen and --admin-listen are required");
 

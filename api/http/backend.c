@@ -165,3 +165,58 @@ kvl_status kvl_svc_chunk_tokens(kvl_http_server *s, const char *tenant, const ch
     *n = 0;
     return kvl_errorf(KVL_ERR_KEY_NOT_FOUND, "no chunk %s (no chunk store is wired in this build)", key_hex);
 }
+
+/* ---------------------------------------------------------------- not wired without the store */
+
+static kvl_status no_store(const char *what) {
+    return kvl_errorf(KVL_ERR_UNSUPPORTED, "%s needs the chunk store, which this build does not wire yet", what);
+}
+
+kvl_status kvl_svc_chunk_meta(kvl_http_server *s, const char *tenant, const char *key_hex, json_t **out) {
+    (void)s, (void)tenant;
+    *out = NULL;
+    return kvl_errorf(KVL_ERR_KEY_NOT_FOUND, "no chunk %s (no chunk store is wired in this build)", key_hex);
+}
+
+kvl_status kvl_svc_chunk_kv(kvl_http_server *s, const char *tenant, const char *key_hex, int raw, char **body,
+                            size_t *len) {
+    (void)s, (void)tenant, (void)raw;
+    *body = NULL;
+    *len = 0;
+    return kvl_errorf(KVL_ERR_KEY_NOT_FOUND, "no chunk %s (no chunk store is wired in this build)", key_hex);
+}
+
+kvl_status kvl_svc_chunk_delete(kvl_http_server *s, const char *tenant, const char *key_hex) {
+    (void)s, (void)tenant;
+    return kvl_errorf(KVL_ERR_KEY_NOT_FOUND, "no chunk %s (no chunk store is wired in this build)", key_hex);
+}
+
+kvl_status kvl_svc_store_stats(kvl_http_server *s, json_t **out) {
+    (void)s;
+    *out = NULL;
+    return no_store("store statistics");
+}
+
+kvl_status kvl_svc_store_gauges(kvl_http_server *s, int64_t *entries, int64_t *bytes, int64_t *capacity) {
+    (void)s;
+    *entries = *bytes = *capacity = -1;
+    return no_store("store gauges");
+}
+
+kvl_status kvl_svc_audit(kvl_http_server *s, int check_data, json_t **out) {
+    (void)s, (void)check_data;
+    *out = NULL;
+    return no_store("the audit");
+}
+
+kvl_status kvl_svc_evict(kvl_http_server *s, const kvl_svc_evict_req *q, json_t **out) {
+    (void)s, (void)q;
+    *out = NULL;
+    return no_store("eviction");
+}
+
+kvl_status kvl_svc_tenant_usage(kvl_http_server *s, json_t **out) {
+    (void)s;
+    *out = NULL;
+    return no_store("store usage");
+}

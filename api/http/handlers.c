@@ -341,12 +341,25 @@ static void docs_get(kvl_req *r) {
 static void docs_delete(kvl_req *r) {
     const char *id = path_doc_id(r);
     if (!id) return;
-    kvl_status st = kvl_catalog_delete(r->srv->docs_dir, r->tenant, id);
+    kvl_doc *d = NULL;
+    kvl_status st = kvl_catalog_get(r->srv->docs_dir, r->tenant, id, &d);
+    if (st == KVL_OK) st = kvl_catalog_delete(r->srv->docs_dir, r->tenant, id);
     if (st != KVL_OK) {
+        kvl_doc_free(d);
         status_error(r, st);
         return;
     }
-    kvl_req_json(r, 200, json_pack("{s:s,s:b}", "doc_id", id, "deleted", 1));
+    /* the chunk caches go too (another document with the same chunk recomputes it on its next use) */
+    int deleted = 0;
+    for (int32_t i = 0; i < d->n_chunks; i++) {
+        kvl_status c = kvl_svc_chunk_delete(r->srv, r->tenant, d->chunks[i].key);
+        if (c == KVL_OK) deleted++;
+        else if (c != KVL_ERR_KEY_NOT_FOUND)
+            fprintf(stderr, "kvloomd: document %s: chunk %s not deleted: %s: %s\n", id, d->chunks[i].key,
+                    kvl_status_str(c), kvl_last_error());
+    }
+    kvl_doc_free(d);
+    kvl_req_json(r, 200, json_pack("{s:s,s:b,s:i}", "doc_id", id, "deleted", 1, "chunks_deleted", deleted));
 }
 
 /* ---------------------------------------------------------------- generate / context */
@@ -693,20 +706,47 @@ done:
 
 /* ---------------------------------------------------------------- chunks */
 
+/* The key of a /v1/chunks/{key}[/kv] path (the router checked 64 lowercase hex characters). */
+static void path_key(kvl_req *r, char key[65]) { snprintf(key, 65, "%.64s", r->path + strlen("/v1/chunks/")); }
+
 static void chunk_get(kvl_req *r) {
-    const char *k = r->path + strlen("/v1/chunks/");
     char key[65];
-    snprintf(key, sizeof key, "%.64s", k);
-    int32_t *t = NULL, n = 0;
-    kvl_status st = kvl_svc_chunk_tokens(r->srv, r->tenant, key, &t, &n);
+    path_key(r, key);
+    json_t *j = NULL;
+    kvl_status st = kvl_svc_chunk_meta(r->srv, r->tenant, key, &j);
+    if (st != KVL_OK) status_error(r, st);
+    else kvl_req_json(r, 200, j);
+}
+
+static void chunk_kv(kvl_req *r) {
+    char key[65];
+    path_key(r, key);
+    const char *f = r->format[0] ? r->format : "raw";
+    int raw = !strcmp(f, "raw");
+    if (!raw && strcmp(f, "cachegen")) {
+        kvl_req_error(r, 400, "invalid_field", json_pack("{s:s}", "field", "format"), "format must be 'raw' or 'cachegen'");
+        return;
+    }
+    char *body = NULL;
+    size_t len = 0;
+    kvl_status st = kvl_svc_chunk_kv(r->srv, r->tenant, key, raw, &body, &len);
     if (st != KVL_OK) {
         status_error(r, st);
         return;
     }
-    json_t *jt = json_array();
-    for (int32_t i = 0; i < n; i++) json_array_append_new(jt, json_integer(t[i]));
-    free(t);
-    kvl_req_json(r, 200, json_pack("{s:s,s:i,s:o}", "key", key, "tokens", n, "token_ids", jt));
+    free(r->resp);
+    r->resp = body;
+    r->resp_len = len;
+    r->resp_type = "application/octet-stream";
+    r->status = 200;
+}
+
+static void chunk_delete(kvl_req *r) {
+    char key[65];
+    path_key(r, key);
+    kvl_status st = kvl_svc_chunk_delete(r->srv, r->tenant, key);
+    if (st != KVL_OK) status_error(r, st);
+    else kvl_req_json(r, 200, json_pack("{s:s,s:b}", "key", key, "deleted", 1));
 }
 
 /* ---------------------------------------------------------------- admin */
@@ -746,7 +786,18 @@ static void admin_tenants(kvl_req *r) {
             json_object_set_new(u.obj, s->auth.entries[i].tenant,
                                 json_pack("{s:i,s:i,s:i}", "documents", 0, "chunks", 0, "tokens", 0));
     const char *k;
-    json_t *v;
+    json_t *v, *usage = NULL;
+    if (kvl_svc_tenant_usage(s, &usage) == KVL_OK) {
+        json_object_foreach(usage, k, v) {
+            json_t *t = json_object_get(u.obj, k);
+            if (!t) {
+                t = json_pack("{s:i,s:i,s:i}", "documents", 0, "chunks", 0, "tokens", 0);
+                json_object_set_new(u.obj, k, t);
+            }
+            json_object_update(t, v);
+        }
+        json_decref(usage);
+    }
     json_object_foreach(u.obj, k, v) {
         json_t *e = json_deep_copy(v);
         json_object_set_new(e, "tenant", json_string(k));
@@ -758,13 +809,15 @@ static void admin_tenants(kvl_req *r) {
 
 static void admin_stats(kvl_req *r) {
     kvl_http_server *s = r->srv;
+    json_t *store = NULL;
+    if (kvl_svc_store_stats(s, &store) != KVL_OK) store = json_null();
     const kvl_model_config *mc = kvl_model_get_config(s->model);
     kvl_req_json(r, 200,
-                 json_pack("{s:f,s:{s:s,s:s,s:s,s:i,s:i,s:i},s:s,s:o,s:n,s:{s:I,s:I,s:i},s:{s:I,s:i,s:i,s:i,s:i,s:i}}",
+                 json_pack("{s:f,s:{s:s,s:s,s:s,s:i,s:i,s:i},s:s,s:o,s:o,s:{s:I,s:I,s:i},s:{s:I,s:i,s:i,s:i,s:i,s:i}}",
                            "uptime_s", (kvl_now_ms() - s->started_ms) / 1e3, "model", "path", s->model_path,
                            "fingerprint", s->fingerprint_hex, "backend", kvl_model_backend_name(s->model), "n_layers",
                            mc->n_layers, "max_seq", mc->max_seq, "vocab_size", mc->vocab_size, "wired",
-                           kvl_svc_backend_describe(s), "modes", kvl_svc_modes(s), "store", "requests", "inflight",
+                           kvl_svc_backend_describe(s), "modes", kvl_svc_modes(s), "store", store, "requests", "inflight",
                            (json_int_t)atomic_load(&s->queued), "open", (json_int_t)atomic_load(&s->open_requests),
                            "workers", s->cfg.workers, "limits", "max_body_bytes",
                            (json_int_t)s->cfg.limits.max_body_bytes, "max_tokens", s->cfg.limits.max_tokens,
@@ -773,17 +826,101 @@ static void admin_stats(kvl_req *r) {
                            s->cfg.limits.request_timeout_ms));
 }
 
-static void admin_needs_store(kvl_req *r, const char *what) {
-    static const char *const none[] = {NULL};
+static void admin_evict(kvl_req *r) {
+    static const char *const fields[] = {"target_bytes", "older_than_s", "tenant", "keys", "expired_only", NULL};
+    kvl_http_server *s = r->srv;
+    json_t *o = parse_object(r, 0);
+    if (!o) return;
+    kvl_svc_evict_req q;
+    memset(&q, 0, sizeof q);
+    const char **keys = NULL;
+    int64_t target, age;
+    json_t *jk = json_object_get(o, "keys"), *je = json_object_get(o, "expired_only");
+    if (check_fields(r, o, fields) || get_int(r, o, "target_bytes", 0, INT64_MAX, -1, &target) ||
+        get_int(r, o, "older_than_s", 0, INT64_MAX / 1000000000, -1, &age) || get_str(r, o, "tenant", &q.tenant))
+        goto done;
+    if (je && !json_is_boolean(je)) {
+        bad_field(r, "expired_only", "'%s' must be a boolean%s", "");
+        goto done;
+    }
+    if (jk && !json_is_array(jk)) {
+        bad_field(r, "keys", "'%s' must be an array of chunk keys%s", "");
+        goto done;
+    }
+    q.has_target = target >= 0;
+    q.target_bytes = (uint64_t)target;
+    q.has_age = age >= 0;
+    q.older_than_s = (uint64_t)age;
+    q.expired_only = je && json_is_true(je);
+    q.n_keys = jk ? json_array_size(jk) : 0;
+    if (q.n_keys > (size_t)s->cfg.limits.max_chunks) {
+        limit_error(r, "chunks", s->cfg.limits.max_chunks, "%lld keys exceed the limit of %lld per request", (long long)q.n_keys);
+        goto done;
+    }
+    if (q.tenant && !kvl_name_ok(q.tenant, KVL_TENANT_MAX)) {
+        kvl_req_error(r, 400, "invalid_field", json_pack("{s:s}", "field", "tenant"), "'tenant' is not a tenant name");
+        goto done;
+    }
+    if ((q.n_keys > 0) + q.has_age + (q.has_target || q.expired_only) > 1 || (!q.n_keys && !q.has_age && !q.has_target &&
+                                                                           !q.expired_only && !q.tenant)) {
+        kvl_req_error(r, 400, "invalid_request", NULL,
+                      "give one of: 'keys', 'older_than_s', or 'target_bytes' / 'expired_only' (each optionally with "
+                      "'tenant'), or 'tenant' alone to evict all of a tenant's entries");
+        goto done;
+    }
+    keys = calloc(q.n_keys + 1, sizeof *keys);
+    if (!keys) {
+        kvl_req_error(r, 500, "internal", NULL, "out of memory");
+        goto done;
+    }
+    for (size_t i = 0; i < q.n_keys; i++) {
+        const char *k = json_string_value(json_array_get(jk, i));
+        int ok = k && strlen(k) == 64;
+        for (const char *p = k; ok && *p; p++) ok = (*p >= '0' && *p <= '9') || (*p >= 'a' && *p <= 'f');
+        if (!ok) {
+            kvl_req_error(r, 400, "invalid_field", json_pack("{s:s,s:i}", "field", "keys", "index", (int)i),
+                          "chunk keys are 64 lowercase hex characters");
+            goto done;
+        }
+        keys[i] = k;
+    }
+    q.keys = keys;
+    json_t *out = NULL;
+    kvl_status st = kvl_svc_evict(s, &q, &out);
+    if (st != KVL_OK) {
+        status_error(r, st);
+        goto done;
+    }
+    atomic_fetch_add(&s->metrics.evictions, (uint64_t)json_integer_value(json_object_get(out, "evicted")));
+    atomic_fetch_add(&s->metrics.evicted_bytes, (uint64_t)json_integer_value(json_object_get(out, "bytes")));
+    kvl_req_json(r, 200, out);
+done:
+    free(keys);
+    json_decref(o);
+}
+
+static void admin_audit(kvl_req *r) {
+    static const char *const fields[] = {"check_data", NULL};
     json_t *o = parse_object(r, 1);
     if (!o) return;
-    (void)none;
+    json_t *cd = json_object_get(o, "check_data");
+    if (check_fields(r, o, fields)) goto done;
+    if (cd && !json_is_boolean(cd)) {
+        bad_field(r, "check_data", "'%s' must be a boolean%s", "");
+        goto done;
+    }
+    json_t *out = NULL;
+    kvl_status st = kvl_svc_audit(r->srv, cd ? json_is_true(cd) : 1, &out);
+    if (st != KVL_OK) status_error(r, st);
+    else kvl_req_json(r, 200, out);
+done:
     json_decref(o);
-    kvl_req_error(r, 501, "not_implemented", NULL, "%s needs the chunk store, which this build does not wire yet", what);
 }
 
 static void metrics(kvl_req *r) {
-    char *text = kvl_metrics_render(&r->srv->metrics, -1, -1, -1);
+    int64_t e = -1, b = -1, c = -1;
+    if (kvl_svc_store_gauges(r->srv, &e, &b, &c) != KVL_OK) e = b = c = -1;
+    char *text = kvl_metrics_render(&r->srv->metrics, e, b, c);
     if (!text) {
         kvl_req_error(r, 500, "internal", NULL, "out of memory");
         return;
@@ -803,21 +940,12 @@ void kvl_handle_request(kvl_req *r) {
     case KVL_R_GENERATE: generate(r); break;
     case KVL_R_CONTEXT: context(r); break;
     case KVL_R_CHUNK_GET: chunk_get(r); break;
-    case KVL_R_CHUNK_KV:
-    case KVL_R_CHUNK_DELETE: {
-        char key[65];
-        snprintf(key, sizeof key, "%.64s", r->path + strlen("/v1/chunks/"));
-        int32_t *t = NULL, n = 0;
-        kvl_status st = kvl_svc_chunk_tokens(r->srv, r->tenant, key, &t, &n);
-        free(t);
-        if (st != KVL_OK) status_error(r, st);
-        else kvl_req_error(r, 501, "not_implemented", NULL, "needs the chunk store");
-        break;
-    }
+    case KVL_R_CHUNK_KV: chunk_kv(r); break;
+    case KVL_R_CHUNK_DELETE: chunk_delete(r); break;
     case KVL_R_ADMIN_STATS: admin_stats(r); break;
     case KVL_R_ADMIN_TENANTS: admin_tenants(r); break;
-    case KVL_R_ADMIN_EVICT: admin_needs_store(r, "eviction"); break;
-    case KVL_R_ADMIN_AUDIT: admin_needs_store(r, "the audit"); break;
+    case KVL_R_ADMIN_EVICT: admin_evict(r); break;
+    case KVL_R_ADMIN_AUDIT: admin_audit(r); break;
     case KVL_R_METRICS: metrics(r); break;
     default: kvl_req_error(r, 404, "not_found", NULL, "no such endpoint"); break;
     }

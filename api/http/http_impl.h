@@ -175,8 +175,9 @@ struct kvl_http_server {
     kvl_tokenizer *tok;
     uint8_t fingerprint[32];
     char fingerprint_hex[65];
-    kvl_workers workers;
-    int workers_started;
+    kvl_workers workers;            /* API requests: engine, store and disk work */
+    kvl_workers admin_workers;      /* admin listener: never queued behind API work */
+    int workers_started, admin_workers_started;
     kvl_metrics metrics;
     struct MHD_Daemon *d_api, *d_admin;
     kvl_http_server *ctx_api, *ctx_admin; /* callback cls: &ctx_api / &ctx_admin tell the listener */
@@ -240,6 +241,33 @@ kvl_status kvl_svc_prefill(kvl_http_server *s, const char *tenant, const kvl_svc
  * *tokens malloc'ed. */
 kvl_status kvl_svc_chunk_tokens(kvl_http_server *s, const char *tenant, const char *key_hex, int32_t **tokens,
                                 int32_t *n);
+
+/* Chunk endpoints by key, scoped to tenant: another tenant's key is KVL_ERR_KEY_NOT_FOUND, exactly
+ * like an absent one. */
+kvl_status kvl_svc_chunk_meta(kvl_http_server *s, const char *tenant, const char *key_hex, json_t **out);
+/* raw != 0: 4-byte LE header length + JSON header + f32 tensor; raw == 0: the stored CacheGen bytes.
+ * *body malloc'ed. */
+kvl_status kvl_svc_chunk_kv(kvl_http_server *s, const char *tenant, const char *key_hex, int raw, char **body,
+                            size_t *len);
+kvl_status kvl_svc_chunk_delete(kvl_http_server *s, const char *tenant, const char *key_hex);
+
+/* Admin: store statistics (JSON), gauges for /metrics, the audit report, eviction, per-tenant store
+ * usage ({tenant: {store_entries, store_bytes}}). KVL_ERR_UNSUPPORTED where no store is wired. */
+typedef struct kvl_svc_evict_req {
+    int has_target;
+    uint64_t target_bytes;
+    int has_age;
+    uint64_t older_than_s;
+    const char *tenant;        /* NULL: every tenant */
+    const char *const *keys;   /* explicit keys (hex) */
+    size_t n_keys;
+    int expired_only;
+} kvl_svc_evict_req;
+kvl_status kvl_svc_store_stats(kvl_http_server *s, json_t **out);
+kvl_status kvl_svc_store_gauges(kvl_http_server *s, int64_t *entries, int64_t *bytes, int64_t *capacity);
+kvl_status kvl_svc_audit(kvl_http_server *s, int check_data, json_t **out);
+kvl_status kvl_svc_evict(kvl_http_server *s, const kvl_svc_evict_req *q, json_t **out);
+kvl_status kvl_svc_tenant_usage(kvl_http_server *s, json_t **out);
 
 /* Handlers (handlers.c) run on a worker thread and fill r->status / r->resp. */
 void kvl_handle_request(kvl_req *r);

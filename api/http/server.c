@@ -377,7 +377,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     r->job.arg = r;
     /* suspend before the worker can possibly resume */
     MHD_suspend_connection(conn);
-    kvl_workers_submit(&s->workers, &r->job);
+    kvl_workers_submit(r->listener == KVL_L_ADMIN ? &s->admin_workers : &s->workers, &r->job);
     return MHD_YES;
 }
 
@@ -534,6 +534,8 @@ fail:
 kvl_status kvl_http_server_start(kvl_http_server *s) {
     KVL_TRY(kvl_workers_start(&s->workers, s->cfg.workers > 0 ? s->cfg.workers : 2));
     s->workers_started = 1;
+    KVL_TRY(kvl_workers_start(&s->admin_workers, 1));
+    s->admin_workers_started = 1;
     KVL_TRY(start_listener(s, s->listen, &s->ctx_api, &s->d_api, &s->port_api));
     KVL_TRY(start_listener(s, s->admin_listen, &s->ctx_admin, &s->d_admin, &s->port_admin));
     return KVL_OK;
@@ -561,6 +563,7 @@ void kvl_http_server_free(kvl_http_server *s) {
     /* workers first: they finish their jobs and resume every suspended connection, which
      * MHD_stop_daemon requires */
     if (s->workers_started) kvl_workers_stop(&s->workers);
+    if (s->admin_workers_started) kvl_workers_stop(&s->admin_workers);
     if (s->d_api) MHD_stop_daemon(s->d_api);
     if (s->d_admin) MHD_stop_daemon(s->d_admin);
     kvl_svc_backend_close(s);

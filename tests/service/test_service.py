@@ -386,20 +386,21 @@ def test_drain(a):
     lock = threading.Lock()
 
     def slow(seed):
-        r = d.request("POST", "/v1/generate", {"query": "Once upon a time", "mode": "full", "max_tokens": 400,
+        r = d.request("POST", "/v1/generate", {"query": "Once upon a time", "mode": "full", "max_tokens": 120,
                                                "temperature": 1.0, "seed": seed}, validate=False)
         with lock:
             results.append(r.status)
-    ts = [threading.Thread(target=slow, args=(i,)) for i in range(3)]
+    # generation may stop early at EOS, so keep the one worker busy with a queue of requests
+    ts = [threading.Thread(target=slow, args=(i,)) for i in range(12)]
     [t.start() for t in ts]
     inflight, t_end = 0, time.time() + 10
-    while inflight < 2 and time.time() < t_end:
+    while inflight < 4 and time.time() < t_end:
         inflight = d.request("GET", "/admin/stats", admin=True).json()["requests"]["inflight"]
-    check(inflight >= 2, f"requests in flight before SIGTERM: {inflight}")
+    check(inflight >= 4, f"requests in flight before SIGTERM: {inflight}")
     t0 = time.time()
     d.stop()  # must drain: everything queued or running completes
     [t.join(30) for t in ts]
-    check(sorted(results) == [200, 200, 200], f"in-flight requests finished during the drain: {results}")
+    check(results == [200] * 12, f"in-flight requests finished during the drain: {results}")
     check(time.time() - t0 < 30, "drain bounded")
 
 
