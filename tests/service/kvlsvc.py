@@ -126,6 +126,8 @@ class Daemon:
                 "--listen", f"127.0.0.1:{self.port}", "--admin-listen", f"127.0.0.1:{self.admin_port}"]
         if self.auth:
             args += ["--auth", self.auth]
+        # small segment files: tests run many daemons at once on a shared disk
+        args += ["--store-segment-mb", "16", "--store-capacity-mb", "64"]
         args += self.extra
         self.stderr_path = os.path.join(self.store + ".stderr")
         self.errf = open(self.stderr_path, "ab")

@@ -495,7 +495,102 @@ def test_cli(a):
         d.stop()
 
 
-GROUPS = {"cli": test_cli, "e2e": test_e2e, "auth": test_auth, "isolation": test_isolation, "badinput": test_badinput,
+def test_cache(a):
+    """With the store, codec and CacheBlend wired: hits, write-back, prefix exactness, chunk endpoints,
+    admin evict/audit, restart."""
+    store = fresh(a.work, "cache")
+    d = Daemon(a.bin, a.model, store, auth=write_auth(a.work)).start()
+    try:
+        stats = d.request("GET", "/admin/stats", admin=True, token=ADMIN).json()
+        if stats["store"] is None:
+            print("skipped: this build wires no chunk store")
+            d.stop()
+            sys.exit(77)
+        A = TENANT_A
+        docs = []
+        for i, text in enumerate(DOCS):
+            r = d.request("POST", "/v1/documents", {"text": text, "chunk_tokens": 16, "doc_id": f"d{i}"}, token=A)
+            check(r.status == 201 and all(c["cached"] for c in r.json()["chunks"]), f"ingest stores every chunk: {r}")
+            docs.append(r.json())
+        keys = [c["key"] for x in docs for c in x["chunks"]]
+        n = len(keys)
+        req = {"documents": ["d0", "d1", "d2"], "query": "Lily and Max", "max_tokens": 10}
+        out = {}
+        for mode in ["full", "naive", "blend", "prefix"]:
+            r = d.request("POST", "/v1/generate", dict(req, mode=mode), token=A)
+            check(r.status == 200, f"{mode}: {r}")
+            out[mode] = r.json()
+        for mode in ["naive", "blend"]:
+            st = out[mode]["stats"]
+            check(st["chunks_hit"] == n and st["chunks_missed"] == 0, f"{mode}: every ingested chunk hits: {st}")
+            check(st["cached_tokens"] > 0 and st["bytes_read"] > 0, f"{mode}: caches used: {st}")
+        check(out["naive"]["stats"]["recomputed_tokens"] < out["blend"]["stats"]["recomputed_tokens"]
+              < out["full"]["stats"]["recomputed_tokens"], "recompute: naive < blend < full")
+        p1 = out["prefix"]["stats"]
+        check(p1["chunks_hit"] == 0 and p1["chunks_missed"] == n, f"prefix: first time nothing cached in context: {p1}")
+        check(out["prefix"]["tokens"] == out["full"]["tokens"], "prefix with nothing cached == full")
+        p2 = d.request("POST", "/v1/generate", dict(req, mode="prefix"), token=A).json()
+        check(p2["stats"]["chunks_hit"] == n and p2["stats"]["cached_tokens"] >= sum(x["tokens"] for x in docs),
+              f"prefix: the second time every block hits: {p2['stats']}")
+        check(p2["tokens"] == out["full"]["tokens"], "prefix reuse is exact (lossless blocks): same tokens as full")
+        # a different query after the same documents reuses the same prefix blocks
+        p3 = d.request("POST", "/v1/generate", dict(req, mode="prefix", query="The bird"), token=A).json()
+        check(p3["stats"]["chunks_hit"] == n, f"prefix hits with another query: {p3['stats']}")
+        # chunk endpoints
+        r = d.request("GET", f"/v1/chunks/{keys[0]}", token=A)
+        check(r.status == 200 and r.json()["tokens"] == docs[0]["chunks"][0]["tokens"], f"chunk meta: {r}")
+        r = d.request("GET", f"/v1/chunks/{keys[0]}/kv?format=raw", token=A)
+        check(r.status == 200, f"chunk kv raw: {r.status}")
+        if r.status == 200:
+            hl = int.from_bytes(r.body[:4], "little")
+            h = json.loads(r.body[4:4 + hl])
+            L, two, T, H, D = h["shape"]
+            check(len(r.body) == 4 + hl + L * two * T * H * D * 4 and T == docs[0]["chunks"][0]["tokens"], "raw kv size")
+        r = d.request("GET", f"/v1/chunks/{keys[0]}/kv?format=cachegen", token=A)
+        check(r.status == 200 and len(r.body) > 16, f"chunk kv cachegen: {r.status}")
+        check(d.request("GET", f"/v1/chunks/{keys[0]}/kv?format=png", token=A).status == 400, "bad format")
+        check(d.request("GET", f"/v1/chunks/{keys[0]}", token=TENANT_B).status == 404, "other tenant: 404")
+        check(d.request("DELETE", f"/v1/chunks/{keys[0]}", token=TENANT_B).status == 404, "other tenant cannot delete")
+        r = d.request("DELETE", f"/v1/chunks/{keys[0]}", token=A)
+        check(r.status == 200, f"delete chunk: {r}")
+        r = d.request("POST", "/v1/generate", dict(req, mode="blend"), token=A).json()
+        check(r["stats"]["chunks_missed"] == 1 and r["stats"]["chunks_hit"] == n - 1, f"deleted chunk recomputed: {r['stats']}")
+        r = d.request("POST", "/v1/generate", dict(req, mode="blend"), token=A).json()
+        check(r["stats"]["chunks_missed"] == 0, f"the recomputed chunk was written back: {r['stats']}")
+        # explicit chunk keys work like documents
+        r = d.request("POST", "/v1/generate", {"chunks": keys[:2], "query": "Lily", "max_tokens": 4}, token=A)
+        check(r.status == 200 and r.json()["stats"]["chunks_hit"] == 2, f"generate over chunk keys: {r}")
+        # admin: tenants, audit, evict
+        t = {x["tenant"]: x for x in d.request("GET", "/admin/tenants", admin=True, token=ADMIN).json()["tenants"]}
+        check(t["alpha"].get("store_entries", 0) >= n and t["alpha"]["store_bytes"] > 0, f"store usage per tenant: {t}")
+        r = d.request("POST", "/admin/audit", {"check_data": True}, admin=True, token=ADMIN)
+        check(r.status == 200 and r.json().get("ok") is True, f"audit ok: {r}")
+        r = d.request("POST", "/admin/evict", {"keys": keys[:2] + ["0" * 64]}, admin=True, token=ADMIN)
+        check(r.status == 200 and r.json()["evicted"] == 2 and r.json()["not_found"] == ["0" * 64], f"evict keys: {r}")
+        r = d.request("POST", "/admin/evict", {}, admin=True, token=ADMIN)
+        check(r.status == 400, f"evict needs a criterion: {r}")
+        r = d.request("POST", "/admin/evict", {"older_than_s": 0, "tenant": "bravo"}, admin=True, token=ADMIN)
+        check(r.status == 200 and r.json()["evicted"] == 0, f"bravo has nothing: {r}")
+        r = d.request("POST", "/v1/generate", dict(req, mode="blend"), token=A).json()
+        check(r["stats"]["chunks_missed"] == 2, f"evicted chunks recomputed from their tokens: {r['stats']}")
+        met = d.request("GET", "/metrics", admin=True, token=ADMIN).body.decode()
+        check("kvloom_store_entries " in met and "kvloom_evictions_total 2" in met, "store gauges and evictions in /metrics")
+        # DELETE document drops its chunk caches
+        r = d.request("DELETE", "/v1/documents/d2", token=A)
+        check(r.status == 200 and r.json()["chunks_deleted"] == len(docs[2]["chunks"]), f"delete document: {r}")
+    finally:
+        d.stop()
+    d = Daemon(a.bin, a.model, store, auth=write_auth(a.work)).start()
+    try:
+        r = d.request("POST", "/v1/generate", {"documents": ["d0", "d1"], "query": "Lily", "max_tokens": 4}, token=TENANT_A)
+        st = r.json()["stats"]
+        n2 = len(docs[0]["chunks"]) + len(docs[1]["chunks"])
+        check(st["chunks_hit"] == n2 and st["chunks_missed"] == 0, f"after restart every chunk hits: {st}")
+    finally:
+        d.stop()
+
+
+GROUPS = {"cache": test_cache, "cli": test_cli, "e2e": test_e2e, "auth": test_auth, "isolation": test_isolation, "badinput": test_badinput,
           "limits": test_limits, "drain": test_drain, "metrics": test_metrics, "loopback": test_loopback}
 
 
