@@ -827,18 +827,27 @@ static void admin_stats(kvl_req *r) {
 }
 
 static void admin_evict(kvl_req *r) {
-    static const char *const fields[] = {"target_bytes", "older_than_s", "tenant", "keys", "expired_only", NULL};
+    static const char *const fields[] = {"target_bytes", "older_than_s", "tenant", "keys", "expired_only", "policy",
+                                         "max_entries", NULL};
     kvl_http_server *s = r->srv;
     json_t *o = parse_object(r, 0);
     if (!o) return;
     kvl_svc_evict_req q;
     memset(&q, 0, sizeof q);
     const char **keys = NULL;
-    int64_t target, age;
+    int64_t target, age, maxe;
+    const char *policy = NULL;
     json_t *jk = json_object_get(o, "keys"), *je = json_object_get(o, "expired_only");
     if (check_fields(r, o, fields) || get_int(r, o, "target_bytes", 0, INT64_MAX, -1, &target) ||
-        get_int(r, o, "older_than_s", 0, INT64_MAX / 1000000000, -1, &age) || get_str(r, o, "tenant", &q.tenant))
+        get_int(r, o, "older_than_s", 0, INT64_MAX / 1000000000, -1, &age) || get_str(r, o, "tenant", &q.tenant) ||
+        get_str(r, o, "policy", &policy) || get_int(r, o, "max_entries", 0, INT64_MAX, 0, &maxe))
         goto done;
+    if (policy && strcmp(policy, "lru") && strcmp(policy, "cost")) {
+        kvl_req_error(r, 400, "invalid_field", json_pack("{s:s}", "field", "policy"), "'policy' must be 'lru' or 'cost'");
+        goto done;
+    }
+    q.cost_policy = policy && !strcmp(policy, "cost");
+    q.max_entries = (uint64_t)maxe;
     if (je && !json_is_boolean(je)) {
         bad_field(r, "expired_only", "'%s' must be a boolean%s", "");
         goto done;

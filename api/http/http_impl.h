@@ -262,6 +262,8 @@ typedef struct kvl_svc_evict_req {
     const char *const *keys;   /* explicit keys (hex) */
     size_t n_keys;
     int expired_only;
+    int cost_policy;           /* 0: least recently used first; 1: cost-aware (hits x recompute cost) */
+    uint64_t max_entries;      /* 0: no limit */
 } kvl_svc_evict_req;
 kvl_status kvl_svc_store_stats(kvl_http_server *s, json_t **out);
 kvl_status kvl_svc_store_gauges(kvl_http_server *s, int64_t *entries, int64_t *bytes, int64_t *capacity);
