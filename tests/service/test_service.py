@@ -575,6 +575,23 @@ def test_cache(a):
         check(r["stats"]["chunks_missed"] == 2, f"evicted chunks recomputed from their tokens: {r['stats']}")
         met = d.request("GET", "/metrics", admin=True, token=ADMIN).body.decode()
         check("kvloom_store_entries " in met and "kvloom_evictions_total 2" in met, "store gauges and evictions in /metrics")
+        # kvloom-admin --server: the same admin API from the command line
+        admin_cli = os.path.join(os.path.dirname(a.bin), "kvloom-admin")
+        aurl = f"http://127.0.0.1:{d.admin_port}"
+        p = subprocess.run([admin_cli, "--server", aurl, "--token", ADMIN, "--json", "stat"], capture_output=True,
+                           text=True, timeout=60)
+        check(p.returncode == 0 and json.loads(p.stdout)["store"]["entries"] > 0, f"kvloom-admin stat: {p.returncode} {p.stderr}")
+        p = subprocess.run([admin_cli, "--server", aurl, "--token", ADMIN, "audit"], capture_output=True, text=True, timeout=60)
+        check(p.returncode == 0, f"kvloom-admin audit: {p.returncode} {p.stderr}")
+        p = subprocess.run([admin_cli, "--server", aurl, "--token", ADMIN, "--json", "evict", "--key", keys[3]],
+                           capture_output=True, text=True, timeout=60)
+        check(p.returncode == 0 and json.loads(p.stdout)["evicted"] == 1, f"kvloom-admin evict --key: {p.stdout} {p.stderr}")
+        r = d.request("POST", "/v1/generate", dict(req, mode="blend"), token=A).json()
+        check(r["stats"]["chunks_missed"] == 1, f"the evicted chunk was recomputed and written back: {r['stats']}")
+        p = subprocess.run([admin_cli, "--server", aurl, "--token", TENANT_A, "stat"], capture_output=True, text=True, timeout=60)
+        check(p.returncode == 1 and "403" in p.stderr, f"kvloom-admin with a tenant token: {p.returncode} {p.stderr}")
+        p = subprocess.run([admin_cli, "--server", aurl, "--token", ADMIN, "ls"], capture_output=True, text=True, timeout=60)
+        check(p.returncode == 2, f"ls needs --store: {p.returncode}")
         # DELETE document drops its chunk caches
         r = d.request("DELETE", "/v1/documents/d2", token=A)
         check(r.status == 200 and r.json()["chunks_deleted"] == len(docs[2]["chunks"]), f"delete document: {r}")
