@@ -191,6 +191,13 @@ kvl_status kvl_svc_chunk_delete(kvl_http_server *s, const char *tenant, const ch
     return kvl_errorf(KVL_ERR_KEY_NOT_FOUND, "no chunk %s (no chunk store is wired in this build)", key_hex);
 }
 
+kvl_status kvl_svc_encode_kv(kvl_http_server *s, const float *kv, int32_t n, uint8_t **out, size_t *len) {
+    (void)s, (void)kv, (void)n;
+    *out = NULL;
+    *len = 0;
+    return kvl_errorf(KVL_ERR_UNSUPPORTED, "format 'cachegen' needs the codec, which this build does not wire yet");
+}
+
 kvl_status kvl_svc_store_stats(kvl_http_server *s, json_t **out) {
     (void)s;
     *out = NULL;

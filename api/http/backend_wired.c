@@ -526,6 +526,10 @@ kvl_status kvl_svc_prefill(kvl_http_server *s, const char *tenant, const kvl_svc
     return KVL_OK;
 }
 
+kvl_status kvl_svc_encode_kv(kvl_http_server *s, const float *kv, int32_t n, uint8_t **out, size_t *len) {
+    return encode(s, kv, n, KVL_CODEC_LEVEL_DEFAULT, out, len);
+}
+
 /* ---------------------------------------------------------------- admin */
 
 kvl_status kvl_svc_store_stats(kvl_http_server *s, json_t **out) { return kvl_store_admin_stat(store_of(s), out); }

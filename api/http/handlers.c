@@ -624,11 +624,9 @@ static void context(kvl_req *r) {
     if (check_fields(r, o, fields) || get_str(r, o, "format", &format) || get_str(r, o, "dtype", &dtype)) goto done;
     if (!format) format = "raw";
     if (!dtype) dtype = "f32";
-    if (strcmp(format, "raw") != 0) {
-        if (strcmp(format, "cachegen") == 0)
-            kvl_req_error(r, 501, "not_implemented", NULL, "format 'cachegen' needs the codec, which this build does not wire yet");
-        else
-            kvl_req_error(r, 400, "invalid_field", json_pack("{s:s}", "field", "format"), "'format' must be 'raw' or 'cachegen'");
+    int cachegen = !strcmp(format, "cachegen");
+    if (!cachegen && strcmp(format, "raw") != 0) {
+        kvl_req_error(r, 400, "invalid_field", json_pack("{s:s}", "field", "format"), "'format' must be 'raw' or 'cachegen'");
         goto done;
     }
     int bf16 = !strcmp(dtype, "bf16");
@@ -660,25 +658,39 @@ static void context(kvl_req *r) {
         status_error(r, e);
         goto done;
     }
+    uint8_t *enc = NULL;
+    size_t enc_len = 0;
+    if (cachegen) {
+        double t0 = kvl_now_ms();
+        if ((e = kvl_svc_encode_kv(s, kvf, n_prompt, &enc, &enc_len)) != KVL_OK) {
+            status_error(r, e);
+            goto done;
+        }
+        tm.encode_ms += kvl_now_ms() - t0;
+    }
     json_t *jt = json_array();
     for (int32_t i = 0; i < n_prompt; i++) json_array_append_new(jt, json_integer(prompt[i]));
-    json_t *hdr = json_pack("{s:s,s:s,s:s,s:[i,i,i,i,i],s:o,s:s,s:o,s:o}", "format", "raw", "dtype", bf16 ? "bf16" : "f32",
+    json_t *hdr = json_pack("{s:s,s:s,s:s,s:[i,i,i,i,i],s:o,s:s,s:o,s:o}", "format", format, "dtype", bf16 ? "bf16" : "f32",
                             "layout", "[layer][k|v][token][kv_head][head_dim]", "shape", mc->n_layers, 2, n_prompt,
                             mc->n_kv_heads, mc->head_dim, "tokens", jt, "model", s->fingerprint_hex, "timing",
                             timing_json(&tm, -1, kvl_now_ms() - r->t_start), "stats", stats_json(&st));
     char *h = json_dumps(hdr, JSON_COMPACT);
     json_decref(hdr);
-    size_t hl = h ? strlen(h) : 0, eb = bf16 ? 2 : 4;
-    char *body = h ? malloc(4 + hl + elems * eb) : NULL;
+    size_t hl = h ? strlen(h) : 0, eb = bf16 ? 2 : 4, payload = cachegen ? enc_len : elems * eb;
+    char *body = h ? malloc(4 + hl + payload) : NULL;
     if (!body) {
         free(h);
+        free(enc);
         kvl_req_error(r, 500, "internal", NULL, "out of memory");
         goto done;
     }
     for (int i = 0; i < 4; i++) body[i] = (char)((hl >> (8 * i)) & 0xff);
     memcpy(body + 4, h, hl);
     free(h);
-    if (bf16) {
+    if (cachegen) {
+        memcpy(body + 4 + hl, enc, enc_len);
+        free(enc);
+    } else if (bf16) {
         uint16_t *dst = (uint16_t *)(body + 4 + hl);
         for (size_t i = 0; i < elems; i++) {
             uint32_t u;
@@ -692,7 +704,7 @@ static void context(kvl_req *r) {
     }
     free(r->resp);
     r->resp = body;
-    r->resp_len = 4 + hl + elems * eb;
+    r->resp_len = 4 + hl + payload;
     r->resp_type = "application/octet-stream";
     r->status = 200;
 done:

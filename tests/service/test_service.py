@@ -549,6 +549,14 @@ def test_cache(a):
         r = d.request("GET", f"/v1/chunks/{keys[0]}/kv?format=cachegen", token=A)
         check(r.status == 200 and len(r.body) > 16, f"chunk kv cachegen: {r.status}")
         check(d.request("GET", f"/v1/chunks/{keys[0]}/kv?format=png", token=A).status == 400, "bad format")
+        r = d.request("POST", "/v1/context", {"documents": ["d0"], "query": "Lily", "format": "cachegen"}, token=A)
+        check(r.status == 200, f"context as cachegen: {r.status}")
+        if r.status == 200:
+            hl = int.from_bytes(r.body[:4], "little")
+            h = json.loads(r.body[4:4 + hl])
+            L, two, T, H, D = h["shape"]
+            check(h["format"] == "cachegen" and 0 < len(r.body) - 4 - hl < L * two * T * H * D * 4,
+                  "cachegen context is smaller than the raw tensor")
         check(d.request("GET", f"/v1/chunks/{keys[0]}", token=TENANT_B).status == 404, "other tenant: 404")
         check(d.request("DELETE", f"/v1/chunks/{keys[0]}", token=TENANT_B).status == 404, "other tenant cannot delete")
         r = d.request("DELETE", f"/v1/chunks/{keys[0]}", token=A)
