@@ -14,11 +14,16 @@ import sys
 import threading
 import time
 
-try:
-    import jsonschema
-    import yaml
-except ImportError as e:  # a missing dependency is a failure, not a skip
-    sys.exit(f"service tests need PyYAML and jsonschema (apt-get install python3-yaml python3-jsonschema): {e}")
+
+def _schema_libs():
+    """PyYAML and jsonschema, imported when a response is first validated (the load test needs
+    neither). A missing dependency is a failure, not a skip."""
+    try:
+        import jsonschema
+        import yaml
+    except ImportError as e:
+        sys.exit(f"service tests need PyYAML and jsonschema (apt-get install python3-yaml python3-jsonschema): {e}")
+    return jsonschema, yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,6 +40,8 @@ class Spec:
     """docs/openapi.yaml: validates a (path template, method, status, body) against the contract."""
 
     def __init__(self, path=os.path.join(ROOT, "docs", "openapi.yaml")):
+        jsonschema, yaml = _schema_libs()
+        self.jsonschema = jsonschema
         with open(path) as f:
             self.doc = yaml.safe_load(f)
         self.templates = []
@@ -52,7 +59,7 @@ class Spec:
         return obj
 
     def schema_validator(self, name):
-        return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{name}",
+        return self.jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{name}",
                                                 "components": self.doc["components"]})
 
     def validate(self, method, url, status, ctype, body):
@@ -81,7 +88,7 @@ class Spec:
         assert base in content, f"{method} {path} {status}: content type {ctype!r} not in {list(content)}"
         if base == "application/json":
             schema = content[base]["schema"]
-            v = jsonschema.Draft202012Validator({**schema, "components": self.doc["components"]})
+            v = self.jsonschema.Draft202012Validator({**schema, "components": self.doc["components"]})
             errs = sorted(v.iter_errors(json.loads(body)), key=lambda e: list(e.path))
             assert not errs, f"{method} {path} {status}: response violates the contract: {errs[0].message} " \
                              f"at {list(errs[0].path)}; body {body[:300]!r}"
