@@ -615,7 +615,24 @@ def test_cache(a):
         d.stop()
 
 
-GROUPS = {"cache": test_cache, "cli": test_cli, "e2e": test_e2e, "auth": test_auth, "isolation": test_isolation, "badinput": test_badinput,
+def test_readme(a):
+    """The curl examples of README.md (the ones tools/dev.sh run prints) work against the daemon."""
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    text = open(os.path.join(root, "README.md")).read() + open(os.path.join(root, "tools", "dev.sh")).read()
+    calls = re.findall(r"curl -s (?:http://127\.0\.0\.1:8080|\$API)(/\S+) -H 'Content-Type: application/json' \\\s*\n\s*-d '([^']*)'", text)
+    check(len(calls) >= 4, f"README.md and tools/dev.sh carry the example requests: {len(calls)} found")
+    store = fresh(a.work, "readme")
+    d = Daemon(a.bin, a.model, store).start()
+    try:
+        for path, body in calls:
+            r = d.request("POST", path, json.loads(body))
+            check(r.status in (200, 201), f"example POST {path} {body[:60]}: {r}")
+    finally:
+        d.stop()
+
+
+GROUPS = {"readme": test_readme, "cache": test_cache, "cli": test_cli, "e2e": test_e2e, "auth": test_auth, "isolation": test_isolation, "badinput": test_badinput,
           "limits": test_limits, "drain": test_drain, "metrics": test_metrics, "loopback": test_loopback}
 
 
