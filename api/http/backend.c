@@ -90,17 +90,19 @@ static kvl_status prefill_chunk(kvl_http_server *s, const int32_t *tokens, int32
     return KVL_OK;
 }
 
-kvl_status kvl_svc_ingest_chunk(kvl_http_server *s, const char *tenant, const int32_t *tokens, int32_t n,
-                                const char *key_hex, int *stored, kvl_svc_timing *t) {
+kvl_status kvl_svc_ingest(kvl_http_server *s, const char *tenant, const kvl_svc_seg *segs, int32_t n_segs,
+                          int *stored, double deadline_ms, kvl_svc_timing *t) {
     (void)tenant;
-    (void)key_hex;
-    *stored = 0;
-    double t0 = kvl_now_ms();
-    kvl_kv *kv = NULL;
-    KVL_TRY(prefill_chunk(s, tokens, n, &kv));
-    t->recompute_ms += kvl_now_ms() - t0;
-    /* no store wired: the cache cannot be kept */
-    kvl_kv_free(kv);
+    for (int32_t i = 0; i < n_segs; i++) {
+        if (kvl_now_ms() > deadline_ms) return kvl_errorf(KVL_ERR_TIMEOUT, "ingest past its deadline");
+        double t0 = kvl_now_ms();
+        kvl_kv *kv = NULL;
+        KVL_TRY(prefill_chunk(s, segs[i].tokens, segs[i].n, &kv));
+        t->recompute_ms += kvl_now_ms() - t0;
+        /* no store wired: the cache cannot be kept */
+        kvl_kv_free(kv);
+        stored[i] = 0;
+    }
     return KVL_OK;
 }
 

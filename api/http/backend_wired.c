@@ -124,41 +124,64 @@ static void fill_meta(kvl_http_server *s, const char *tenant, int mode, int leve
 
 /* ---------------------------------------------------------------- ingest */
 
-kvl_status kvl_svc_ingest_chunk(kvl_http_server *s, const char *tenant, const int32_t *tokens, int32_t n,
-                                const char *key_hex, int *stored, kvl_svc_timing *t) {
-    *stored = 0;
-    kvl_store_key key;
-    KVL_TRY(kvl_store_key_parse(key_hex, &key));
-    double t0 = kvl_now_ms();
-    kvl_store_meta have;
-    if (kvl_store_stat(store_of(s), &key, &have) == KVL_OK && !memcmp(have.fingerprint, s->fingerprint, 32) &&
-        !strcmp(have.tenant, tenant)) {
-        /* already cached (same tokens, tenant and model: the key says so) */
-        t->lookup_ms += kvl_now_ms() - t0;
-        *stored = 1;
-        return KVL_OK;
-    }
-    t->lookup_ms += kvl_now_ms() - t0;
+/* Puts are grouped so that one fdatasync and one index commit cover several chunks. */
+#define KVL_INGEST_BATCH 16
+
+kvl_status kvl_svc_ingest(kvl_http_server *s, const char *tenant, const kvl_svc_seg *segs, int32_t n_segs,
+                          int *stored, double deadline_ms, kvl_svc_timing *t) {
     const kvl_model_config *mc = kvl_model_get_config(s->model);
     int32_t bos = mc->bos_id;
-    kvl_chunk_cache *cc = NULL;
-    t0 = kvl_now_ms();
-    KVL_TRY(kvl_chunk_cache_prefill(s->model, tokens, n, &bos, 1, &cc));
-    t->recompute_ms += kvl_now_ms() - t0;
-    uint8_t *buf = NULL;
-    size_t len = 0;
-    t0 = kvl_now_ms();
-    kvl_status st = encode(s, cc->kv, n, KVL_CODEC_LEVEL_DEFAULT, &buf, &len);
-    t->encode_ms += kvl_now_ms() - t0;
-    kvl_chunk_cache_free(cc);
-    if (st != KVL_OK) return st;
-    kvl_store_meta m;
-    fill_meta(s, tenant, KVL_STORE_MODE_CHUNK, KVL_CODEC_LEVEL_DEFAULT, n, &m);
-    t0 = kvl_now_ms();
-    st = kvl_store_put(store_of(s), &key, &m, tokens, (size_t)n, buf, len);
-    t->write_ms += kvl_now_ms() - t0;
-    free(buf);
-    if (st == KVL_OK) *stored = 1;
+    kvl_store_put_item items[KVL_INGEST_BATCH];
+    kvl_store_meta metas[KVL_INGEST_BATCH];
+    uint8_t *bufs[KVL_INGEST_BATCH];
+    int32_t idx[KVL_INGEST_BATCH];
+    int nb = 0;
+    kvl_status st = KVL_OK;
+    for (int32_t i = 0; i <= n_segs && st == KVL_OK; i++) {
+        if (nb && (i == n_segs || nb == KVL_INGEST_BATCH)) {
+            double t0 = kvl_now_ms();
+            st = kvl_store_put_batch(store_of(s), (size_t)nb, items);
+            t->write_ms += kvl_now_ms() - t0;
+            for (int b = 0; b < nb; b++) {
+                if (st == KVL_OK) stored[idx[b]] = 1;
+                free(bufs[b]);
+            }
+            nb = 0;
+        }
+        if (i == n_segs || st != KVL_OK) break;
+        stored[i] = 0;
+        if (kvl_now_ms() > deadline_ms) {
+            st = kvl_errorf(KVL_ERR_TIMEOUT, "ingest past its deadline after %d of %d chunks", i, n_segs);
+            break;
+        }
+        kvl_store_key key;
+        if ((st = kvl_store_key_parse(segs[i].key, &key)) != KVL_OK) break;
+        double t0 = kvl_now_ms();
+        kvl_store_meta have;
+        int dup = kvl_store_stat(store_of(s), &key, &have) == KVL_OK && !memcmp(have.fingerprint, s->fingerprint, 32) &&
+                  !strcmp(have.tenant, tenant);
+        for (int b = 0; b < nb && !dup; b++) dup = !memcmp(items[b].key.b, key.b, sizeof key.b);
+        t->lookup_ms += kvl_now_ms() - t0;
+        if (dup) { /* the same tokens for the same tenant and model: already cached */
+            stored[i] = 1;
+            continue;
+        }
+        kvl_chunk_cache *cc = NULL;
+        t0 = kvl_now_ms();
+        if ((st = kvl_chunk_cache_prefill(s->model, segs[i].tokens, segs[i].n, &bos, 1, &cc)) != KVL_OK) break;
+        t->recompute_ms += kvl_now_ms() - t0;
+        size_t len = 0;
+        t0 = kvl_now_ms();
+        st = encode(s, cc->kv, segs[i].n, KVL_CODEC_LEVEL_DEFAULT, &bufs[nb], &len);
+        t->encode_ms += kvl_now_ms() - t0;
+        kvl_chunk_cache_free(cc);
+        if (st != KVL_OK) break;
+        fill_meta(s, tenant, KVL_STORE_MODE_CHUNK, KVL_CODEC_LEVEL_DEFAULT, segs[i].n, &metas[nb]);
+        items[nb] = (kvl_store_put_item){key, &metas[nb], segs[i].tokens, (size_t)segs[i].n, bufs[nb], len};
+        idx[nb] = i;
+        nb++;
+    }
+    for (int b = 0; b < nb; b++) free(bufs[b]); /* left over after an error */
     return st;
 }
 

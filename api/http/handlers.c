@@ -227,6 +227,8 @@ static void docs_post(kvl_req *r) {
     int32_t *toks = NULL, n = 0;
     kvl_doc *d = NULL;
     json_t *chunks_out = NULL;
+    kvl_svc_seg *segs = NULL;
+    int *stored = NULL;
     const char *text = NULL, *doc_id = NULL;
     int64_t ct;
     if (check_fields(r, o, fields) || get_str(r, o, "text", &text) || get_str(r, o, "doc_id", &doc_id)) goto done;
@@ -271,13 +273,13 @@ static void docs_post(kvl_req *r) {
     d->chunk_tokens = (int32_t)ct;
     d->created_unix = (int64_t)time(NULL);
     kvl_svc_timing tm = {0};
-    int32_t n_stored = 0;
-    chunks_out = json_array();
+    segs = calloc((size_t)n_chunks, sizeof *segs);
+    stored = calloc((size_t)n_chunks, sizeof *stored);
+    if (!segs || !stored) {
+        kvl_req_error(r, 500, "internal", NULL, "out of memory");
+        goto done;
+    }
     for (int64_t c = 0; c < n_chunks; c++) {
-        if (past_deadline(r)) {
-            timeout_error(r, "the ingest");
-            goto done;
-        }
         int32_t off = (int32_t)(c * ct), len = (int32_t)(n - off < ct ? n - off : ct);
         kvl_doc_chunk *dc = &d->chunks[d->n_chunks++];
         dc->n_tokens = len;
@@ -288,15 +290,24 @@ static void docs_post(kvl_req *r) {
         }
         memcpy(dc->tokens, toks + off, (size_t)len * sizeof *dc->tokens);
         kvl_svc_chunk_key(root, dc->tokens, len, dc->key);
-        int stored = 0;
-        kvl_status st = kvl_svc_ingest_chunk(s, r->tenant, dc->tokens, len, dc->key, &stored, &tm);
-        if (st != KVL_OK) {
-            status_error(r, st);
-            goto done;
-        }
-        n_stored += stored;
-        json_array_append_new(chunks_out, json_pack("{s:s,s:i,s:b}", "key", dc->key, "tokens", len, "cached", stored));
+        strcpy(segs[c].key, dc->key);
+        segs[c].tokens = dc->tokens;
+        segs[c].n = len;
     }
+    kvl_status ist = kvl_svc_ingest(s, r->tenant, segs, (int32_t)n_chunks, stored,
+                                    r->t_start + s->cfg.limits.request_timeout_ms, &tm);
+    if (ist == KVL_ERR_TIMEOUT) {
+        timeout_error(r, "the ingest");
+        goto done;
+    }
+    if (ist != KVL_OK) {
+        status_error(r, ist);
+        goto done;
+    }
+    chunks_out = json_array();
+    for (int64_t c = 0; c < n_chunks; c++)
+        json_array_append_new(chunks_out, json_pack("{s:s,s:i,s:b}", "key", segs[c].key, "tokens", segs[c].n, "cached",
+                                                    stored[c]));
     kvl_status st = kvl_catalog_put(s->docs_dir, d);
     if (st != KVL_OK) {
         status_error(r, st);
@@ -310,6 +321,8 @@ static void docs_post(kvl_req *r) {
                            (int)ct, "chunks", chunks_out, "timing", "prefill_ms", tm.recompute_ms, "encode_ms",
                            tm.encode_ms, "write_ms", tm.write_ms, "total_ms", kvl_now_ms() - r->t_start));
 done:
+    free(segs);
+    free(stored);
     json_decref(chunks_out);
     kvl_doc_free(d);
     free(toks);

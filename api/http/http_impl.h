@@ -216,17 +216,19 @@ typedef struct kvl_svc_stats {
     uint64_t bytes_read;
 } kvl_svc_stats;
 
-/* Prefills one chunk (behind BOS) and stores its cache under key (when a store is wired).
- * *stored = 1 when the cache was stored. */
-kvl_status kvl_svc_ingest_chunk(kvl_http_server *s, const char *tenant, const int32_t *tokens, int32_t n,
-                                const char *key_hex, int *stored, kvl_svc_timing *t);
-
 /* One prompt segment: a chunk (key + tokens). */
 typedef struct kvl_svc_seg {
     char key[65];
     const int32_t *tokens;
     int32_t n;
 } kvl_svc_seg;
+
+/* Ingest: prefills each chunk (behind BOS) that the store does not already hold, encodes it and
+ * stores it (in batches: one fsync per batch). stored[i] = 1 when chunk i's cache is in the store
+ * afterwards. KVL_ERR_TIMEOUT when the monotonic clock passes deadline_ms between chunks (chunks
+ * stored until then stay stored: they are caches). */
+kvl_status kvl_svc_ingest(kvl_http_server *s, const char *tenant, const kvl_svc_seg *segs, int32_t n_segs,
+                          int *stored, double deadline_ms, kvl_svc_timing *t);
 
 /* Builds the prompt BOS + segs + query into a new kv (capacity n_prompt + extra slots) with mode
  * ("full", "naive", "blend", "prefix") and recompute ratio, and writes the logits of the last prompt

@@ -512,6 +512,17 @@ def test_cache(a):
             r = d.request("POST", "/v1/documents", {"text": text, "chunk_tokens": 16, "doc_id": f"d{i}"}, token=A)
             check(r.status == 201 and all(c["cached"] for c in r.json()["chunks"]), f"ingest stores every chunk: {r}")
             docs.append(r.json())
+        # many chunks (several put batches) with repeated chunks inside one document
+        rep = ([10, 11, 12, 13] * 5 + [20, 21, 22, 23]) * 3
+        r = d.request("POST", "/v1/documents", {"tokens": rep + list(range(30, 90)), "chunk_tokens": 4, "doc_id": "rep"},
+                      token=A)
+        check(r.status == 201 and len(r.json()["chunks"]) == 33 and all(c["cached"] for c in r.json()["chunks"]),
+              f"33-chunk document with repeats: {r}")
+        rk = [c["key"] for c in r.json()["chunks"]]
+        check(rk[0] == rk[1] == rk[4] and rk[0] != rk[5], "equal chunks, equal keys")
+        g = d.request("POST", "/v1/generate", {"documents": ["rep"], "query": "x", "max_tokens": 2, "mode": "naive"}, token=A)
+        check(g.status == 200 and g.json()["stats"]["chunks_hit"] == 33, f"every chunk of it hits: {g}")
+        d.request("DELETE", "/v1/documents/rep", token=A)
         keys = [c["key"] for x in docs for c in x["chunks"]]
         n = len(keys)
         req = {"documents": ["d0", "d1", "d2"], "query": "Lily and Max", "max_tokens": 10}
