@@ -439,6 +439,17 @@ def test_loopback(a):
         p = subprocess.run([a.bin, "--model", a.model, "--store", store, "--listen", listen, "--admin-listen", "127.0.0.1:0"],
                            capture_output=True, text=True, timeout=60)
         check(p.returncode == 1 and "loopback" in p.stderr, f"no auth + {listen}: refused: {p.returncode} {p.stderr}")
+    # with --auth any address may be used
+    from kvlsvc import free_port
+    port = free_port()
+    proc = subprocess.Popen([a.bin, "--model", a.model, "--store", fresh(a.work, "lb-auth"), "--listen", f"0.0.0.0:{port}",
+                             "--admin-listen", "127.0.0.1:0", "--auth", write_auth(a.work)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    check("ready" in line and f":{port}" in line, f"with --auth, 0.0.0.0 is allowed: {line!r}")
+    proc.terminate()
+    out, err = proc.communicate(timeout=60)
+    check(proc.returncode == 0, f"exit 0 after SIGTERM: {proc.returncode} {err}")
     p = subprocess.run([a.bin, "--model", a.model, "--store", store, "--listen", "127.0.0.1:0"],
                        capture_output=True, text=True, timeout=60)
     check(p.returncode == 2 and "usage" in p.stderr, f"missing --admin-listen is a usage error: {p.returncode}")
