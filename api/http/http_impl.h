@@ -126,6 +126,7 @@ typedef struct kvl_req {
     size_t body_len, body_cap;
     int body_too_large;
     int state;              /* 0 headers seen, 1 receiving, 2 on a worker, 3 response ready */
+    int queued;             /* the response was handed to libmicrohttpd */
     double t_start;         /* monotonic ms */
     kvl_job job;
     /* response (set by a handler, sent by the MHD thread) */

@@ -96,6 +96,7 @@ static enum MHD_Result queue_response(kvl_req *r) {
     enum MHD_Result ret = MHD_queue_response(r->conn, (unsigned int)r->status, resp);
     MHD_destroy_response(resp);
     r->state = 3;
+    r->queued = 1;
     return ret;
 }
 
@@ -325,6 +326,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         *con_cls = r;
         early_checks(r, method, url);
         if (r->resp) return queue_response(r);
+        return MHD_YES;
+    }
+    if (r->queued) { /* answered early (e.g. 413 at the headers): drop what the client still sends */
+        *upload_data_size = 0;
         return MHD_YES;
     }
     if (r->state == 3) return queue_response(r);
