@@ -200,6 +200,11 @@ kvl_status kvl_svc_encode_kv(kvl_http_server *s, const float *kv, int32_t n, uin
     return kvl_errorf(KVL_ERR_UNSUPPORTED, "format 'cachegen' needs the codec, which this build does not wire yet");
 }
 
+int kvl_svc_chunk_cached(kvl_http_server *s, const char *tenant, const char *key_hex) {
+    (void)s, (void)tenant, (void)key_hex;
+    return 0;
+}
+
 kvl_status kvl_svc_store_stats(kvl_http_server *s, json_t **out) {
     (void)s;
     *out = NULL;

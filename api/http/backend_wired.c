@@ -290,6 +290,13 @@ kvl_status kvl_svc_chunk_delete(kvl_http_server *s, const char *tenant, const ch
     return st;
 }
 
+int kvl_svc_chunk_cached(kvl_http_server *s, const char *tenant, const char *key_hex) {
+    kvl_store_key key;
+    kvl_store_meta m;
+    return kvl_store_key_parse(key_hex, &key) == KVL_OK && kvl_store_stat(store_of(s), &key, &m) == KVL_OK &&
+           !strcmp(m.tenant, tenant) && !memcmp(m.fingerprint, s->fingerprint, 32);
+}
+
 /* ---------------------------------------------------------------- the prompt */
 
 typedef struct seg_cache {

@@ -343,7 +343,8 @@ static void docs_get(kvl_req *r) {
     json_t *chunks = json_array();
     int32_t total = 0;
     for (int32_t i = 0; i < d->n_chunks; i++) {
-        json_array_append_new(chunks, json_pack("{s:s,s:i}", "key", d->chunks[i].key, "tokens", d->chunks[i].n_tokens));
+        json_array_append_new(chunks, json_pack("{s:s,s:i,s:b}", "key", d->chunks[i].key, "tokens", d->chunks[i].n_tokens,
+                                                "cached", kvl_svc_chunk_cached(r->srv, r->tenant, d->chunks[i].key)));
         total += d->chunks[i].n_tokens;
     }
     kvl_req_json(r, 200, json_pack("{s:s,s:i,s:i,s:I,s:o}", "doc_id", d->doc_id, "tokens", total, "chunk_tokens",

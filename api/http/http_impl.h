@@ -253,6 +253,8 @@ kvl_status kvl_svc_chunk_meta(kvl_http_server *s, const char *tenant, const char
 kvl_status kvl_svc_chunk_kv(kvl_http_server *s, const char *tenant, const char *key_hex, int raw, char **body,
                             size_t *len);
 kvl_status kvl_svc_chunk_delete(kvl_http_server *s, const char *tenant, const char *key_hex);
+/* 1 when the store holds the chunk's cache for tenant (index lookup only). */
+int kvl_svc_chunk_cached(kvl_http_server *s, const char *tenant, const char *key_hex);
 
 /* CacheGen-encodes a [layers][k|v][n][kv_heads][head_dim] f32 tensor at the default lossy level
  * (*out malloc'ed). KVL_ERR_UNSUPPORTED where no codec is wired. */

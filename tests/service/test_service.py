@@ -601,6 +601,9 @@ def test_cache(a):
         check(r.status == 400, f"evict needs a criterion: {r}")
         r = d.request("POST", "/admin/evict", {"older_than_s": 0, "tenant": "bravo"}, admin=True, token=ADMIN)
         check(r.status == 200 and r.json()["evicted"] == 0, f"bravo has nothing: {r}")
+        g = d.request("GET", "/v1/documents/d0", token=A).json()
+        check([c["cached"] for c in g["chunks"]][:2] == [False, False] and all(c["cached"] for c in g["chunks"][2:]),
+              f"GET document says which chunks are cached: {g['chunks']}")
         r = d.request("POST", "/v1/generate", dict(req, mode="blend"), token=A).json()
         check(r["stats"]["chunks_missed"] == 2, f"evicted chunks recomputed from their tokens: {r['stats']}")
         met = d.request("GET", "/metrics", admin=True, token=ADMIN).body.decode()
