@@ -419,7 +419,6 @@ static int parse_prompt(kvl_req *r, json_t *o, prompt_req *p) {
     if (nd + nc > (size_t)s->cfg.limits.max_chunks)
         return limit_error(r, "chunks", s->cfg.limits.max_chunks, "%lld chunks/documents exceed the limit of %lld",
                            (long long)(nd + nc));
-    double t0 = kvl_now_ms();
     p->docs = calloc(nd + 1, sizeof *p->docs);
     if (!p->docs) return kvl_req_error(r, 500, "internal", NULL, "out of memory"), -1;
     int64_t total_chunks = (int64_t)nc;
@@ -476,7 +475,6 @@ static int parse_prompt(kvl_req *r, json_t *o, prompt_req *p) {
         sg->n = n;
         p->n_segs++;
     }
-    (void)t0;
     const char *q = NULL;
     if (get_str(r, o, "query", &q)) return -1;
     json_t *jq = json_object_get(o, "query_tokens");
