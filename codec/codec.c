@@ -1,0 +1,753 @@
+/* codec.c - the CPU reference encoder and decoder of the KVLC bitstream (docs/codec-format.md). */
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zstd.h>
+
+#include "codec_impl.h"
+
+#define LOSSLESS_ZSTD_LEVEL 3
+
+kvl_codec_opts kvl_codec_opts_default(void) {
+    kvl_codec_opts o = {KVL_CODEC_LEVEL_DEFAULT, KVL_CODEC_SCHEME_KVLOOM, NULL, 1, NULL};
+    return o;
+}
+
+static size_t dtype_size(int dt) { return dt == KVL_CODEC_F32 ? 4 : 2; }
+
+static kvl_status check_shape(const kvl_codec_shape *s) {
+    if (!s) return kvl_errorf(KVL_ERR_INVALID_ARG, "shape is NULL");
+    if (s->n_layers < 1 || s->n_layers > KVLC_MAX_LAYERS || s->n_tokens < 1 || s->n_tokens > KVLC_MAX_TOKENS ||
+        s->n_kv_heads < 1 || s->head_dim < 1 || s->n_kv_heads > 65535 || s->head_dim > 65535 ||
+        (int64_t)s->n_kv_heads * s->head_dim > KVLC_MAX_CHANNELS)
+        return kvl_errorf(KVL_ERR_INVALID_ARG, "KV shape %d layers x %d tokens x %d heads x %d dims out of range",
+                          s->n_layers, s->n_tokens, s->n_kv_heads, s->head_dim);
+    return KVL_OK;
+}
+
+static float load_elem(const void *src, int dt, size_t i) {
+    if (dt == KVL_CODEC_F32) return ((const float *)src)[i];
+    uint16_t h = ((const uint16_t *)src)[i];
+    return dt == KVL_CODEC_BF16 ? kvlc_bf16_to_f32(h) : kvlc_f16_to_f32(h);
+}
+
+static inline void store_elem(void *dst, int dt, size_t i, float v) {
+    if (dt == KVL_CODEC_F32) ((float *)dst)[i] = v;
+    else if (dt == KVL_CODEC_BF16) ((uint16_t *)dst)[i] = kvlc_f32_to_bf16(v);
+    else ((uint16_t *)dst)[i] = kvlc_f32_to_f16(v);
+}
+
+/* ---------------------------------------------------------------- tables */
+
+static int table_build(kvlc_table *t, int32_t amax, int pb, const uint32_t *freq, uint32_t *cum) {
+    t->amax = amax;
+    t->pb = pb;
+    t->cum = cum;
+    int32_t A = 2 * amax + 1;
+    uint64_t c = 0;
+    cum[0] = 0;
+    for (int32_t s = 0; s < A; s++) {
+        c += freq[s];
+        cum[s + 1] = (uint32_t)c;
+    }
+    return c == (1ull << pb) ? 0 : -1;
+}
+
+/* symbol index whose interval holds slot: the largest s with cum[s] <= slot (zero-width symbols are
+ * never returned because cum[s + 1] > slot for the largest such s) */
+static inline int32_t table_find(const kvlc_table *t, uint32_t slot) {
+    int32_t lo = 0, hi = 2 * t->amax + 1;
+    while (hi - lo > 1) {
+        int32_t mid = (lo + hi) >> 1;
+        if (t->cum[mid] <= slot) lo = mid;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* ---------------------------------------------------------------- per-section work */
+
+typedef struct sec_job {
+    /* shared, read-only */
+    const kvlc_params *p;
+    const kvl_codec_profile *prof;
+    const kvl_codec_shape *shape;
+    int dtype;
+    const void *kv;
+    /* per section results */
+    kvlc_buf *out; /* [2L] */
+    kvl_status *st;
+    char (*msg)[256];
+} sec_job;
+
+/* context index and alphabet half-width of symbol (t, c) */
+typedef struct ctx_map {
+    int mode; /* KVLC_TABLES_* */
+    int has_delta;
+    int Q;
+} ctx_map;
+
+static inline int32_t ctx_of(const ctx_map *m, int32_t c, int is_delta) {
+    if (m->mode == KVLC_TABLES_CHUNK_LAYER) return is_delta;
+    return c * (m->has_delta ? 2 : 1) + is_delta;
+}
+
+static kvl_status encode_lossless_section(const sec_job *j, int l, int kv, kvlc_buf *out) {
+    int32_t T = j->shape->n_tokens, C = j->shape->n_kv_heads * j->shape->head_dim;
+    size_t n = (size_t)T * C, es = dtype_size(j->dtype);
+    const uint8_t *src = (const uint8_t *)j->kv + ((size_t)l * 2 + kv) * n * es;
+    uint8_t *sh = malloc(n * es);
+    size_t bound = ZSTD_compressBound(n * es);
+    if (!sh || kvlc_buf_reserve(out, 4 + bound)) {
+        free(sh);
+        return KVL_ERR_NOMEM;
+    }
+    /* byte planes: the exponent bytes of neighbouring elements compress far better together */
+    for (size_t i = 0; i < n; i++)
+        for (size_t b = 0; b < es; b++) sh[b * n + i] = src[i * es + b];
+    size_t z = ZSTD_compress(out->p + out->n + 4, bound, sh, n * es, LOSSLESS_ZSTD_LEVEL);
+    free(sh);
+    if (ZSTD_isError(z)) return kvl_errorf(KVL_ERR_INTERNAL, "zstd: %s", ZSTD_getErrorName(z));
+    out->n += 4 + z;
+    return KVL_OK;
+}
+
+/* Counts the symbols of every context, normalises, serialises the tables into out and builds
+ * tabs[n_ctx] (cum arrays in cum_store, n_ctx * (4Q + 2) entries). */
+static kvl_status put_chunk_tables(kvlc_buf *out, const ctx_map *m, int32_t n_ctx, const int16_t *sym, size_t n_sym,
+                                   const int32_t *ctx_of_sym, int pb, kvlc_table *tabs, uint32_t *cum_store,
+                                   uint32_t *freq_tmp) {
+    int32_t stride = 4 * m->Q + 2;
+    uint64_t *cnt = calloc((size_t)n_ctx * stride, sizeof *cnt);
+    if (!cnt) return KVL_ERR_NOMEM;
+    for (size_t i = 0; i < n_sym; i++) {
+        int32_t x = ctx_of_sym[i];
+        int32_t amax = (m->has_delta && (x % 2 == 1)) ? 2 * m->Q : m->Q;
+        cnt[(size_t)x * stride + sym[i] + amax]++;
+    }
+    kvl_status st = KVL_OK;
+    size_t cum_off = 0;
+    for (int32_t x = 0; x < n_ctx && st == KVL_OK; x++) {
+        int d = m->has_delta && (x % 2 == 1);
+        int32_t amax = d ? 2 * m->Q : m->Q, A = 2 * amax + 1;
+        const uint64_t *c = cnt + (size_t)x * stride;
+        int32_t lo = 0, hi = -1;
+        for (int32_t s = 0; s < A; s++)
+            if (c[s]) {
+                if (hi < 0) lo = s;
+                hi = s;
+            }
+        tabs[x].amax = amax;
+        tabs[x].pb = pb;
+        tabs[x].cum = NULL;
+        if (hi < 0) { /* context unused in this chunk: an empty table */
+            if (kvlc_buf_varint(out, 0) || kvlc_buf_varint(out, 0)) st = KVL_ERR_NOMEM;
+            continue;
+        }
+        if (kvlc_normalize(c, A, pb, 0, freq_tmp) != 0) {
+            st = kvl_errorf(KVL_ERR_INTERNAL, "cannot normalise a %d-symbol table to %d bits", A, pb);
+            break;
+        }
+        /* lo + 1 so that 0 can mean "empty" */
+        if (kvlc_buf_varint(out, (uint32_t)lo + 1) || kvlc_buf_varint(out, (uint32_t)(hi - lo))) st = KVL_ERR_NOMEM;
+        for (int32_t s = lo; s <= hi && st == KVL_OK; s++)
+            if (kvlc_buf_varint(out, freq_tmp[s])) st = KVL_ERR_NOMEM;
+        if (st == KVL_OK && table_build(&tabs[x], amax, pb, freq_tmp, cum_store + cum_off) != 0)
+            st = kvl_errorf(KVL_ERR_INTERNAL, "table does not sum to 2^%d", pb);
+        cum_off += (size_t)A + 1;
+    }
+    free(cnt);
+    return st;
+}
+
+static kvl_status encode_quant_section(const sec_job *j, int l, int kv, kvlc_buf *out) {
+    const kvlc_params *p = j->p;
+    int32_t T = j->shape->n_tokens, C = j->shape->n_kv_heads * j->shape->head_dim;
+    size_t n = (size_t)T * C;
+    int Q = p->q[2 * l + kv];
+    int has_delta = p->delta_group > 1;
+    int cg = p->chan_group < C ? p->chan_group : C;
+    int32_t n_streams = (C + cg - 1) / cg;
+    int sm = kvlc_scale_of(p->scale_mode, kv);
+    int32_t n_sc = kvlc_n_scales(sm, T, C);
+    ctx_map m = {j->prof ? KVLC_TABLES_PROFILE : p->chunk_tables, has_delta, Q};
+    int32_t n_ctx = m.mode == KVLC_TABLES_CHUNK_LAYER ? 1 + has_delta : C * (1 + has_delta);
+    int32_t Amax = 4 * Q + 2;
+
+    kvl_status st = KVL_OK;
+    float *x = malloc(n * sizeof *x);
+    int16_t *q = malloc(n * sizeof *q), *sym = malloc(n * sizeof *sym);
+    int32_t *ctx = malloc(n * sizeof *ctx);
+    uint16_t *sc = malloc((size_t)n_sc * sizeof *sc);
+    kvlc_table *tabs = calloc((size_t)n_ctx, sizeof *tabs);
+    uint32_t *cum_store = m.mode == KVLC_TABLES_PROFILE ? NULL : malloc((size_t)n_ctx * Amax * sizeof *cum_store);
+    uint32_t *freq = malloc((size_t)Amax * sizeof *freq);
+    size_t tcap = 2 * (size_t)T * cg + 16;
+    uint8_t *tmp = malloc(tcap);
+    if (!x || !q || !sym || !ctx || !sc || !tabs || (m.mode != KVLC_TABLES_PROFILE && !cum_store) || !freq || !tmp) {
+        st = KVL_ERR_NOMEM;
+        goto done;
+    }
+    size_t base = ((size_t)l * 2 + kv) * n;
+    for (size_t i = 0; i < n; i++) x[i] = load_elem(j->kv, j->dtype, base + i);
+    if (kvlc_quantize_section(x, T, C, sm, Q, sc, q) != 0) {
+        st = kvl_errorf(KVL_ERR_RANGE, "layer %d %s: a value is not finite or its scale overflows", l, kv ? "v" : "k");
+        goto done;
+    }
+    for (int32_t t = 0; t < T; t++) {
+        int d = kvlc_is_delta(p->delta_group, t);
+        int32_t ta = t - (has_delta ? t % p->delta_group : 0);
+        for (int32_t c = 0; c < C; c++) {
+            size_t i = (size_t)t * C + c;
+            sym[i] = (int16_t)(d ? q[i] - q[(size_t)ta * C + c] : q[i]);
+            ctx[i] = ctx_of(&m, c, d);
+        }
+    }
+    if (kvlc_buf_reserve(out, 4)) { st = KVL_ERR_NOMEM; goto done; }
+    out->n += 4; /* checksum, filled in below */
+    if (m.mode == KVLC_TABLES_PROFILE) {
+        const kvlc_plevel *pl = &j->prof->lv[p->level];
+        for (int32_t c = 0; c < C; c++)
+            for (int d = 0; d <= has_delta; d++)
+                tabs[ctx_of(&m, c, d)] = pl->tables[kvlc_ptab_index(C, has_delta, l, kv, c, d)];
+    } else {
+        st = put_chunk_tables(out, &m, n_ctx, sym, n, ctx, p->chunk_pb, tabs, cum_store, freq);
+        if (st != KVL_OK) goto done;
+    }
+    uint8_t b2[2];
+    int32_t n_bf = sm == KVLC_SCALE_CHANNEL_OFFSET ? C : n_sc;
+    for (int32_t i = 0; i < n_bf; i++) {
+        kvlc_put16(b2, sc[i]);
+        if (kvlc_buf_put(out, b2, 2)) { st = KVL_ERR_NOMEM; goto done; }
+    }
+    /* integer offsets as zigzag varints: most are small (a channel's mean in steps) */
+    for (int32_t i = n_bf; i < n_sc; i++) {
+        int32_t z = (int16_t)sc[i];
+        if (kvlc_buf_varint(out, ((uint32_t)z << 1) ^ (uint32_t)(z >> 31))) { st = KVL_ERR_NOMEM; goto done; }
+    }
+    size_t sizes_at = out->n;
+    if (kvlc_buf_reserve(out, 4 * (size_t)n_streams)) { st = KVL_ERR_NOMEM; goto done; }
+    out->n += 4 * (size_t)n_streams;
+    for (int32_t g = 0; g < n_streams; g++) {
+        int32_t c0 = g * cg, c1 = c0 + cg < C ? c0 + cg : C;
+        uint8_t *end = tmp + tcap, *ptr = end;
+        uint32_t xs = KVLC_RANS_L;
+        /* rANS codes in reverse so that the decoder reads forward */
+        for (int32_t t = T - 1; t >= 0; t--)
+            for (int32_t c = c1 - 1; c >= c0; c--) {
+                size_t i = (size_t)t * C + c;
+                const kvlc_table *tb = &tabs[ctx[i]];
+                int32_t s = sym[i] + tb->amax;
+                uint32_t start = tb->cum[s], f = tb->cum[s + 1] - start;
+                KVL_ASSERT(f > 0);
+                uint32_t xmax = ((KVLC_RANS_L >> tb->pb) << 8) * f;
+                while (xs >= xmax) {
+                    *--ptr = (uint8_t)xs;
+                    xs >>= 8;
+                }
+                xs = ((xs / f) << tb->pb) + (xs % f) + start;
+            }
+        ptr -= 4;
+        kvlc_put32(ptr, xs);
+        size_t len = (size_t)(end - ptr);
+        kvlc_put32(out->p + sizes_at + 4 * (size_t)g, (uint32_t)len);
+        if (kvlc_buf_put(out, ptr, len)) { st = KVL_ERR_NOMEM; goto done; }
+    }
+done:
+    free(x); free(q); free(sym); free(ctx); free(sc); free(tabs); free(cum_store); free(freq); free(tmp);
+    return st;
+}
+
+static void *encode_worker(void *arg);
+
+typedef struct worker {
+    sec_job *j;
+    int tid, nt, decode;
+    /* decode only */
+    const uint8_t *buf;
+    const uint32_t *off;
+    int32_t layer0, n_layers;
+    int out_dtype;
+    void *out;
+} worker;
+
+static kvl_status run_workers(worker *w, int nt, void *(*fn)(void *), int n_sec, sec_job *j) {
+    pthread_t th[64];
+    int started = 0;
+    for (int t = 1; t < nt; t++) {
+        if (pthread_create(&th[t], NULL, fn, &w[t]) != 0) break;
+        started = t;
+    }
+    /* threads that failed to start: their share runs on the calling thread */
+    for (int t = started + 1; t < nt; t++) fn(&w[t]);
+    fn(&w[0]);
+    for (int t = 1; t <= started; t++) pthread_join(th[t], NULL);
+    for (int i = 0; i < n_sec; i++)
+        if (j->st[i] != KVL_OK) return kvl_errorf(j->st[i], "%s", j->msg[i]);
+    return KVL_OK;
+}
+
+static void *encode_worker(void *arg) {
+    worker *w = arg;
+    sec_job *j = w->j;
+    int n_sec = 2 * j->shape->n_layers;
+    for (int i = w->tid; i < n_sec; i += w->nt) {
+        kvl_clear_error();
+        int l = i / 2, kv = i % 2;
+        kvl_status st = j->p->lossless ? encode_lossless_section(j, l, kv, &j->out[i])
+                                       : encode_quant_section(j, l, kv, &j->out[i]);
+        if (st == KVL_OK && j->out[i].n < 4) st = kvl_errorf(KVL_ERR_INTERNAL, "empty section");
+        if (st == KVL_OK) kvlc_put32(j->out[i].p, kvlc_checksum(j->out[i].p + 4, j->out[i].n - 4));
+        j->st[i] = st;
+        snprintf(j->msg[i], sizeof j->msg[i], "%s", st == KVL_OK ? "" : kvl_last_error());
+        if (st != KVL_OK) break;
+    }
+    return NULL;
+}
+
+static int profile_level_matches(const kvl_codec_profile *pr, const kvlc_params *p, const kvl_codec_shape *s) {
+    if (pr->n_layers != s->n_layers || pr->n_kv_heads != s->n_kv_heads || pr->head_dim != s->head_dim) return 0;
+    const kvlc_plevel *pl = &pr->lv[p->level];
+    /* bins may differ: a profile chooses its own per model (kvl_codec_profile_builder_set_bins) */
+    return pl->present && pl->scale_mode == p->scale_mode && pl->delta_group == p->delta_group &&
+           pl->chan_group == p->chan_group;
+}
+
+kvl_status kvl_codec_profile_check(const kvl_codec_profile *p, const kvl_codec_shape *shape, int32_t level) {
+    if (!p || !shape) return kvl_errorf(KVL_ERR_INVALID_ARG, "NULL argument");
+    if (level < 1 || level > KVL_CODEC_MAX_LEVEL) return kvl_errorf(KVL_ERR_CODEC_LEVEL, "level %d is not a lossy level", level);
+    if (shape->n_layers < 1 || shape->n_layers > KVLC_MAX_LAYERS) return kvl_errorf(KVL_ERR_INVALID_ARG, "bad layer count");
+    kvlc_params prm;
+    KVL_TRY(kvlc_params_get(level, KVL_CODEC_SCHEME_KVLOOM, shape->n_layers, &prm));
+    int ok = profile_level_matches(p, &prm, shape);
+    kvlc_params_free(&prm);
+    if (!ok)
+        return kvl_errorf(KVL_ERR_CODEC_PROFILE, "profile built for another KV shape or other level-%d parameters", level);
+    return KVL_OK;
+}
+
+static int clamp_threads(int n) { return n < 1 ? 1 : n > 64 ? 64 : n; }
+
+kvl_status kvl_codec_encode(const kvl_codec_shape *shape, kvl_codec_dtype dtype, const void *kv,
+                            const kvl_codec_opts *opts, uint8_t **out, size_t *out_size) {
+    if (!out || !out_size || !kv) return kvl_errorf(KVL_ERR_INVALID_ARG, "kv, out and out_size must not be NULL");
+    *out = NULL;
+    *out_size = 0;
+    KVL_TRY(check_shape(shape));
+    if (dtype != KVL_CODEC_F32 && dtype != KVL_CODEC_BF16 && dtype != KVL_CODEC_F16)
+        return kvl_errorf(KVL_ERR_INVALID_ARG, "unknown dtype %d", (int)dtype);
+    kvl_codec_opts o = opts ? *opts : kvl_codec_opts_default();
+    kvlc_params p;
+    KVL_TRY(kvlc_params_get(o.level, o.scheme, shape->n_layers, &p));
+    const kvl_codec_profile *prof = (!p.lossless && o.scheme == KVL_CODEC_SCHEME_KVLOOM) ? o.profile : NULL;
+    if (prof && !profile_level_matches(prof, &p, shape)) {
+        kvlc_params_free(&p);
+        return kvl_errorf(KVL_ERR_CODEC_PROFILE,
+                          "the profile was built for another KV shape or other level-%d parameters", o.level);
+    }
+    if (o.bins && !p.lossless) {
+        for (int32_t i = 0; i < 2 * shape->n_layers; i++)
+            if (o.bins[i] < 1 || o.bins[i] > KVLC_MAX_Q) {
+                kvlc_params_free(&p);
+                return kvl_errorf(KVL_ERR_INVALID_ARG, "bins[%d] = %u outside [1, %d]", i, o.bins[i], KVLC_MAX_Q);
+            }
+        if (prof && memcmp(prof->lv[o.level].q, o.bins, (size_t)shape->n_layers * 2 * sizeof *o.bins) != 0) {
+            kvlc_params_free(&p);
+            return kvl_errorf(KVL_ERR_CODEC_PROFILE, "bins differ from the profile's level-%d bins", o.level);
+        }
+        memcpy(p.q, o.bins, (size_t)shape->n_layers * 2 * sizeof *p.q);
+    } else if (prof) {
+        memcpy(p.q, prof->lv[o.level].q, (size_t)shape->n_layers * 2 * sizeof *p.q);
+    }
+    int L = shape->n_layers, n_sec = 2 * L;
+    int32_t C = shape->n_kv_heads * shape->head_dim;
+    sec_job j = {&p, prof, shape, dtype, kv, calloc((size_t)n_sec, sizeof(kvlc_buf)),
+                 calloc((size_t)n_sec, sizeof(kvl_status)), calloc((size_t)n_sec, 256)};
+    kvl_status st = KVL_OK;
+    if (!j.out || !j.st || !j.msg) { st = KVL_ERR_NOMEM; goto done; }
+    int nt = clamp_threads(o.n_threads);
+    if (nt > n_sec) nt = n_sec;
+    worker w[64];
+    for (int t = 0; t < nt; t++) w[t] = (worker){.j = &j, .tid = t, .nt = nt};
+    st = run_workers(w, nt, encode_worker, n_sec, &j);
+    if (st != KVL_OK) goto done;
+
+    size_t hb = KVLC_HDR_FIXED + 4 * (size_t)L + 4 * ((size_t)n_sec + 1), total = hb;
+    for (int i = 0; i < n_sec; i++) total += j.out[i].n;
+    if (total > 0xffffffffu) { st = kvl_errorf(KVL_ERR_LIMIT, "encoded chunk of %zu bytes exceeds 4 GiB", total); goto done; }
+    uint8_t *b = calloc(1, total);
+    if (!b) { st = KVL_ERR_NOMEM; goto done; }
+    memcpy(b, KVLC_MAGIC, 4);
+    kvlc_put16(b + 4, KVLC_VERSION);
+    kvlc_put16(b + 6, (uint16_t)hb);
+    b[8] = p.lossless ? KVLC_MODE_LOSSLESS : KVLC_MODE_QUANT;
+    b[9] = (uint8_t)o.level;
+    b[10] = (uint8_t)o.scheme;
+    b[11] = (uint8_t)dtype;
+    if (!p.lossless) {
+        int cg = p.chan_group < C ? p.chan_group : C;
+        b[12] = (uint8_t)p.scale_mode;
+        b[13] = (uint8_t)(prof ? KVLC_TABLES_PROFILE : p.chunk_tables);
+        b[14] = (uint8_t)(prof ? KVLC_PROFILE_PB : p.chunk_pb);
+        b[15] = (uint8_t)p.delta_group;
+        kvlc_put16(b + 22, (uint16_t)cg);
+    }
+    kvlc_put16(b + 16, (uint16_t)L);
+    kvlc_put16(b + 18, (uint16_t)shape->n_kv_heads);
+    kvlc_put16(b + 20, (uint16_t)shape->head_dim);
+    kvlc_put32(b + 24, (uint32_t)shape->n_tokens);
+    kvlc_put64(b + 32, total);
+    if (prof) memcpy(b + 40, prof->id, 16);
+    uint8_t *dir = b + KVLC_HDR_FIXED;
+    for (int l = 0; l < L; l++) {
+        kvlc_put16(dir + 4 * l, p.lossless ? 0 : p.q[2 * l]);
+        kvlc_put16(dir + 4 * l + 2, p.lossless ? 0 : p.q[2 * l + 1]);
+    }
+    size_t off = hb;
+    uint8_t *offs = dir + 4 * (size_t)L;
+    for (int i = 0; i < n_sec; i++) {
+        kvlc_put32(offs + 4 * (size_t)i, (uint32_t)off);
+        memcpy(b + off, j.out[i].p, j.out[i].n);
+        off += j.out[i].n;
+    }
+    kvlc_put32(offs + 4 * (size_t)n_sec, (uint32_t)off);
+    kvlc_put32(b + 56, kvlc_checksum(dir, hb - KVLC_HDR_FIXED));
+    kvlc_put32(b + 60, kvlc_checksum(b, 60));
+    *out = b;
+    *out_size = total;
+done:
+    if (j.out)
+        for (int i = 0; i < n_sec; i++) free(j.out[i].p);
+    free(j.out); free(j.st); free(j.msg);
+    kvlc_params_free(&p);
+    return st;
+}
+
+/* ---------------------------------------------------------------- decoder */
+
+typedef struct hdr {
+    kvl_codec_info info;
+    int scale_mode, table_mode, pb, delta_group, chan_group;
+    size_t hb;
+} hdr;
+
+static kvl_status bad(const char *what) { return kvl_errorf(KVL_ERR_CODEC, "malformed chunk: %s", what); }
+
+static kvl_status parse_header(const uint8_t *b, size_t size, hdr *h) {
+    memset(h, 0, sizeof *h);
+    if (!b) return kvl_errorf(KVL_ERR_INVALID_ARG, "buffer is NULL");
+    if (size < KVLC_HDR_FIXED) return kvl_errorf(KVL_ERR_TRUNCATED, "%zu bytes is shorter than a chunk header", size);
+    if (memcmp(b, KVLC_MAGIC, 4) != 0) return kvl_errorf(KVL_ERR_MAGIC, "not a KVLC chunk (bad magic)");
+    if (kvlc_get16(b + 4) != KVLC_VERSION)
+        return kvl_errorf(KVL_ERR_VERSION, "KVLC version %u (this build reads %d)", kvlc_get16(b + 4), KVLC_VERSION);
+    if (KVLC_SUM_BAD(kvlc_get32(b + 60), kvlc_checksum(b, 60))) return kvl_errorf(KVL_ERR_CHECKSUM, "chunk header checksum mismatch");
+    kvl_codec_info *in = &h->info;
+    int mode = b[8];
+    in->level = b[9];
+    in->scheme = b[10];
+    in->src_dtype = b[11];
+    h->scale_mode = b[12];
+    h->table_mode = b[13];
+    h->pb = b[14];
+    h->delta_group = b[15];
+    in->shape.n_layers = kvlc_get16(b + 16);
+    in->shape.n_kv_heads = kvlc_get16(b + 18);
+    in->shape.head_dim = kvlc_get16(b + 20);
+    h->chan_group = kvlc_get16(b + 22);
+    in->shape.n_tokens = (int32_t)kvlc_get32(b + 24);
+    in->total_bytes = kvlc_get64(b + 32);
+    memcpy(in->profile_id, b + 40, 16);
+    int32_t L = in->shape.n_layers;
+    int64_t C = (int64_t)in->shape.n_kv_heads * in->shape.head_dim;
+    if (mode != KVLC_MODE_LOSSLESS && mode != KVLC_MODE_QUANT) return bad("unknown mode");
+    in->lossless = mode == KVLC_MODE_LOSSLESS;
+    if (in->level > KVL_CODEC_MAX_LEVEL || (in->level == 0) != in->lossless) return bad("level does not match mode");
+    if (in->scheme != KVL_CODEC_SCHEME_KVLOOM && in->scheme != KVL_CODEC_SCHEME_LMCACHE) return bad("unknown scheme");
+    if (in->src_dtype > KVL_CODEC_F16) return bad("unknown source dtype");
+    if (L < 1 || in->shape.n_tokens < 1 || (uint32_t)in->shape.n_tokens > KVLC_MAX_TOKENS || C < 1 ||
+        C > KVLC_MAX_CHANNELS)
+        return bad("shape out of range");
+    if (kvlc_get32(b + 28) != 0) return bad("reserved field not zero");
+    if (in->lossless) {
+        if (b[12] || b[13] || b[14] || b[15] || h->chan_group) return bad("lossless chunk with coder fields set");
+    } else {
+        if (!kvlc_scale_valid(h->scale_mode) || h->table_mode > KVLC_TABLES_CHUNK_CHANNEL || h->pb < KVLC_MIN_PB ||
+            h->pb > KVLC_MAX_PB || h->delta_group == 1 || h->chan_group < 1 || h->chan_group > C)
+            return bad("coder field out of range");
+        if (h->table_mode == KVLC_TABLES_PROFILE && h->pb != KVLC_PROFILE_PB) return bad("profile tables with wrong precision");
+    }
+    in->uses_profile = !in->lossless && h->table_mode == KVLC_TABLES_PROFILE;
+    static const uint8_t zero[16];
+    if (!in->uses_profile && memcmp(in->profile_id, zero, 16) != 0) return bad("profile id set without profile tables");
+    h->hb = KVLC_HDR_FIXED + 4 * (size_t)L + 4 * (2 * (size_t)L + 1);
+    if (kvlc_get16(b + 6) != h->hb) return bad("header size does not match the layer count");
+    if (in->total_bytes < h->hb) return bad("total size smaller than the header");
+    if (in->total_bytes > size)
+        return kvl_errorf(KVL_ERR_TRUNCATED, "chunk declares %llu bytes, %zu given",
+                          (unsigned long long)in->total_bytes, size);
+    if (KVLC_SUM_BAD(kvlc_get32(b + 56), kvlc_checksum(b + KVLC_HDR_FIXED, h->hb - KVLC_HDR_FIXED)))
+        return kvl_errorf(KVL_ERR_CHECKSUM, "chunk directory checksum mismatch");
+    const uint8_t *dir = b + KVLC_HDR_FIXED, *offs = dir + 4 * (size_t)L;
+    for (int32_t i = 0; i < 2 * L; i++) {
+        uint16_t q = kvlc_get16(dir + 2 * (size_t)i);
+        if (in->lossless ? q != 0 : (q < 1 || q > KVLC_MAX_Q)) return bad("bin count out of range");
+    }
+    if (kvlc_get32(offs) != h->hb) return bad("first section does not follow the header");
+    for (int32_t i = 0; i < 2 * L; i++)
+        if (kvlc_get32(offs + 4 * (size_t)i + 4) < (uint64_t)kvlc_get32(offs + 4 * (size_t)i) + 4)
+            return bad("section offsets not increasing");
+    if (kvlc_get32(offs + 8 * (size_t)L) != in->total_bytes) return bad("last section does not end the chunk");
+    in->n_elements = (uint64_t)L * 2 * (uint64_t)in->shape.n_tokens * (uint64_t)C;
+    return KVL_OK;
+}
+
+kvl_status kvl_codec_info_get(const uint8_t *buf, size_t size, kvl_codec_info *info) {
+    if (!info) return kvl_errorf(KVL_ERR_INVALID_ARG, "info is NULL");
+    hdr h;
+    KVL_TRY(parse_header(buf, size, &h));
+    *info = h.info;
+    return KVL_OK;
+}
+
+static int get_varint(const uint8_t **p, const uint8_t *end, uint32_t *v) {
+    uint32_t r = 0;
+    for (int k = 0; k < 5; k++) {
+        if (*p >= end) return -1;
+        uint8_t c = *(*p)++;
+        if (k == 4 && (c & 0xf0)) return -1;
+        r |= (uint32_t)(c & 0x7f) << (7 * k);
+        if (!(c & 0x80)) {
+            *v = r;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+typedef struct dec_ctx {
+    const hdr *h;
+    const kvl_codec_profile *prof;
+} dec_ctx;
+
+static kvl_status decode_lossless_section(const hdr *h, const uint8_t *s, size_t len, int out_dtype, void *out,
+                                          size_t out_base) {
+    int32_t T = h->info.shape.n_tokens, C = h->info.shape.n_kv_heads * h->info.shape.head_dim;
+    size_t n = (size_t)T * C, es = dtype_size(h->info.src_dtype);
+    unsigned long long fs = ZSTD_getFrameContentSize(s, len);
+    if (fs != n * es) return bad("lossless section size does not match the shape");
+    uint8_t *raw = malloc(n * es);
+    if (!raw) return KVL_ERR_NOMEM;
+    size_t z = ZSTD_decompress(raw, n * es, s, len);
+    if (ZSTD_isError(z) || z != n * es) {
+        free(raw);
+        return bad("lossless section does not decompress");
+    }
+    int dt = h->info.src_dtype;
+    if (dt == out_dtype) {
+        uint8_t *o = (uint8_t *)out + out_base * es;
+        for (size_t i = 0; i < n; i++)
+            for (size_t b = 0; b < es; b++) o[i * es + b] = raw[b * n + i];
+    } else {
+        for (size_t i = 0; i < n; i++) {
+            uint8_t e[4] = {0};
+            for (size_t b = 0; b < es; b++) e[b] = raw[b * n + i];
+            float v;
+            if (dt == KVL_CODEC_F32) memcpy(&v, e, 4);
+            else v = dt == KVL_CODEC_BF16 ? kvlc_bf16_to_f32(kvlc_get16(e)) : kvlc_f16_to_f32(kvlc_get16(e));
+            store_elem(out, out_dtype, out_base + i, v);
+        }
+    }
+    free(raw);
+    return KVL_OK;
+}
+
+static kvl_status decode_quant_section(const dec_ctx *d, int l, int kv, const uint8_t *s, size_t len,
+                                       int out_dtype, void *out, size_t out_base, const uint8_t *dir) {
+    const hdr *h = d->h;
+    int32_t T = h->info.shape.n_tokens, C = h->info.shape.n_kv_heads * h->info.shape.head_dim;
+    int Q = kvlc_get16(dir + 4 * (size_t)l + 2 * (size_t)kv);
+    int has_delta = h->delta_group > 1, cg = h->chan_group;
+    int32_t n_streams = (C + cg - 1) / cg, sm = kvlc_scale_of(h->scale_mode, kv), n_sc = kvlc_n_scales(sm, T, C);
+    ctx_map m = {h->table_mode, has_delta, Q};
+    int32_t n_ctx = m.mode == KVLC_TABLES_CHUNK_LAYER ? 1 + has_delta : C * (1 + has_delta);
+    const uint8_t *p = s, *end = s + len;
+    kvl_status st = KVL_OK;
+    kvlc_table *tabs = calloc((size_t)n_ctx, sizeof *tabs);
+    float *scale = malloc((size_t)n_sc * sizeof *scale);
+    int32_t n_real = sm == KVLC_SCALE_CHANNEL_OFFSET ? C : n_sc; /* entries that are bf16 scales */
+    int32_t *anchor = malloc((size_t)cg * sizeof *anchor);
+    uint32_t *cum_store = NULL, *freq = NULL;
+    if (!tabs || !scale || !anchor) { st = KVL_ERR_NOMEM; goto done; }
+    if (m.mode == KVLC_TABLES_PROFILE) {
+        const kvlc_plevel *pl = &d->prof->lv[h->info.level];
+        for (int32_t c = 0; c < C; c++)
+            for (int dd = 0; dd <= has_delta; dd++)
+                tabs[ctx_of(&m, c, dd)] = pl->tables[kvlc_ptab_index(C, has_delta, l, kv, c, dd)];
+    } else {
+        int32_t Amax = 4 * Q + 2;
+        cum_store = malloc((size_t)n_ctx * Amax * sizeof *cum_store);
+        freq = malloc((size_t)Amax * sizeof *freq);
+        if (!cum_store || !freq) { st = KVL_ERR_NOMEM; goto done; }
+        size_t cum_off = 0;
+        for (int32_t x = 0; x < n_ctx; x++) {
+            int isd = has_delta && (x % 2 == 1);
+            int32_t amax = isd ? 2 * Q : Q, A = 2 * amax + 1;
+            uint32_t lo1, span;
+            if (get_varint(&p, end, &lo1) || get_varint(&p, end, &span)) { st = bad("truncated table"); goto done; }
+            tabs[x].amax = amax;
+            tabs[x].pb = h->pb;
+            if (lo1 == 0) {
+                if (span != 0) { st = bad("empty table with a span"); goto done; }
+                continue;
+            }
+            uint32_t lo = lo1 - 1;
+            if (lo >= (uint32_t)A || span >= (uint32_t)A - lo) { st = bad("table range outside the alphabet"); goto done; }
+            memset(freq, 0, (size_t)A * sizeof *freq);
+            uint64_t sum = 0;
+            for (uint32_t k = 0; k <= span; k++) {
+                uint32_t f;
+                if (get_varint(&p, end, &f) || f > (1u << h->pb)) { st = bad("bad table frequency"); goto done; }
+                freq[lo + k] = f;
+                sum += f;
+            }
+            if (sum != (1ull << h->pb)) { st = bad("table frequencies do not sum to the total"); goto done; }
+            table_build(&tabs[x], amax, h->pb, freq, cum_store + cum_off);
+            cum_off += (size_t)A + 1;
+        }
+    }
+    if ((size_t)(end - p) < 2 * (size_t)n_real + 4 * (size_t)n_streams) { st = bad("section too short for its scales"); goto done; }
+    for (int32_t i = 0; i < n_real; i++, p += 2) {
+        float v = kvlc_bf16_to_f32(kvlc_get16(p));
+        if (!isfinite(v) || v < 0 || signbit(v)) { st = bad("scale negative or not finite"); goto done; }
+        scale[i] = v;
+    }
+    for (int32_t i = n_real; i < n_sc; i++) {
+        uint32_t zz;
+        if (get_varint(&p, end, &zz) || zz > 65534) { st = bad("bad channel offset"); goto done; }
+        scale[i] = (float)(int32_t)((zz >> 1) ^ (0u - (zz & 1)));
+    }
+    if ((size_t)(end - p) < 4 * (size_t)n_streams) { st = bad("section too short for its stream sizes"); goto done; }
+    const uint8_t *sizes = p;
+    p += 4 * (size_t)n_streams;
+    uint64_t total = 0;
+    for (int32_t g = 0; g < n_streams; g++) total += kvlc_get32(sizes + 4 * (size_t)g);
+    if (total != (uint64_t)(end - p)) { st = bad("stream sizes do not add up to the section"); goto done; }
+    for (int32_t g = 0; g < n_streams; g++) {
+        size_t slen = kvlc_get32(sizes + 4 * (size_t)g);
+        const uint8_t *sp = p, *se = p + slen;
+        p = se;
+        if (slen < 4) { st = bad("stream shorter than its state"); goto done; }
+        uint32_t x = kvlc_get32(sp);
+        sp += 4;
+        int32_t c0 = g * cg, c1 = c0 + cg < C ? c0 + cg : C;
+        for (int32_t t = 0; t < T; t++) {
+            int isd = kvlc_is_delta(h->delta_group, t);
+            for (int32_t c = c0; c < c1; c++) {
+                const kvlc_table *tb = &tabs[ctx_of(&m, c, isd)];
+                if (!tb->cum) { st = bad("symbol in a context with an empty table"); goto done; }
+                uint32_t mask = (1u << tb->pb) - 1, slot = x & mask;
+                int32_t si = table_find(tb, slot);
+                uint32_t start = tb->cum[si], f = tb->cum[si + 1] - start;
+                x = f * (x >> tb->pb) + slot - start;
+                while (x < KVLC_RANS_L) {
+                    if (sp >= se) { st = bad("stream ends early"); goto done; }
+                    x = (x << 8) | *sp++;
+                }
+                int32_t v = si - tb->amax, qv;
+                if (isd) {
+                    qv = anchor[c - c0] + v;
+                    if (qv < -Q || qv > Q) { st = bad("delta leaves the quantiser range"); goto done; }
+                } else {
+                    qv = v;
+                    anchor[c - c0] = v;
+                }
+                float val;
+                /* one multiply, no FMA: the GPU decoder reproduces this bit for bit */
+                if (sm == KVLC_SCALE_CHANNEL_OFFSET) val = (float)(qv + (int32_t)scale[C + c]) * scale[c];
+                else val = (float)qv * scale[sm == KVLC_SCALE_TOKEN ? t : sm == KVLC_SCALE_CHANNEL ? c : 0];
+                store_elem(out, out_dtype, out_base + (size_t)t * C + c, val);
+            }
+        }
+        if (x != KVLC_RANS_L || sp != se) { st = bad("stream does not end in the initial coder state"); goto done; }
+    }
+done:
+    free(tabs); free(scale); free(anchor); free(cum_store); free(freq);
+    return st;
+}
+
+static void *decode_worker(void *arg) {
+    worker *w = arg;
+    sec_job *j = w->j;
+    const hdr *h = (const hdr *)j->kv; /* decode passes the parsed header through kv */
+    int32_t C = h->info.shape.n_kv_heads * h->info.shape.head_dim;
+    size_t n = (size_t)h->info.shape.n_tokens * C;
+    dec_ctx d = {h, j->prof};
+    int n_sec = 2 * w->n_layers;
+    for (int i = w->tid; i < n_sec; i += w->nt) {
+        kvl_clear_error();
+        int l = w->layer0 + i / 2, kv = i % 2, si = 2 * l + kv;
+        uint32_t a = w->off[si], b = w->off[si + 1];
+        const uint8_t *s = w->buf + a;
+        kvl_status st = KVL_OK;
+        if (KVLC_SUM_BAD(kvlc_get32(s), kvlc_checksum(s + 4, b - a - 4)))
+            st = kvl_errorf(KVL_ERR_CHECKSUM, "layer %d %s section checksum mismatch", l, kv ? "v" : "k");
+        else if (h->info.lossless)
+            st = decode_lossless_section(h, s + 4, b - a - 4, w->out_dtype, w->out, (size_t)i * n);
+        else
+            st = decode_quant_section(&d, l, kv, s + 4, b - a - 4, w->out_dtype, w->out, (size_t)i * n,
+                                      w->buf + KVLC_HDR_FIXED);
+        j->st[i] = st;
+        snprintf(j->msg[i], sizeof j->msg[i], "%s", st == KVL_OK ? "" : kvl_last_error());
+        if (st != KVL_OK) break;
+    }
+    return NULL;
+}
+
+kvl_status kvl_codec_decode(const uint8_t *buf, size_t size, const kvl_codec_profile *profile, int32_t layer0,
+                            int32_t n_layers, kvl_codec_dtype out_dtype, void *out, size_t out_cap,
+                            int32_t n_threads) {
+    hdr h;
+    KVL_TRY(parse_header(buf, size, &h));
+    int32_t L = h.info.shape.n_layers;
+    if (!out) return kvl_errorf(KVL_ERR_INVALID_ARG, "out is NULL");
+    if (out_dtype != KVL_CODEC_F32 && out_dtype != KVL_CODEC_BF16 && out_dtype != KVL_CODEC_F16)
+        return kvl_errorf(KVL_ERR_INVALID_ARG, "unknown output dtype %d", (int)out_dtype);
+    if (layer0 < 0 || layer0 >= L) return kvl_errorf(KVL_ERR_INVALID_ARG, "layer0 %d outside [0, %d)", layer0, L);
+    if (n_layers <= 0) n_layers = L - layer0;
+    if (n_layers > L - layer0) return kvl_errorf(KVL_ERR_INVALID_ARG, "layers [%d, %d) exceed %d", layer0, layer0 + n_layers, L);
+    size_t need = h.info.n_elements / (size_t)L * (size_t)n_layers * dtype_size(out_dtype);
+    if (out_cap < need) return kvl_errorf(KVL_ERR_INVALID_ARG, "output buffer of %zu bytes, %zu needed", out_cap, need);
+    if (h.info.uses_profile) {
+        if (!profile) return kvl_errorf(KVL_ERR_CODEC_PROFILE, "the chunk was encoded with a profile; none given");
+        if (memcmp(profile->id, h.info.profile_id, 16) != 0)
+            return kvl_errorf(KVL_ERR_CODEC_PROFILE, "the chunk was encoded with another profile");
+        const kvlc_plevel *pl = &profile->lv[h.info.level];
+        if (profile->n_layers != L || profile->n_kv_heads != h.info.shape.n_kv_heads ||
+            profile->head_dim != h.info.shape.head_dim || !pl->present || pl->scale_mode != h.scale_mode ||
+            pl->delta_group != h.delta_group || h.info.scheme != KVL_CODEC_SCHEME_KVLOOM ||
+            (pl->chan_group < h.info.shape.n_kv_heads * h.info.shape.head_dim ? pl->chan_group
+                                                                               : h.info.shape.n_kv_heads * h.info.shape.head_dim) != h.chan_group)
+            return kvl_errorf(KVL_ERR_CODEC_PROFILE, "profile and chunk disagree on shape or level parameters");
+        for (int32_t i = 0; i < 2 * L; i++)
+            if (pl->q[i] != kvlc_get16(buf + KVLC_HDR_FIXED + 2 * (size_t)i))
+                return kvl_errorf(KVL_ERR_CODEC_PROFILE, "profile and chunk disagree on bin counts");
+    }
+    int n_sec = 2 * n_layers;
+    uint32_t *off = malloc(((size_t)2 * L + 1) * sizeof *off);
+    sec_job j = {NULL, profile, NULL, 0, &h, NULL, calloc((size_t)n_sec, sizeof(kvl_status)), calloc((size_t)n_sec, 256)};
+    kvl_status st = KVL_OK;
+    if (!off || !j.st || !j.msg) { st = KVL_ERR_NOMEM; goto done; }
+    for (int32_t i = 0; i <= 2 * L; i++) off[i] = kvlc_get32(buf + KVLC_HDR_FIXED + 4 * (size_t)L + 4 * (size_t)i);
+    int nt = clamp_threads(n_threads);
+    if (nt > n_sec) nt = n_sec;
+    worker w[64];
+    for (int t = 0; t < nt; t++)
+        w[t] = (worker){.j = &j, .tid = t, .nt = nt, .decode = 1, .buf = buf, .off = off, .layer0 = layer0,
+                        .n_layers = n_layers, .out_dtype = out_dtype, .out = out};
+    st = run_workers(w, nt, decode_worker, n_sec, &j);
+done:
+    free(off); free(j.st); free(j.msg);
+    return st;
+}

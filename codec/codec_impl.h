@@ -1,0 +1,169 @@
+/* codec_impl.h - private parts of the codec: format constants, level parameters, rANS, tables,
+ * the profile struct, byte helpers and float conversions. */
+#ifndef KVL_CODEC_IMPL_H
+#define KVL_CODEC_IMPL_H
+
+#include <assert.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kvl_codec.h"
+
+/* ---------------------------------------------------------------- format constants */
+#define KVLC_MAGIC "KVLC"
+#define KVLC_VERSION 1
+#define KVLC_HDR_FIXED 64
+#define KVLP_MAGIC "KVLP"
+#define KVLP_VERSION 1
+#define KVLP_HDR 88
+
+#define KVLC_MAX_LAYERS 4096
+#define KVLC_MAX_TOKENS (1 << 20)
+#define KVLC_MAX_CHANNELS 65536
+#define KVLC_MAX_Q 1023     /* anchors in [-Q, Q]; deltas in [-2Q, 2Q]: alphabet <= 4093 */
+#define KVLC_PROFILE_PB 16  /* probability bits of profile tables */
+#define KVLC_MIN_PB 8
+#define KVLC_MAX_PB 16
+
+enum { KVLC_MODE_LOSSLESS = 0, KVLC_MODE_QUANT = 1 };
+/* TOKEN/CHANNEL/LAYER: symmetric, one bf16 scale per token row / channel / section.
+ * CHANNEL_OFFSET: per channel a bf16 scale s and an int16 offset z; value = (float)(q + z) * s. */
+enum { KVLC_SCALE_TOKEN = 0, KVLC_SCALE_CHANNEL = 1, KVLC_SCALE_LAYER = 2, KVLC_SCALE_CHANNEL_OFFSET = 3 };
+#define KVLC_SCALE_MAX KVLC_SCALE_CHANNEL_OFFSET
+enum { KVLC_TABLES_PROFILE = 0, KVLC_TABLES_CHUNK_LAYER = 1, KVLC_TABLES_CHUNK_CHANNEL = 2 };
+
+static_assert(KVL_CODEC_MAX_LEVEL <= 255, "level is one byte in the header");
+
+/* Everything the quantiser and coder need for one (level, scheme, shape). */
+typedef struct kvlc_params {
+    int lossless;
+    int scheme;
+    int level;
+    int scale_mode;   /* KVLC_SCALE_* of keys in bits 0-3, of values in bits 4-7 */
+    int delta_group;  /* tokens per anchor group; <= 1: no deltas */
+    int chan_group;   /* channels per sub-stream (clamped to C) */
+    int chunk_tables; /* KVLC_TABLES_CHUNK_* used when no profile */
+    int chunk_pb;     /* probability bits of tables stored in a chunk */
+    int n_layers;
+    uint16_t *q;      /* [n_layers][2] max |anchor symbol| (malloc'ed, kvlc_params_free) */
+} kvlc_params;
+
+/* Fills p for level/scheme/n_layers (q allocated). $KVL_CODEC_TUNE, when set, overrides the
+ * KVLOOM scheme's lossy parameters for measurement runs (docs/codec-format.md, "Tuning"). */
+kvl_status kvlc_params_get(int level, int scheme, int n_layers, kvlc_params *p);
+void kvlc_params_free(kvlc_params *p);
+
+/* ---------------------------------------------------------------- probability tables */
+/* One static table over the alphabet [-amax, amax]: freq/cum of symbol index s = v + amax. */
+typedef struct kvlc_table {
+    int32_t amax;
+    int32_t pb;
+    uint32_t *cum; /* [2*amax+2]; cum[0] = 0, cum[A] = 1 << pb; freq = cum[s+1] - cum[s] */
+} kvlc_table;
+
+/* Normalises counts[A] to frequencies summing to 1 << pb. all_nonzero: every symbol gets >= 1
+ * (profiles: any symbol may occur later); else only symbols with a count. Deterministic, integer.
+ * Returns -1 if impossible (no counts, or more nonzero symbols than 1 << pb). */
+int kvlc_normalize(const uint64_t *counts, int32_t A, int pb, int all_nonzero, uint32_t *freq);
+
+/* ---------------------------------------------------------------- rANS (byte-wise, 32-bit) */
+#define KVLC_RANS_L (1u << 23)
+
+typedef struct kvlc_rans_dec {
+    uint32_t x;
+    const uint8_t *p, *end;
+} kvlc_rans_dec;
+
+/* ---------------------------------------------------------------- profile */
+typedef struct kvlc_plevel {
+    int present;
+    int scale_mode, delta_group, chan_group;
+    uint16_t *q;         /* [L][2] */
+    kvlc_table *tables;  /* [L][2][C][1 + has_delta] */
+    uint32_t *cum_store; /* backing store of every table's cum */
+} kvlc_plevel;
+
+struct kvl_codec_profile {
+    uint8_t fingerprint[32];
+    uint8_t id[16];
+    int32_t n_layers, n_kv_heads, head_dim;
+    uint64_t calib_tokens;
+    kvlc_plevel lv[KVL_CODEC_MAX_LEVEL + 1]; /* index 0 unused */
+};
+
+/* Index of the table of (layer, kv, channel, delta?) in a profile level. */
+static inline size_t kvlc_ptab_index(int32_t C, int has_delta, int l, int kv, int c, int is_delta) {
+    return (((size_t)l * 2 + (size_t)kv) * (size_t)C + (size_t)c) * (has_delta ? 2u : 1u) +
+           (size_t)(is_delta ? 1 : 0);
+}
+
+/* ---------------------------------------------------------------- quantiser shared by the
+ * encoder and the profile builder */
+/* Quantises one (layer, k|v) section x[T][C] (float32) with max symbol Q: scales (bf16 bits) into
+ * sc[n_scales] (CHANNEL_OFFSET: C scales then C int16 offsets) and symbols into q[T][C]. Returns -1 on a non-finite value. */
+int kvlc_quantize_section(const float *x, int32_t T, int32_t C, int scale_mode, int Q, uint16_t *sc,
+                          int16_t *q);
+static inline int kvlc_scale_of(int packed, int kv) { return kv ? packed >> 4 : packed & 15; }
+static inline int kvlc_scale_valid(int packed) { return (packed & 15) <= KVLC_SCALE_MAX && (packed >> 4) <= KVLC_SCALE_MAX; }
+static inline int32_t kvlc_n_scales(int scale_mode, int32_t T, int32_t C) {
+    return scale_mode == KVLC_SCALE_TOKEN ? T : scale_mode == KVLC_SCALE_CHANNEL ? C : scale_mode == KVLC_SCALE_LAYER ? 1 : 2 * C;
+}
+/* Symbol actually coded for q[t][c]: the value itself for anchors, q - q[anchor row] for deltas. */
+static inline int kvlc_is_delta(int delta_group, int32_t t) {
+    return delta_group > 1 && (t % delta_group) != 0;
+}
+
+/* ---------------------------------------------------------------- bytes and floats */
+static inline void kvlc_put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
+static inline void kvlc_put32(uint8_t *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+static inline void kvlc_put64(uint8_t *p, uint64_t v) {
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+static inline uint16_t kvlc_get16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+static inline uint32_t kvlc_get32(const uint8_t *p) {
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+static inline uint64_t kvlc_get64(const uint8_t *p) {
+    return (uint64_t)kvlc_get32(p) | ((uint64_t)kvlc_get32(p + 4) << 32);
+}
+
+static inline float kvlc_bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+/* round to nearest even; NaN stays NaN */
+static inline uint16_t kvlc_f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+float kvlc_f16_to_f32(uint16_t h);
+uint16_t kvlc_f32_to_f16(float f);
+
+/* Fuzz builds skip checksum verification so that the fuzzer reaches the parsing behind it (the
+ * libFuzzer convention; never defined in a real build). */
+#ifdef FUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION
+#define KVLC_SUM_BAD(stored, computed) ((void)(stored), (void)(computed), 0)
+#else
+#define KVLC_SUM_BAD(stored, computed) ((stored) != (computed))
+#endif
+
+/* xxh3-64 truncated to its low 32 bits: the section / header checksum */
+uint32_t kvlc_checksum(const void *p, size_t n);
+
+/* growable byte buffer */
+typedef struct kvlc_buf {
+    uint8_t *p;
+    size_t n, cap;
+} kvlc_buf;
+int kvlc_buf_reserve(kvlc_buf *b, size_t extra);
+int kvlc_buf_put(kvlc_buf *b, const void *src, size_t n);
+int kvlc_buf_varint(kvlc_buf *b, uint32_t v);
+
+#endif
