@@ -243,7 +243,7 @@ void kvl_io_run(kvl_store *st, kvl_ioreq *req, size_t n) {
     free(pc);
 }
 
-kvl_bufpool *kvl_pool_create(uint64_t max_bytes) {
+kvl_bufpool *kvl_bufpool_create(uint64_t max_bytes) {
     kvl_bufpool *p = calloc(1, sizeof *p);
     if (!p) return NULL;
     pthread_mutex_init(&p->mu, NULL);
@@ -261,7 +261,7 @@ static void pool_drain(kvl_bufpool *p) {
     p->bytes = 0;
 }
 
-void kvl_pool_unref(kvl_bufpool *p) {
+void kvl_bufpool_unref(kvl_bufpool *p) {
     if (p && atomic_fetch_sub(&p->refs, 1) == 1) {
         pool_drain(p);
         pthread_mutex_destroy(&p->mu);
@@ -277,7 +277,7 @@ static size_t pool_class(size_t len) {
     return (len + step - 1) / step * step;
 }
 
-void *kvl_pool_get(kvl_bufpool *p, size_t len, size_t *cap) {
+void *kvl_bufpool_get(kvl_bufpool *p, size_t len, size_t *cap) {
     size_t c = pool_class(len);
     *cap = c;
     if (p && p->max) {
@@ -299,7 +299,7 @@ void *kvl_pool_get(kvl_bufpool *p, size_t len, size_t *cap) {
     return b;
 }
 
-void kvl_pool_put(kvl_bufpool *p, void *buf, size_t cap) {
+void kvl_bufpool_put(kvl_bufpool *p, void *buf, size_t cap) {
     if (!buf) return;
     if (p && p->max && cap >= sizeof(kvl_pbuf)) {
         pthread_mutex_lock(&p->mu);

@@ -529,8 +529,8 @@ void kvl_store_value_free(kvl_store_value *v) {
     if (!v) return;
     if (atomic_fetch_sub(&v->refs, 1) == 1) {
         if (v->pool) {
-            kvl_pool_put(v->pool, v->buf, v->buf_cap);
-            kvl_pool_unref(v->pool);
+            kvl_bufpool_put(v->pool, v->buf, v->buf_cap);
+            kvl_bufpool_unref(v->pool);
         } else {
             free(v->buf);
         }
@@ -1165,7 +1165,7 @@ kvl_status kvl_store_open(const char *dir, const kvl_store_options *opt, kvl_sto
     st->cache.nbuckets = 1 << 14;
     st->cache.buckets = calloc(st->cache.nbuckets, sizeof *st->cache.buckets);
     st->segs = calloc(KVL_MAX_SEGS, sizeof *st->segs);
-    st->pool = kvl_pool_create(st->opt.buffer_pool_bytes);
+    st->pool = kvl_bufpool_create(st->opt.buffer_pool_bytes);
     st->tenants = calloc(KVL_MAX_TENANTS, sizeof *st->tenants);
     if (!st->dir || !st->cache.buckets || !st->segs || !st->tenants || !st->pool) {
         kvl_store_close(st);
@@ -1297,7 +1297,7 @@ void kvl_store_close(kvl_store *st) {
     if (st->vstarted) verify_workers_stop(st);
     while (st->cache.head) cache_remove(&st->cache, st->cache.head);
     free(st->cache.buckets);
-    kvl_pool_unref(st->pool);
+    kvl_bufpool_unref(st->pool);
     kvl_io_free(st);
     for (size_t i = 0; i < st->nsegs; i++) {
         close(st->segs[i].fd);
@@ -1686,7 +1686,7 @@ kvl_status kvl_store_put_batch(kvl_store *st, size_t n, const kvl_store_put_item
             uint64_t bytes = 0;
             while (j < n && (j == i || bytes + need[j] <= (64u << 20))) {
                 size_t cap = 0;
-                void *buf = kvl_pool_get(st->pool, need[j], &cap);
+                void *buf = kvl_bufpool_get(st->pool, need[j], &cap);
                 if (!buf) {
                     s = kvl_errorf(KVL_ERR_NOMEM, "write buffer of %llu bytes", (unsigned long long)need[j]);
                     break;
@@ -1708,7 +1708,7 @@ kvl_status kvl_store_put_batch(kvl_store *st, size_t n, const kvl_store_put_item
             if (s == KVL_OK) kvl_io_run(st, rq, m);
             for (size_t k = 0; k < m; k++) {
                 if (s == KVL_OK && rq[k].err) s = io_status(rq[k].err, "writing an extent");
-                kvl_pool_put(st->pool, rq[k].buf, rq[k].tag);
+                kvl_bufpool_put(st->pool, rq[k].buf, rq[k].tag);
             }
             i = j;
         }
@@ -1941,7 +1941,7 @@ kvl_status kvl_read_verify(kvl_store *st, size_t n, const kvl_rec *recs, kvl_sto
         status[i] = KVL_OK;
         kvl_store_value *v = calloc(1, sizeof *v);
         size_t cap = 0;
-        void *buf = v ? kvl_pool_get(st->pool, recs[i].ext_len, &cap) : NULL;
+        void *buf = v ? kvl_bufpool_get(st->pool, recs[i].ext_len, &cap) : NULL;
         if (!buf) {
             free(v);
             status[i] = KVL_ERR_NOMEM;

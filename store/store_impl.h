@@ -151,10 +151,10 @@ typedef struct kvl_bufpool {
     kvl_pbuf *free; /* LIFO; small lists in practice (bounded by max bytes) */
     uint64_t bytes, max, reused, allocated;
 } kvl_bufpool;
-kvl_bufpool *kvl_pool_create(uint64_t max_bytes);
-void kvl_pool_unref(kvl_bufpool *p);
-void *kvl_pool_get(kvl_bufpool *p, size_t len, size_t *cap);
-void kvl_pool_put(kvl_bufpool *p, void *buf, size_t cap);
+kvl_bufpool *kvl_bufpool_create(uint64_t max_bytes);
+void kvl_bufpool_unref(kvl_bufpool *p);
+void *kvl_bufpool_get(kvl_bufpool *p, size_t len, size_t *cap);
+void kvl_bufpool_put(kvl_bufpool *p, void *buf, size_t cap);
 
 struct kvl_store_value {
     atomic_int refs;
