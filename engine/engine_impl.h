@@ -62,6 +62,9 @@ struct kvl_model {
     kvl_model_opts opts;
     uint8_t fingerprint[32];
     kvl_weights w;          /* host weights; may be freed by a GPU backend after upload */
+    int synthetic;          /* 1: weights are kvl_synth.h's formula for synth_seed (w may be empty:
+                             * a GPU backend generates them on the device) */
+    uint64_t synth_seed;
     const kvl_backend_ops *be;
     void *be_state;
     pthread_mutex_t mu;     /* serialises forward passes on the CPU pool */

@@ -35,7 +35,12 @@ static inline KVL_HD float kvl_synth_u(uint64_t seed, uint32_t tensor, uint64_t 
 static inline KVL_HD float kvl_synth_weight(uint64_t seed, uint32_t tensor, uint64_t i, int is_norm,
                                             float scale) {
     float u = kvl_synth_u(seed, tensor, i);
+#ifdef __CUDA_ARCH__
+    /* no fused multiply-add: the host computes the product and the sum with separate roundings */
+    return is_norm ? __fadd_rn(1.0f, __fmul_rn(0.05f, u)) : __fmul_rn(u, scale);
+#else
     return is_norm ? 1.0f + 0.05f * u : u * scale;
+#endif
 }
 
 #endif

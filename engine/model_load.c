@@ -135,6 +135,8 @@ static kvl_status fingerprint(kvl_model *m, int hash_weights, uint64_t seed) {
 
 kvl_status kvl_model_finish(kvl_model *m, const kvl_model_opts *opts, int hash_weights, uint64_t seed) {
     m->opts = opts ? *opts : kvl_model_opts_default();
+    m->synthetic = !hash_weights;
+    m->synth_seed = seed;
     pthread_mutex_init(&m->mu, NULL);
     KVL_TRY(fingerprint(m, hash_weights, seed));
     if (m->opts.backend == KVL_BACKEND_CPU) {

@@ -8,6 +8,7 @@ int kvl_cmd_ingest(int argc, char **argv);
 int kvl_cmd_ask(int argc, char **argv);
 int kvl_cmd_codec_eval(int argc, char **argv);
 int kvl_cmd_codec_profile(int argc, char **argv);
+int kvl_cmd_gpu_bench(int argc, char **argv);
 
 static const struct {
     const char *name;
@@ -20,6 +21,7 @@ static const struct {
     {"ask", kvl_cmd_ask, "ask a question over ingested documents (POST /v1/generate)"},
     {"codec-eval", kvl_cmd_codec_eval, "measure the KV codec (size, KL, top-1) on a token file"},
     {"codec-profile", kvl_cmd_codec_profile, "build a model's codec probability profile from calibration KV"},
+    {"gpu-bench", kvl_cmd_gpu_bench, "prefill / selective recompute / decode timings on the CUDA backend"},
 };
 
 static int usage(FILE *f) {

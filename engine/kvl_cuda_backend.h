@@ -1,0 +1,39 @@
+/* kvl_cuda_backend.h - device-memory plan of the CUDA backend (engine/backend_cuda.c).
+ *
+ * One plan per model: the weights (one allocation), the KV cache (per token, all layers, K and V)
+ * and the workspace of a forward pass over n tokens (one allocation per pass, from a stream-ordered
+ * pool that keeps freed memory for the next pass). Only built with KVL_HAVE_CUDA.
+ */
+#ifndef KVL_CUDA_BACKEND_H
+#define KVL_CUDA_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvl_engine.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kvl_cuda_plan {
+    size_t weights;          /* bytes of weights on the device */
+    size_t kv_per_token;     /* bytes of K+V of one token over all layers */
+    size_t fwd_bytes;        /* workspace of one forward pass over n_tokens (n_compute computed) */
+    size_t cublas_ws;        /* cuBLASLt workspace per model */
+} kvl_cuda_plan;
+
+/* Fills *p for a model of config c with weights (and activations, and KV) of weight_dtype, for a
+ * forward pass over n_tokens slots. Pure arithmetic; no device needed. */
+void kvl_cuda_plan_for(const kvl_model_config *c, int32_t weight_dtype, int32_t n_tokens, kvl_cuda_plan *p);
+
+/* Device memory in use on the model's GPU (total - free, bytes) and the device's total; 0 on error. */
+kvl_status kvl_cuda_mem_info(const kvl_model *m, size_t *used, size_t *total);
+
+/* Number of CUDA devices visible (0 when there is no usable driver/device). Never fails. */
+int kvl_cuda_device_count(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
