@@ -7,12 +7,16 @@
  *     default lossy codec level; a prompt is BOS + chunks + query, so the first chunk is an exact
  *     prefix in every mode but full;
  *   - prefix mode keeps caches computed in context under prefix-chain keys (block 0 = BOS + the first
- *     chunk, then one block per chunk), stored losslessly so that a prefix hit is exact. */
+ *     chunk, then one block per chunk), stored losslessly so that a prefix hit is exact.
+ * Built with KVL_HTTP_BLEND = 0 (CacheBlend not in the tree) it stores and serves chunk caches but
+ * builds prompts by full prefill only (mode "full"; the others answer 501). */
 #include <string.h>
 #include <time.h>
 
 #include "http_impl.h"
+#if KVL_HTTP_BLEND
 #include "kvl_blend.h"
+#endif
 #include "kvl_codec.h"
 #include "kvl_store.h"
 #include "kvl_store_admin.h"
@@ -42,9 +46,10 @@ kvl_status kvl_svc_backend_open(kvl_http_server *s) {
     kvl_store_stats ss;
     if (kvl_store_get_stats(b->store, &ss) == KVL_OK)
         snprintf(b->describe, sizeof b->describe,
-                 "chunk store %llu entries / %llu of %llu bytes (%s), codec level %d, modes blend/prefix/naive/full",
+                 "chunk store %llu entries / %llu of %llu bytes (%s), codec level %d, modes %s",
                  (unsigned long long)ss.entries, (unsigned long long)ss.used_bytes,
-                 (unsigned long long)ss.capacity_bytes, ss.io_backend, KVL_CODEC_LEVEL_DEFAULT);
+                 (unsigned long long)ss.capacity_bytes, ss.io_backend, KVL_CODEC_LEVEL_DEFAULT,
+                 KVL_HTTP_BLEND ? "blend/prefix/naive/full" : "full (CacheBlend not in this build)");
     s->backend = b;
     return KVL_OK;
 }
@@ -61,7 +66,11 @@ const char *kvl_svc_backend_describe(kvl_http_server *s) { return ((svc_backend 
 
 json_t *kvl_svc_modes(kvl_http_server *s) {
     (void)s;
+#if KVL_HTTP_BLEND
     return json_pack("[s,s,s,s]", "blend", "prefix", "naive", "full");
+#else
+    return json_pack("[s]", "full");
+#endif
 }
 
 void kvl_svc_root(const kvl_http_server *s, const char *tenant, uint8_t root[32]) {
@@ -87,9 +96,10 @@ static kvl_status encode(kvl_http_server *s, const float *kv, int32_t n, int32_t
     return kvl_codec_encode(&sh, KVL_CODEC_F32, kv, &o, out, len);
 }
 
-/* Decodes a stored value into a chunk cache (tokens from the store entry, ctx given). */
-static kvl_status decode_value(kvl_http_server *s, const kvl_store_value *v, const int32_t *ctx, int32_t n_ctx,
-                               kvl_chunk_cache **out) {
+/* Decodes a stored value into float32 K/V [layers][k|v][n][kv_heads][head_dim] (*kv malloc'ed),
+ * after checking that it is a KVLC chunk of this model's shape for the entry's tokens. */
+static kvl_status decode_floats(kvl_http_server *s, const kvl_store_value *v, float **kv_out) {
+    *kv_out = NULL;
     const kvl_model_config *mc = kvl_model_get_config(s->model);
     const kvl_store_meta *meta = kvl_store_value_meta(v);
     if (meta->codec_id != KVL_SVC_CODEC_KVLC)
@@ -105,11 +115,40 @@ static kvl_status decode_value(kvl_http_server *s, const kvl_store_value *v, con
     if (!kv) return KVL_ERR_NOMEM;
     kvl_status st = kvl_codec_decode(kvl_store_value_data(v), kvl_store_value_size(v), NULL, 0, 0, KVL_CODEC_F32, kv,
                                      floats * sizeof *kv, 1);
-    if (st == KVL_OK)
-        st = kvl_chunk_cache_create(s->fingerprint, mc->n_layers, mc->n_kv_heads, mc->head_dim,
-                                    kvl_store_value_tokens(v), n, ctx, n_ctx, kv, out);
-    free(kv);
-    return st;
+    if (st != KVL_OK) {
+        free(kv);
+        return st;
+    }
+    *kv_out = kv;
+    return KVL_OK;
+}
+
+/* K/V of tokens prefilled behind BOS at positions 1..n (the chunk-cache convention), float32 in the
+ * codec layout; *kv_out malloc'ed. */
+static kvl_status prefill_chunk(kvl_http_server *s, const int32_t *tokens, int32_t n, float **kv_out) {
+    *kv_out = NULL;
+    const kvl_model_config *mc = kvl_model_get_config(s->model);
+    int32_t *t = malloc((size_t)(n + 1) * sizeof *t), *pos = malloc((size_t)(n + 1) * sizeof *pos);
+    float *f = malloc((size_t)mc->n_layers * 2 * kvl_model_kv_elems_per_layer(s->model, n) * sizeof *f);
+    kvl_kv *kv = NULL;
+    kvl_status st = t && pos && f ? KVL_OK : KVL_ERR_NOMEM;
+    if (st == KVL_OK) {
+        t[0] = mc->bos_id;
+        memcpy(t + 1, tokens, (size_t)n * sizeof *t);
+        for (int32_t i = 0; i <= n; i++) pos[i] = i;
+        st = kvl_kv_create(s->model, n + 1, &kv);
+    }
+    if (st == KVL_OK) st = kvl_forward(s->model, kv, n + 1, t, pos, NULL, 0, NULL, NULL);
+    if (st == KVL_OK) st = kvl_kv_read(kv, 0, mc->n_layers, 1, n, f);
+    kvl_kv_free(kv);
+    free(t);
+    free(pos);
+    if (st != KVL_OK) {
+        free(f);
+        return st;
+    }
+    *kv_out = f;
+    return KVL_OK;
 }
 
 static void fill_meta(kvl_http_server *s, const char *tenant, int mode, int level, int32_t n, kvl_store_meta *m) {
@@ -129,8 +168,6 @@ static void fill_meta(kvl_http_server *s, const char *tenant, int mode, int leve
 
 kvl_status kvl_svc_ingest(kvl_http_server *s, const char *tenant, const kvl_svc_seg *segs, int32_t n_segs,
                           int *stored, double deadline_ms, kvl_svc_timing *t) {
-    const kvl_model_config *mc = kvl_model_get_config(s->model);
-    int32_t bos = mc->bos_id;
     kvl_store_put_item items[KVL_INGEST_BATCH];
     kvl_store_meta metas[KVL_INGEST_BATCH];
     uint8_t *bufs[KVL_INGEST_BATCH];
@@ -166,15 +203,15 @@ kvl_status kvl_svc_ingest(kvl_http_server *s, const char *tenant, const kvl_svc_
             stored[i] = 1;
             continue;
         }
-        kvl_chunk_cache *cc = NULL;
+        float *kvf = NULL;
         t0 = kvl_now_ms();
-        if ((st = kvl_chunk_cache_prefill(s->model, segs[i].tokens, segs[i].n, &bos, 1, &cc)) != KVL_OK) break;
+        if ((st = prefill_chunk(s, segs[i].tokens, segs[i].n, &kvf)) != KVL_OK) break;
         t->recompute_ms += kvl_now_ms() - t0;
         size_t len = 0;
         t0 = kvl_now_ms();
-        st = encode(s, cc->kv, segs[i].n, KVL_CODEC_LEVEL_DEFAULT, &bufs[nb], &len);
+        st = encode(s, kvf, segs[i].n, KVL_CODEC_LEVEL_DEFAULT, &bufs[nb], &len);
         t->encode_ms += kvl_now_ms() - t0;
-        kvl_chunk_cache_free(cc);
+        free(kvf);
         if (st != KVL_OK) break;
         fill_meta(s, tenant, KVL_STORE_MODE_CHUNK, KVL_CODEC_LEVEL_DEFAULT, segs[i].n, &metas[nb]);
         items[nb] = (kvl_store_put_item){key, &metas[nb], segs[i].tokens, (size_t)segs[i].n, bufs[nb], len};
@@ -251,29 +288,32 @@ kvl_status kvl_svc_chunk_kv(kvl_http_server *s, const char *tenant, const char *
         if (!*body) st = KVL_ERR_NOMEM;
         else memcpy(*body, kvl_store_value_data(v), *len);
     } else {
-        kvl_chunk_cache *cc = NULL;
-        st = decode_value(s, v, NULL, 0, &cc);
+        float *kvf = NULL;
+        st = decode_floats(s, v, &kvf);
         if (st == KVL_OK) {
             const kvl_model_config *mc = kvl_model_get_config(s->model);
+            int32_t n = (int32_t)kvl_store_value_n_tokens(v);
+            const int32_t *tk = kvl_store_value_tokens(v);
             json_t *ids = json_array();
-            for (int32_t i = 0; i < cc->n_tokens; i++) json_array_append_new(ids, json_integer(cc->tokens[i]));
+            for (int32_t i = 0; i < n; i++) json_array_append_new(ids, json_integer(tk[i]));
             json_t *h = json_pack("{s:s,s:s,s:s,s:[i,i,i,i,i],s:o,s:s}", "format", "raw", "dtype", "f32", "layout",
-                                  "[layer][k|v][token][kv_head][head_dim]", "shape", mc->n_layers, 2, cc->n_tokens,
+                                  "[layer][k|v][token][kv_head][head_dim]", "shape", mc->n_layers, 2, n,
                                   mc->n_kv_heads, mc->head_dim, "tokens", ids, "model", s->fingerprint_hex);
             char *hs = json_dumps(h, JSON_COMPACT);
             json_decref(h);
-            size_t hl = hs ? strlen(hs) : 0, kb = kvl_chunk_cache_floats(cc) * sizeof(float);
+            size_t hl = hs ? strlen(hs) : 0,
+                   kb = (size_t)mc->n_layers * 2 * kvl_model_kv_elems_per_layer(s->model, n) * sizeof(float);
             *body = hs ? malloc(4 + hl + kb) : NULL;
             if (!*body) st = KVL_ERR_NOMEM;
             else {
                 for (int i = 0; i < 4; i++) (*body)[i] = (char)((hl >> (8 * i)) & 0xff);
                 memcpy(*body + 4, hs, hl);
-                memcpy(*body + 4 + hl, cc->kv, kb);
+                memcpy(*body + 4 + hl, kvf, kb);
                 *len = 4 + hl + kb;
             }
             free(hs);
         }
-        kvl_chunk_cache_free(cc);
+        free(kvf);
     }
     kvl_store_value_free(v);
     return st;
@@ -298,6 +338,20 @@ int kvl_svc_chunk_cached(kvl_http_server *s, const char *tenant, const char *key
 }
 
 /* ---------------------------------------------------------------- the prompt */
+
+#if KVL_HTTP_BLEND
+/* A stored value as a chunk cache (tokens from the store entry, computed behind ctx). */
+static kvl_status decode_value(kvl_http_server *s, const kvl_store_value *v, const int32_t *ctx, int32_t n_ctx,
+                               kvl_chunk_cache **out) {
+    const kvl_model_config *mc = kvl_model_get_config(s->model);
+    float *kv = NULL;
+    KVL_TRY(decode_floats(s, v, &kv));
+    kvl_status st = kvl_chunk_cache_create(s->fingerprint, mc->n_layers, mc->n_kv_heads, mc->head_dim,
+                                           kvl_store_value_tokens(v), (int32_t)kvl_store_value_n_tokens(v), ctx, n_ctx,
+                                           kv, out);
+    free(kv);
+    return st;
+}
 
 typedef struct seg_cache {
     kvl_chunk_cache *cc;
@@ -555,6 +609,65 @@ kvl_status kvl_svc_prefill(kvl_http_server *s, const char *tenant, const kvl_svc
     *n_prompt = n;
     return KVL_OK;
 }
+
+#else /* no CacheBlend: full prefill; the index says which chunks a cached mode would have hit */
+
+kvl_status kvl_svc_prefill(kvl_http_server *s, const char *tenant, const kvl_svc_seg *segs, int32_t n_segs,
+                           const int32_t *query, int32_t n_query, const char *mode_name, double ratio,
+                           int32_t extra, kvl_kv **kv_out, int32_t **prompt_out, int32_t *n_prompt,
+                           float *logits, kvl_svc_stats *st, kvl_svc_timing *t) {
+    (void)ratio;
+    *kv_out = NULL;
+    *prompt_out = NULL;
+    if (strcmp(mode_name, "full") != 0)
+        return kvl_errorf(KVL_ERR_UNSUPPORTED, "mode '%s' needs CacheBlend, which this build does not have; use mode 'full'",
+                          mode_name);
+    const kvl_model_config *mc = kvl_model_get_config(s->model);
+    int64_t total = 1 + n_query;
+    for (int32_t i = 0; i < n_segs; i++) total += segs[i].n;
+    if (total + extra > mc->max_seq)
+        return kvl_errorf(KVL_ERR_CONTEXT_FULL, "prompt of %lld tokens plus %d to generate exceeds the model's context of %d",
+                          (long long)total, extra, mc->max_seq);
+    int32_t n = (int32_t)total;
+    double t0 = kvl_now_ms();
+    for (int32_t i = 0; i < n_segs; i++) {
+        if (kvl_svc_chunk_cached(s, tenant, segs[i].key)) st->chunks_hit++;
+        else st->chunks_missed++;
+    }
+    t->lookup_ms += kvl_now_ms() - t0;
+    int32_t *prompt = malloc((size_t)n * sizeof *prompt), *pos = malloc((size_t)n * sizeof *pos);
+    kvl_kv *kv = NULL;
+    kvl_status r = prompt && pos ? KVL_OK : KVL_ERR_NOMEM;
+    if (r == KVL_OK) {
+        int32_t k = 0;
+        prompt[k++] = mc->bos_id;
+        for (int32_t i = 0; i < n_segs; i++) {
+            memcpy(prompt + k, segs[i].tokens, (size_t)segs[i].n * sizeof *prompt);
+            k += segs[i].n;
+        }
+        memcpy(prompt + k, query, (size_t)n_query * sizeof *prompt);
+        for (int32_t i = 0; i < n; i++) pos[i] = i;
+        r = kvl_kv_create(s->model, n + extra, &kv);
+    }
+    int32_t last = n - 1;
+    t0 = kvl_now_ms();
+    if (r == KVL_OK) r = kvl_forward(s->model, kv, n, prompt, pos, NULL, 1, &last, logits);
+    t->recompute_ms += kvl_now_ms() - t0;
+    free(pos);
+    if (r != KVL_OK) {
+        kvl_kv_free(kv);
+        free(prompt);
+        return r;
+    }
+    st->prompt_tokens = n;
+    st->recomputed_tokens = n;
+    *kv_out = kv;
+    *prompt_out = prompt;
+    *n_prompt = n;
+    return KVL_OK;
+}
+
+#endif
 
 kvl_status kvl_svc_encode_kv(kvl_http_server *s, const float *kv, int32_t n, uint8_t **out, size_t *len) {
     return encode(s, kv, n, KVL_CODEC_LEVEL_DEFAULT, out, len);
