@@ -56,15 +56,12 @@ static int table_build(kvlc_table *t, int32_t amax, int pb, const uint32_t *freq
 }
 
 /* symbol index whose interval holds slot: the largest s with cum[s] <= slot (zero-width symbols are
- * never returned because cum[s + 1] > slot for the largest such s) */
+ * never returned because cum[s + 1] > slot for the largest such s). The lookup gives the symbol
+ * holding the first slot of slot's 1/256 bucket; the scan walks from there. */
 static inline int32_t table_find(const kvlc_table *t, uint32_t slot) {
-    int32_t lo = 0, hi = 2 * t->amax + 1;
-    while (hi - lo > 1) {
-        int32_t mid = (lo + hi) >> 1;
-        if (t->cum[mid] <= slot) lo = mid;
-        else hi = mid;
-    }
-    return lo;
+    int32_t s = t->lut[slot >> (t->pb - 8)];
+    while (t->cum[s + 1] <= slot) s++;
+    return s;
 }
 
 /* ---------------------------------------------------------------- per-section work */
@@ -192,7 +189,7 @@ static kvl_status encode_quant_section(const sec_job *j, int l, int kv, kvlc_buf
     }
     size_t base = ((size_t)l * 2 + kv) * n;
     for (size_t i = 0; i < n; i++) x[i] = load_elem(j->kv, j->dtype, base + i);
-    if (kvlc_quantize_section(x, T, C, sm, Q, sc, q) != 0) {
+    if (kvlc_quantize_section(x, T, C, sm, Q, p->deadzone, sc, q) != 0) {
         st = kvl_errorf(KVL_ERR_RANGE, "layer %d %s: a value is not finite or its scale overflows", l, kv ? "v" : "k");
         goto done;
     }
@@ -579,6 +576,7 @@ static kvl_status decode_quant_section(const dec_ctx *d, int l, int kv, const ui
     int32_t n_real = sm == KVLC_SCALE_CHANNEL_OFFSET ? C : n_sc; /* entries that are bf16 scales */
     int32_t *anchor = malloc((size_t)cg * sizeof *anchor);
     uint32_t *cum_store = NULL, *freq = NULL;
+    uint16_t *lut_store = NULL;
     if (!tabs || !scale || !anchor) { st = KVL_ERR_NOMEM; goto done; }
     if (m.mode == KVLC_TABLES_PROFILE) {
         const kvlc_plevel *pl = &d->prof->lv[h->info.level];
@@ -589,7 +587,8 @@ static kvl_status decode_quant_section(const dec_ctx *d, int l, int kv, const ui
         int32_t Amax = 4 * Q + 2;
         cum_store = malloc((size_t)n_ctx * Amax * sizeof *cum_store);
         freq = malloc((size_t)Amax * sizeof *freq);
-        if (!cum_store || !freq) { st = KVL_ERR_NOMEM; goto done; }
+        lut_store = malloc((size_t)n_ctx * 256 * sizeof *lut_store);
+        if (!cum_store || !freq || !lut_store) { st = KVL_ERR_NOMEM; goto done; }
         size_t cum_off = 0;
         for (int32_t x = 0; x < n_ctx; x++) {
             int isd = has_delta && (x % 2 == 1);
@@ -614,6 +613,7 @@ static kvl_status decode_quant_section(const dec_ctx *d, int l, int kv, const ui
             }
             if (sum != (1ull << h->pb)) { st = bad("table frequencies do not sum to the total"); goto done; }
             table_build(&tabs[x], amax, h->pb, freq, cum_store + cum_off);
+            kvlc_table_lut(&tabs[x], lut_store + (size_t)x * 256);
             cum_off += (size_t)A + 1;
         }
     }
@@ -673,7 +673,7 @@ static kvl_status decode_quant_section(const dec_ctx *d, int l, int kv, const ui
         if (x != KVLC_RANS_L || sp != se) { st = bad("stream does not end in the initial coder state"); goto done; }
     }
 done:
-    free(tabs); free(scale); free(anchor); free(cum_store); free(freq);
+    free(tabs); free(scale); free(anchor); free(cum_store); free(freq); free(lut_store);
     return st;
 }
 

@@ -18,16 +18,17 @@ typedef struct level_def {
     double k_early, v_early;        /* fraction of layers (rounded up) counted as early */
     int scale_v;                    /* scale granularity of values; -1: as keys */
     int n_list[2], list[2][64];     /* KVL_CODEC_TUNE only: explicit per-layer max symbols */
+    double deadzone;                /* encoder rounding bias toward 0, in steps */
 } level_def;
 
 static const level_def KVLOOM_LEVELS[KVL_CODEC_MAX_LEVEL + 1] = {
     {0},
     /* keys: per-channel scale + integer offset; values: one scale per (layer, v); same bins in
      * every layer (measured: no layer band is consistently more sensitive across the models) */
-    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 16, 16, 8, 8, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}},
-    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 8, 8, 5, 5, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}},
-    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 5, 5, 3, 3, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}},
-    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 3, 3, 2, 2, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}},
+    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 16, 16, 8, 8, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}, 0},
+    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 8, 8, 5, 5, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}, 0},
+    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 5, 5, 3, 3, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}, 0},
+    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 3, 3, 2, 2, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}, 0},
 };
 
 /* LMCache's shipped CacheGen: keys of layers 0-9 and values of layers 0-1 get 32 bins, the rest
@@ -60,6 +61,7 @@ static int parse_tune(const char *s, level_def *d, int *pb, int *tables) {
         else if (sscanf(tok, "delta=%d", &a) == 1) d->delta_group = a;
         else if (sscanf(tok, "cg=%d", &a) == 1) d->chan_group = a;
         else if (sscanf(tok, "pb=%d", &a) == 1) *pb = a;
+        else if (sscanf(tok, "dz=%lf", &f) == 1) d->deadzone = f;
         else if (!strcmp(tok, "scale=token")) d->scale_mode = KVLC_SCALE_TOKEN;
         else if (!strcmp(tok, "scale=channel")) d->scale_mode = KVLC_SCALE_CHANNEL;
         else if (!strcmp(tok, "scale=layer")) d->scale_mode = KVLC_SCALE_LAYER;
@@ -110,7 +112,7 @@ kvl_status kvlc_params_get(int level, int scheme, int n_layers, kvlc_params *p) 
     if (d.qk_hi < 1 || d.qk_lo < 1 || d.qv_hi < 1 || d.qv_lo < 1 || d.qk_hi > KVLC_MAX_Q ||
         d.qk_lo > KVLC_MAX_Q || d.qv_hi > KVLC_MAX_Q || d.qv_lo > KVLC_MAX_Q || d.chan_group < 1 ||
         d.chan_group > KVLC_MAX_CHANNELS || d.delta_group < 0 || d.delta_group > 255 || pb < KVLC_MIN_PB ||
-        pb > KVLC_MAX_PB) {
+        pb > KVLC_MAX_PB || !(d.deadzone >= 0 && d.deadzone < 0.5)) {
         kvlc_params_free(p);
         return kvl_errorf(KVL_ERR_INVALID_ARG, "level %d parameters out of range", level);
     }
@@ -119,6 +121,7 @@ kvl_status kvlc_params_get(int level, int scheme, int n_layers, kvlc_params *p) 
     p->chan_group = d.chan_group;
     p->chunk_tables = tables;
     p->chunk_pb = pb;
+    p->deadzone = (float)d.deadzone;
     int ke = (int)ceil(d.k_early * n_layers - 1e-9), ve = (int)ceil(d.v_early * n_layers - 1e-9);
     for (int l = 0; l < n_layers; l++) {
         p->q[2 * l] = (uint16_t)(l < ke ? d.qk_hi : d.qk_lo);
@@ -193,9 +196,27 @@ int kvlc_normalize(const uint64_t *counts, int32_t A, int pb, int all_nonzero, u
     return 0;
 }
 
-static inline int16_t quant1(float x, float s, int Q) {
+/* round u to an integer, ties and fractions up to 0.5 + dz toward zero */
+static inline float round_dz(float u, float dz) {
+    if (dz <= 0) return nearbyintf(u);
+    float a = floorf(fabsf(u) + 0.5f - dz);
+    if (a < 0) a = 0;
+    return u < 0 ? -a : a;
+}
+
+void kvlc_table_lut(kvlc_table *t, uint16_t *lut) {
+    int32_t A = 2 * t->amax + 1, s = 0;
+    for (uint32_t k = 0; k < 256; k++) {
+        uint32_t slot = k << (t->pb - 8);
+        while (s < A - 1 && t->cum[s + 1] <= slot) s++;
+        lut[k] = (uint16_t)s;
+    }
+    t->lut = lut;
+}
+
+static inline int16_t quant1(float x, float s, int Q, float dz) {
     if (!(s > 0)) return 0;
-    float r = nearbyintf(x / s);
+    float r = round_dz(x / s, dz);
     if (r > (float)Q) r = (float)Q;
     if (r < (float)-Q) r = (float)-Q;
     return (int16_t)r;
@@ -209,7 +230,7 @@ static inline int make_scale(float m, int Q, uint16_t *out) {
     return 0;
 }
 
-int kvlc_quantize_section(const float *x, int32_t T, int32_t C, int scale_mode, int Q, uint16_t *sc,
+int kvlc_quantize_section(const float *x, int32_t T, int32_t C, int scale_mode, int Q, float dz, uint16_t *sc,
                           int16_t *q) {
     size_t n = (size_t)T * (size_t)C;
     for (size_t i = 0; i < n; i++)
@@ -221,7 +242,7 @@ int kvlc_quantize_section(const float *x, int32_t T, int32_t C, int scale_mode, 
             for (int32_t c = 0; c < C; c++) m = fmaxf(m, fabsf(r[c]));
             if (make_scale(m, Q, &sc[t])) return -1;
             float s = kvlc_bf16_to_f32(sc[t]);
-            for (int32_t c = 0; c < C; c++) q[(size_t)t * C + c] = quant1(r[c], s, Q);
+            for (int32_t c = 0; c < C; c++) q[(size_t)t * C + c] = quant1(r[c], s, Q, dz);
         }
     } else if (scale_mode == KVLC_SCALE_CHANNEL) {
         for (int32_t c = 0; c < C; c++) {
@@ -229,7 +250,7 @@ int kvlc_quantize_section(const float *x, int32_t T, int32_t C, int scale_mode, 
             for (int32_t t = 0; t < T; t++) m = fmaxf(m, fabsf(x[(size_t)t * C + c]));
             if (make_scale(m, Q, &sc[c])) return -1;
             float s = kvlc_bf16_to_f32(sc[c]);
-            for (int32_t t = 0; t < T; t++) q[(size_t)t * C + c] = quant1(x[(size_t)t * C + c], s, Q);
+            for (int32_t t = 0; t < T; t++) q[(size_t)t * C + c] = quant1(x[(size_t)t * C + c], s, Q, dz);
         }
     } else if (scale_mode == KVLC_SCALE_CHANNEL_OFFSET) {
         for (int32_t c = 0; c < C; c++) {
@@ -251,7 +272,8 @@ int kvlc_quantize_section(const float *x, int32_t T, int32_t C, int scale_mode, 
             sc[C + c] = (uint16_t)(int16_t)z;
             for (int32_t t = 0; t < T; t++) {
                 size_t i = (size_t)t * C + c;
-                float r = s > 0 ? nearbyintf(x[i] / s) - (float)z : 0;
+                float u = x[i] / s;
+                float r = !(s > 0) ? 0 : dz > 0 ? round_dz(u - (float)z, dz) : nearbyintf(u) - (float)z;
                 q[i] = (int16_t)(r > (float)Q ? Q : r < (float)-Q ? -Q : r);
             }
         }
@@ -260,7 +282,7 @@ int kvlc_quantize_section(const float *x, int32_t T, int32_t C, int scale_mode, 
         for (size_t i = 0; i < n; i++) m = fmaxf(m, fabsf(x[i]));
         if (make_scale(m, Q, &sc[0])) return -1;
         float s = kvlc_bf16_to_f32(sc[0]);
-        for (size_t i = 0; i < n; i++) q[i] = quant1(x[i], s, Q);
+        for (size_t i = 0; i < n; i++) q[i] = quant1(x[i], s, Q, dz);
     }
     return 0;
 }

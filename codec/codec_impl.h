@@ -44,6 +44,7 @@ typedef struct kvlc_params {
     int chan_group;   /* channels per sub-stream (clamped to C) */
     int chunk_tables; /* KVLC_TABLES_CHUNK_* used when no profile */
     int chunk_pb;     /* probability bits of tables stored in a chunk */
+    float deadzone;   /* rounding bias toward 0 in steps (encoder-side only) */
     int n_layers;
     uint16_t *q;      /* [n_layers][2] max |anchor symbol| (malloc'ed, kvlc_params_free) */
 } kvlc_params;
@@ -59,7 +60,11 @@ typedef struct kvlc_table {
     int32_t amax;
     int32_t pb;
     uint32_t *cum; /* [2*amax+2]; cum[0] = 0, cum[A] = 1 << pb; freq = cum[s+1] - cum[s] */
+    uint16_t *lut; /* [256] decoder only: symbol holding slot k << (pb - 8) (search starts there) */
 } kvlc_table;
+
+/* Fills lut[256] for t (whose cum is complete) and points t->lut at it. */
+void kvlc_table_lut(kvlc_table *t, uint16_t *lut);
 
 /* Normalises counts[A] to frequencies summing to 1 << pb. all_nonzero: every symbol gets >= 1
  * (profiles: any symbol may occur later); else only symbols with a count. Deterministic, integer.
@@ -81,6 +86,7 @@ typedef struct kvlc_plevel {
     uint16_t *q;         /* [L][2] */
     kvlc_table *tables;  /* [L][2][C][1 + has_delta] */
     uint32_t *cum_store; /* backing store of every table's cum */
+    uint16_t *lut_store; /* backing store of every table's decode lookup */
 } kvlc_plevel;
 
 struct kvl_codec_profile {
@@ -100,8 +106,9 @@ static inline size_t kvlc_ptab_index(int32_t C, int has_delta, int l, int kv, in
 /* ---------------------------------------------------------------- quantiser shared by the
  * encoder and the profile builder */
 /* Quantises one (layer, k|v) section x[T][C] (float32) with max symbol Q: scales (bf16 bits) into
- * sc[n_scales] (CHANNEL_OFFSET: C scales then C int16 offsets) and symbols into q[T][C]. Returns -1 on a non-finite value. */
-int kvlc_quantize_section(const float *x, int32_t T, int32_t C, int scale_mode, int Q, uint16_t *sc,
+ * sc[n_scales] (CHANNEL_OFFSET: C scales then C int16 offsets) and symbols into q[T][C].
+ * dz >= 0 widens the zero bin: |u| rounds down unless its fraction exceeds 0.5 + dz (encoder only). Returns -1 on a non-finite value. */
+int kvlc_quantize_section(const float *x, int32_t T, int32_t C, int scale_mode, int Q, float dz, uint16_t *sc,
                           int16_t *q);
 static inline int kvlc_scale_of(int packed, int kv) { return kv ? packed >> 4 : packed & 15; }
 static inline int kvlc_scale_valid(int packed) { return (packed & 15) <= KVLC_SCALE_MAX && (packed >> 4) <= KVLC_SCALE_MAX; }

@@ -117,7 +117,7 @@ kvl_status kvl_codec_profile_builder_add(kvl_codec_profile_builder *b, const flo
         int hd = p->delta_group > 1;
         for (int32_t i = 0; i < 2 * b->L; i++) {
             int Q = p->q[i];
-            if (kvlc_quantize_section(kv + (size_t)i * n, T, b->C, kvlc_scale_of(p->scale_mode, i % 2), Q, sc, q) != 0) {
+            if (kvlc_quantize_section(kv + (size_t)i * n, T, b->C, kvlc_scale_of(p->scale_mode, i % 2), Q, p->deadzone, sc, q) != 0) {
                 st = kvl_errorf(KVL_ERR_RANGE, "calibration KV has a non-finite value (layer %d)", i / 2);
                 break;
             }
@@ -144,6 +144,7 @@ static void plevel_free(kvlc_plevel *pl) {
     free(pl->q);
     free(pl->tables);
     free(pl->cum_store);
+    free(pl->lut_store);
     memset(pl, 0, sizeof *pl);
 }
 
@@ -160,7 +161,8 @@ static kvl_status plevel_alloc(kvlc_plevel *pl, int32_t L, int32_t C) {
     size_t n_tab = (size_t)2 * L * C * (hd ? 2 : 1);
     pl->tables = calloc(n_tab, sizeof *pl->tables);
     pl->cum_store = malloc(level_entries(L, C, pl->q, hd, 1) * sizeof *pl->cum_store);
-    if (!pl->tables || !pl->cum_store) return KVL_ERR_NOMEM;
+    pl->lut_store = malloc(n_tab * 256 * sizeof *pl->lut_store);
+    if (!pl->tables || !pl->cum_store || !pl->lut_store) return KVL_ERR_NOMEM;
     size_t off = 0;
     for (int32_t l = 0; l < L; l++)
         for (int kv = 0; kv < 2; kv++)
@@ -176,10 +178,12 @@ static kvl_status plevel_alloc(kvlc_plevel *pl, int32_t L, int32_t C) {
     return KVL_OK;
 }
 
-static void set_cum(kvlc_table *t, const uint32_t *freq) {
+/* the lookup of table t sits at the same index in lut_store as t in tables */
+static void set_cum(kvlc_plevel *pl, kvlc_table *t, const uint32_t *freq) {
     uint32_t c = 0;
     t->cum[0] = 0;
     for (int32_t s = 0; s < 2 * t->amax + 1; s++) t->cum[s + 1] = (c += freq[s]);
+    kvlc_table_lut(t, pl->lut_store + (size_t)(t - pl->tables) * 256);
 }
 
 /* the raw (uncompressed) body of the KVLP format */
@@ -256,7 +260,7 @@ kvl_status kvl_codec_profile_builder_finish(kvl_codec_profile_builder *b, kvl_co
                             st = kvl_errorf(KVL_ERR_INTERNAL, "cannot normalise a profile table");
                             break;
                         }
-                        set_cum(t, freq);
+                        set_cum(pl, t, freq);
                     }
             }
     }
@@ -402,7 +406,7 @@ kvl_status kvl_codec_profile_parse(const uint8_t *buf, size_t size, const uint8_
                 sum += freq[s];
             }
             if (sum != (1u << KVLC_PROFILE_PB)) { st = pbad("table does not sum to 2^16"); goto fail; }
-            set_cum(tb, freq);
+            set_cum(pl, tb, freq);
             at += 2 * (size_t)A;
         }
     }

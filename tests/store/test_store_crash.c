@@ -83,7 +83,43 @@ static int child(uint64_t seed) {
     uint64_t s = seed;
     for (;;) {
         unsigned r = (unsigned)(splitmix(&s) % 100);
-        if (r < 60 || na == 0) {
+        if (r < 10 && na > 0) {
+            /* a batch of 2-4 new chunks: all or none become visible */
+            kvl_store_put_item it[4];
+            int32_t *toks[4];
+            uint8_t *vals[4];
+            kvl_store_meta m;
+            test_meta(&m, "crash", 1);
+            int nb = 2 + (int)(splitmix(&s) % 3);
+            if (next + (uint64_t)nb >= MAXID) return 0;
+            for (int b = 0; b < nb; b++) {
+                uint64_t id = next + (uint64_t)b;
+                log_op(fd, 'S', id);
+                toks[b] = malloc(id_ntok(id) * 4);
+                vals[b] = malloc(id_len(id) + 1);
+                fill_tokens(toks[b], id_ntok(id), id);
+                fill_value(vals[b], id_len(id), id);
+                item_key(id, id_ntok(id), "crash", 1, &it[b].key);
+                it[b].meta = &m;
+                it[b].tokens = toks[b];
+                it[b].n_tokens = id_ntok(id);
+                it[b].value = vals[b];
+                it[b].len = id_len(id);
+            }
+            kvl_status ps = kvl_store_put_batch(st, (size_t)nb, it);
+            for (int b = 0; b < nb; b++) {
+                free(toks[b]);
+                free(vals[b]);
+            }
+            if (ps != KVL_OK) {
+                fprintf(stderr, "child put_batch: %s: %s\n", kvl_status_str(ps), kvl_last_error());
+                return 7;
+            }
+            for (int b = 0; b < nb; b++) {
+                log_op(fd, 'A', next);
+                acked[na++] = next++;
+            }
+        } else if (r < 60 || na == 0) {
             uint64_t id = next++;
             if (id >= MAXID) return 0;
             log_op(fd, 'S', id);
@@ -165,14 +201,16 @@ static int verify(int cycle) {
     truncate_log_to_newline();
     uint64_t last;
     uint64_t maxid = parse_log(&last);
-    if (last != UINT64_MAX && !(state[last] & 2)) {
-        /* the put in flight at the kill may or may not have committed: remember it as such */
-        FILE *f = fopen(LOG_, "a");
-        fprintf(f, "M %llu\n", (unsigned long long)last);
-        fclose(f);
-        state[last] |= 8;
-        total_maybe++;
-    }
+    /* the puts in flight at the kill (started, never acknowledged: one put, or one batch) may or
+     * may not have committed: remember them as such */
+    for (uint64_t id = 0; last != UINT64_MAX && id < maxid; id++)
+        if ((state[id] & 1) && !(state[id] & (2 | 8))) {
+            FILE *f = fopen(LOG_, "a");
+            fprintf(f, "M %llu\n", (unsigned long long)id);
+            fclose(f);
+            state[id] |= 8;
+            total_maybe++;
+        }
     kvl_store_options o = crash_opts();
     kvl_store *st = NULL;
     kvl_status os = kvl_store_open(DIR_, &o, &st);
