@@ -312,8 +312,18 @@ def test_badinput(a):
             check(r.status == 415, f"{path} without content type: {r}")
             r = d.request("POST", path, raw=b" " * 20000)
             check(r.status == 413 and r.json()["error"]["limit"] == "body_bytes", f"{path} huge body: {r}")
-        r = d.request("POST", "/admin/evict", raw=b"{", admin=True)
-        check(r.status in (400, 501), f"admin evict malformed: {r}")
+        for body, code in [(b"{", "invalid_json"), ({"target_bytes": -1}, "invalid_field"), ({"keys": "x"}, "invalid_field"),
+                           ({"keys": ["zz"]}, "invalid_field"), ({"policy": "mru", "tenant": "t"}, "invalid_field"),
+                           ({"bogus": 1}, "unknown_field"), ({"expired_only": "yes"}, "invalid_field"),
+                           ({"tenant": "a b"}, "invalid_field"), ({"keys": ["0" * 64], "older_than_s": 5}, "invalid_request"),
+                           ({"max_entries": 1.5, "tenant": "t"}, "invalid_field")]:
+            r = d.request("POST", "/admin/evict", raw=body if isinstance(body, bytes) else None,
+                          body=None if isinstance(body, bytes) else body, admin=True)
+            check(r.status == 400 and r.json()["error"]["code"] == code, f"admin evict {body}: want 400 {code}, got {r}")
+        for body, code in [({"check_data": "yes"}, "invalid_field"), ({"deep": True}, "unknown_field"), (b"[]", "invalid_json")]:
+            r = d.request("POST", "/admin/audit", raw=body if isinstance(body, bytes) else None,
+                          body=None if isinstance(body, bytes) else body, admin=True)
+            check(r.status == 400 and r.json()["error"]["code"] == code, f"admin audit {body}: want 400 {code}, got {r}")
         r = d.request("POST", "/admin/evict", raw=b"{}", ctype="text/plain", admin=True)
         check(r.status == 415, f"admin evict text/plain: {r}")
         # chunked upload past the limit: 413 at the end of the body
