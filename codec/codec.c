@@ -7,6 +7,7 @@
 #include <zstd.h>
 
 #include "codec_impl.h"
+#include "kvl_codec_plan.h"
 
 #define LOSSLESS_ZSTD_LEVEL 3
 
@@ -560,43 +561,65 @@ static kvl_status decode_lossless_section(const hdr *h, const uint8_t *s, size_t
     return KVL_OK;
 }
 
-static kvl_status decode_quant_section(const dec_ctx *d, int l, int kv, const uint8_t *s, size_t len,
-                                       int out_dtype, void *out, size_t out_base, const uint8_t *dir) {
+/* A quantised section's prelude, parsed and checked: tables, scales and stream sizes. The CPU
+ * decoder below and the parallel-decode plan (kvl_codec_plan_add) both go through it, so both
+ * reject exactly the same structural faults. */
+typedef struct sec_parsed {
+    int Q, has_delta, cg, sm;
+    int32_t T, C, n_streams, n_sc, n_ctx;
+    ctx_map m;
+    kvlc_table *tabs;     /* [n_ctx]; cum NULL: empty context */
+    float *scale;         /* [n_sc] */
+    uint32_t *cum_store;  /* chunk tables only */
+    uint16_t *lut_store;
+    size_t n_cum;         /* entries of cum_store used */
+    const uint8_t *sizes; /* n_streams u32 */
+    const uint8_t *data;  /* first stream */
+} sec_parsed;
+
+static void sec_parsed_free(sec_parsed *sp) {
+    free(sp->tabs); free(sp->scale); free(sp->cum_store); free(sp->lut_store);
+    memset(sp, 0, sizeof *sp);
+}
+
+static kvl_status parse_section(const dec_ctx *d, int l, int kv, const uint8_t *s, size_t len, const uint8_t *dir,
+                                sec_parsed *o) {
     const hdr *h = d->h;
+    memset(o, 0, sizeof *o);
     int32_t T = h->info.shape.n_tokens, C = h->info.shape.n_kv_heads * h->info.shape.head_dim;
     int Q = kvlc_get16(dir + 4 * (size_t)l + 2 * (size_t)kv);
     int has_delta = h->delta_group > 1, cg = h->chan_group;
     int32_t n_streams = (C + cg - 1) / cg, sm = kvlc_scale_of(h->scale_mode, kv), n_sc = kvlc_n_scales(sm, T, C);
     ctx_map m = {h->table_mode, has_delta, Q};
     int32_t n_ctx = m.mode == KVLC_TABLES_CHUNK_LAYER ? 1 + has_delta : C * (1 + has_delta);
+    *o = (sec_parsed){.Q = Q, .has_delta = has_delta, .cg = cg, .sm = sm, .T = T, .C = C, .n_streams = n_streams,
+                      .n_sc = n_sc, .n_ctx = n_ctx, .m = m};
     const uint8_t *p = s, *end = s + len;
     kvl_status st = KVL_OK;
-    kvlc_table *tabs = calloc((size_t)n_ctx, sizeof *tabs);
-    float *scale = malloc((size_t)n_sc * sizeof *scale);
+    o->tabs = calloc((size_t)n_ctx, sizeof *o->tabs);
+    o->scale = malloc((size_t)n_sc * sizeof *o->scale);
     int32_t n_real = sm == KVLC_SCALE_CHANNEL_OFFSET ? C : n_sc; /* entries that are bf16 scales */
-    int32_t *anchor = malloc((size_t)cg * sizeof *anchor);
-    uint32_t *cum_store = NULL, *freq = NULL;
-    uint16_t *lut_store = NULL;
-    if (!tabs || !scale || !anchor) { st = KVL_ERR_NOMEM; goto done; }
+    uint32_t *freq = NULL;
+    if (!o->tabs || !o->scale) { st = KVL_ERR_NOMEM; goto done; }
     if (m.mode == KVLC_TABLES_PROFILE) {
         const kvlc_plevel *pl = &d->prof->lv[h->info.level];
         for (int32_t c = 0; c < C; c++)
             for (int dd = 0; dd <= has_delta; dd++)
-                tabs[ctx_of(&m, c, dd)] = pl->tables[kvlc_ptab_index(C, has_delta, l, kv, c, dd)];
+                o->tabs[ctx_of(&m, c, dd)] = pl->tables[kvlc_ptab_index(C, has_delta, l, kv, c, dd)];
     } else {
         int32_t Amax = 4 * Q + 2;
-        cum_store = malloc((size_t)n_ctx * Amax * sizeof *cum_store);
+        o->cum_store = malloc((size_t)n_ctx * Amax * sizeof *o->cum_store);
         freq = malloc((size_t)Amax * sizeof *freq);
-        lut_store = malloc((size_t)n_ctx * 256 * sizeof *lut_store);
-        if (!cum_store || !freq || !lut_store) { st = KVL_ERR_NOMEM; goto done; }
+        o->lut_store = malloc((size_t)n_ctx * 256 * sizeof *o->lut_store);
+        if (!o->cum_store || !freq || !o->lut_store) { st = KVL_ERR_NOMEM; goto done; }
         size_t cum_off = 0;
         for (int32_t x = 0; x < n_ctx; x++) {
             int isd = has_delta && (x % 2 == 1);
             int32_t amax = isd ? 2 * Q : Q, A = 2 * amax + 1;
             uint32_t lo1, span;
             if (get_varint(&p, end, &lo1) || get_varint(&p, end, &span)) { st = bad("truncated table"); goto done; }
-            tabs[x].amax = amax;
-            tabs[x].pb = h->pb;
+            o->tabs[x].amax = amax;
+            o->tabs[x].pb = h->pb;
             if (lo1 == 0) {
                 if (span != 0) { st = bad("empty table with a span"); goto done; }
                 continue;
@@ -612,48 +635,73 @@ static kvl_status decode_quant_section(const dec_ctx *d, int l, int kv, const ui
                 sum += f;
             }
             if (sum != (1ull << h->pb)) { st = bad("table frequencies do not sum to the total"); goto done; }
-            table_build(&tabs[x], amax, h->pb, freq, cum_store + cum_off);
-            kvlc_table_lut(&tabs[x], lut_store + (size_t)x * 256);
+            table_build(&o->tabs[x], amax, h->pb, freq, o->cum_store + cum_off);
+            kvlc_table_lut(&o->tabs[x], o->lut_store + (size_t)x * 256);
             cum_off += (size_t)A + 1;
         }
+        o->n_cum = cum_off;
     }
     if ((size_t)(end - p) < 2 * (size_t)n_real + 4 * (size_t)n_streams) { st = bad("section too short for its scales"); goto done; }
     for (int32_t i = 0; i < n_real; i++, p += 2) {
         float v = kvlc_bf16_to_f32(kvlc_get16(p));
         if (!isfinite(v) || v < 0 || signbit(v)) { st = bad("scale negative or not finite"); goto done; }
-        scale[i] = v;
+        o->scale[i] = v;
     }
     for (int32_t i = n_real; i < n_sc; i++) {
         uint32_t zz;
         if (get_varint(&p, end, &zz) || zz > 65534) { st = bad("bad channel offset"); goto done; }
-        scale[i] = (float)(int32_t)((zz >> 1) ^ (0u - (zz & 1)));
+        o->scale[i] = (float)(int32_t)((zz >> 1) ^ (0u - (zz & 1)));
     }
     if ((size_t)(end - p) < 4 * (size_t)n_streams) { st = bad("section too short for its stream sizes"); goto done; }
-    const uint8_t *sizes = p;
+    o->sizes = p;
     p += 4 * (size_t)n_streams;
+    o->data = p;
     uint64_t total = 0;
-    for (int32_t g = 0; g < n_streams; g++) total += kvlc_get32(sizes + 4 * (size_t)g);
-    if (total != (uint64_t)(end - p)) { st = bad("stream sizes do not add up to the section"); goto done; }
     for (int32_t g = 0; g < n_streams; g++) {
-        size_t slen = kvlc_get32(sizes + 4 * (size_t)g);
-        const uint8_t *sp = p, *se = p + slen;
+        total += kvlc_get32(o->sizes + 4 * (size_t)g);
+    }
+    if (total != (uint64_t)(end - p)) { st = bad("stream sizes do not add up to the section"); goto done; }
+    /* checked up front rather than when the stream is reached: a parallel decoder needs it */
+    for (int32_t g = 0; g < n_streams; g++)
+        if (kvlc_get32(o->sizes + 4 * (size_t)g) < 4) { st = bad("stream shorter than its state"); goto done; }
+done:
+    free(freq);
+    if (st != KVL_OK) sec_parsed_free(o);
+    return st;
+}
+
+static kvl_status decode_quant_section(const dec_ctx *d, int l, int kv, const uint8_t *s, size_t len,
+                                       int out_dtype, void *out, size_t out_base, const uint8_t *dir) {
+    sec_parsed sp;
+    KVL_TRY(parse_section(d, l, kv, s, len, dir, &sp));
+    const hdr *h = d->h;
+    int32_t T = sp.T, C = sp.C, cg = sp.cg, sm = sp.sm;
+    int Q = sp.Q;
+    const kvlc_table *tabs = sp.tabs;
+    const float *scale = sp.scale;
+    kvl_status st = KVL_OK;
+    int32_t *anchor = malloc((size_t)cg * sizeof *anchor);
+    if (!anchor) { st = KVL_ERR_NOMEM; goto done; }
+    const uint8_t *p = sp.data;
+    for (int32_t g = 0; g < sp.n_streams; g++) {
+        size_t slen = kvlc_get32(sp.sizes + 4 * (size_t)g);
+        const uint8_t *sp_ = p, *se = p + slen;
         p = se;
-        if (slen < 4) { st = bad("stream shorter than its state"); goto done; }
-        uint32_t x = kvlc_get32(sp);
-        sp += 4;
+        uint32_t x = kvlc_get32(sp_);
+        sp_ += 4;
         int32_t c0 = g * cg, c1 = c0 + cg < C ? c0 + cg : C;
         for (int32_t t = 0; t < T; t++) {
             int isd = kvlc_is_delta(h->delta_group, t);
             for (int32_t c = c0; c < c1; c++) {
-                const kvlc_table *tb = &tabs[ctx_of(&m, c, isd)];
+                const kvlc_table *tb = &tabs[ctx_of(&sp.m, c, isd)];
                 if (!tb->cum) { st = bad("symbol in a context with an empty table"); goto done; }
                 uint32_t mask = (1u << tb->pb) - 1, slot = x & mask;
                 int32_t si = table_find(tb, slot);
                 uint32_t start = tb->cum[si], f = tb->cum[si + 1] - start;
                 x = f * (x >> tb->pb) + slot - start;
                 while (x < KVLC_RANS_L) {
-                    if (sp >= se) { st = bad("stream ends early"); goto done; }
-                    x = (x << 8) | *sp++;
+                    if (sp_ >= se) { st = bad("stream ends early"); goto done; }
+                    x = (x << 8) | *sp_++;
                 }
                 int32_t v = si - tb->amax, qv;
                 if (isd) {
@@ -670,10 +718,11 @@ static kvl_status decode_quant_section(const dec_ctx *d, int l, int kv, const ui
                 store_elem(out, out_dtype, out_base + (size_t)t * C + c, val);
             }
         }
-        if (x != KVLC_RANS_L || sp != se) { st = bad("stream does not end in the initial coder state"); goto done; }
+        if (x != KVLC_RANS_L || sp_ != se) { st = bad("stream does not end in the initial coder state"); goto done; }
     }
 done:
-    free(tabs); free(scale); free(anchor); free(cum_store); free(freq); free(lut_store);
+    free(anchor);
+    sec_parsed_free(&sp);
     return st;
 }
 
@@ -705,20 +754,11 @@ static void *decode_worker(void *arg) {
     return NULL;
 }
 
-kvl_status kvl_codec_decode(const uint8_t *buf, size_t size, const kvl_codec_profile *profile, int32_t layer0,
-                            int32_t n_layers, kvl_codec_dtype out_dtype, void *out, size_t out_cap,
-                            int32_t n_threads) {
-    hdr h;
-    KVL_TRY(parse_header(buf, size, &h));
+/* The chunk's profile requirements: the profile it was encoded with, matching its shape, level
+ * parameters and bins. */
+static kvl_status check_profile(const hdr *hp, const uint8_t *buf, const kvl_codec_profile *profile) {
+    const hdr h = *hp;
     int32_t L = h.info.shape.n_layers;
-    if (!out) return kvl_errorf(KVL_ERR_INVALID_ARG, "out is NULL");
-    if (out_dtype != KVL_CODEC_F32 && out_dtype != KVL_CODEC_BF16 && out_dtype != KVL_CODEC_F16)
-        return kvl_errorf(KVL_ERR_INVALID_ARG, "unknown output dtype %d", (int)out_dtype);
-    if (layer0 < 0 || layer0 >= L) return kvl_errorf(KVL_ERR_INVALID_ARG, "layer0 %d outside [0, %d)", layer0, L);
-    if (n_layers <= 0) n_layers = L - layer0;
-    if (n_layers > L - layer0) return kvl_errorf(KVL_ERR_INVALID_ARG, "layers [%d, %d) exceed %d", layer0, layer0 + n_layers, L);
-    size_t need = h.info.n_elements / (size_t)L * (size_t)n_layers * dtype_size(out_dtype);
-    if (out_cap < need) return kvl_errorf(KVL_ERR_INVALID_ARG, "output buffer of %zu bytes, %zu needed", out_cap, need);
     if (h.info.uses_profile) {
         if (!profile) return kvl_errorf(KVL_ERR_CODEC_PROFILE, "the chunk was encoded with a profile; none given");
         if (memcmp(profile->id, h.info.profile_id, 16) != 0)
@@ -734,6 +774,24 @@ kvl_status kvl_codec_decode(const uint8_t *buf, size_t size, const kvl_codec_pro
             if (pl->q[i] != kvlc_get16(buf + KVLC_HDR_FIXED + 2 * (size_t)i))
                 return kvl_errorf(KVL_ERR_CODEC_PROFILE, "profile and chunk disagree on bin counts");
     }
+    return KVL_OK;
+}
+
+kvl_status kvl_codec_decode(const uint8_t *buf, size_t size, const kvl_codec_profile *profile, int32_t layer0,
+                            int32_t n_layers, kvl_codec_dtype out_dtype, void *out, size_t out_cap,
+                            int32_t n_threads) {
+    hdr h;
+    KVL_TRY(parse_header(buf, size, &h));
+    int32_t L = h.info.shape.n_layers;
+    if (!out) return kvl_errorf(KVL_ERR_INVALID_ARG, "out is NULL");
+    if (out_dtype != KVL_CODEC_F32 && out_dtype != KVL_CODEC_BF16 && out_dtype != KVL_CODEC_F16)
+        return kvl_errorf(KVL_ERR_INVALID_ARG, "unknown output dtype %d", (int)out_dtype);
+    if (layer0 < 0 || layer0 >= L) return kvl_errorf(KVL_ERR_INVALID_ARG, "layer0 %d outside [0, %d)", layer0, L);
+    if (n_layers <= 0) n_layers = L - layer0;
+    if (n_layers > L - layer0) return kvl_errorf(KVL_ERR_INVALID_ARG, "layers [%d, %d) exceed %d", layer0, layer0 + n_layers, L);
+    size_t need = h.info.n_elements / (size_t)L * (size_t)n_layers * dtype_size(out_dtype);
+    if (out_cap < need) return kvl_errorf(KVL_ERR_INVALID_ARG, "output buffer of %zu bytes, %zu needed", out_cap, need);
+    KVL_TRY(check_profile(&h, buf, profile));
     int n_sec = 2 * n_layers;
     uint32_t *off = malloc(((size_t)2 * L + 1) * sizeof *off);
     sec_job j = {NULL, profile, NULL, 0, &h, NULL, calloc((size_t)n_sec, sizeof(kvl_status)), calloc((size_t)n_sec, 256)};
@@ -750,4 +808,226 @@ kvl_status kvl_codec_decode(const uint8_t *buf, size_t size, const kvl_codec_pro
 done:
     free(off); free(j.st); free(j.msg);
     return st;
+}
+
+/* ---------------------------------------------------------------- parallel-decode plans */
+
+void kvl_codec_plan_init(kvl_codec_plan *p) { memset(p, 0, sizeof *p); }
+
+void kvl_codec_plan_reset(kvl_codec_plan *p) {
+    p->n_streams = p->n_sections = p->n_tables = p->n_cum = p->n_lut = p->n_scales = 0;
+    p->n_bytes = p->n_anchor = p->n_out = 0;
+    p->n_chunks = 0;
+    p->profile = NULL;
+}
+
+void kvl_codec_plan_free(kvl_codec_plan *p) {
+    if (!p) return;
+    free(p->streams); free(p->sections); free(p->tables); free(p->cum); free(p->lut); free(p->scales);
+    memset(p, 0, sizeof *p);
+}
+
+/* grows *arr (elements of es bytes) to hold need elements */
+static int plan_grow(void **arr, size_t *cap, size_t need, size_t es) {
+    if (need <= *cap) return 0;
+    size_t nc = *cap ? *cap : 64;
+    while (nc < need) nc *= 2;
+    void *q = realloc(*arr, nc * es);
+    if (!q) return -1;
+    *arr = q;
+    *cap = nc;
+    return 0;
+}
+
+static size_t level_store_cum(const kvl_codec_profile *pr, const kvlc_plevel *pl) {
+    int32_t C = pr->n_kv_heads * pr->head_dim;
+    int hd = pl->delta_group > 1;
+    size_t n = 0;
+    for (int32_t l = 0; l < pr->n_layers; l++)
+        for (int kv = 0; kv < 2; kv++) n += (size_t)C * ((size_t)2 * pl->q[2 * l + kv] + 2 + (hd ? 4 * (size_t)pl->q[2 * l + kv] + 2 : 0));
+    return n;
+}
+
+kvl_status kvl_codec_profile_stores(const kvl_codec_profile *prof, int32_t level, const uint32_t **cum, size_t *n_cum,
+                                    const uint16_t **lut, size_t *n_lut) {
+    if (!prof || !cum || !n_cum || !lut || !n_lut) return kvl_errorf(KVL_ERR_INVALID_ARG, "NULL argument");
+    if (level < 1 || level > KVL_CODEC_MAX_LEVEL || !prof->lv[level].present)
+        return kvl_errorf(KVL_ERR_CODEC_LEVEL, "the profile has no level %d", level);
+    const kvlc_plevel *pl = &prof->lv[level];
+    size_t n_tab = (size_t)2 * prof->n_layers * prof->n_kv_heads * prof->head_dim * (pl->delta_group > 1 ? 2 : 1);
+    *cum = pl->cum_store;
+    *n_cum = level_store_cum(prof, pl);
+    *lut = pl->lut_store;
+    *n_lut = n_tab * 256;
+    return KVL_OK;
+}
+
+kvl_status kvl_codec_plan_add(kvl_codec_plan *p, const uint8_t *buf, size_t size, const kvl_codec_profile *profile,
+                              int32_t layer0, int32_t n_layers, const kvl_codec_place *place, size_t out_dtype_size) {
+    if (!p || !place) return kvl_errorf(KVL_ERR_INVALID_ARG, "plan and place must not be NULL");
+    if (out_dtype_size != 2 && out_dtype_size != 4) return kvl_errorf(KVL_ERR_INVALID_ARG, "output element size %zu", out_dtype_size);
+    hdr h;
+    KVL_TRY(parse_header(buf, size, &h));
+    int32_t L = h.info.shape.n_layers;
+    if (h.info.lossless) return kvl_errorf(KVL_ERR_CODEC_LEVEL, "lossless chunks are decoded by kvl_codec_decode");
+    if (layer0 < 0 || layer0 >= L) return kvl_errorf(KVL_ERR_INVALID_ARG, "layer0 %d outside [0, %d)", layer0, L);
+    if (n_layers <= 0) n_layers = L - layer0;
+    if (n_layers > L - layer0) return kvl_errorf(KVL_ERR_INVALID_ARG, "layers [%d, %d) exceed %d", layer0, layer0 + n_layers, L);
+    KVL_TRY(check_profile(&h, buf, profile));
+    if (h.info.uses_profile && p->profile && p->profile != profile)
+        return kvl_errorf(KVL_ERR_INVALID_ARG, "a plan refers to one profile at most");
+    const uint8_t *dir = buf + KVLC_HDR_FIXED;
+    dec_ctx d = {&h, profile};
+    /* only the bytes of the requested sections travel: [a0, a1) of the chunk */
+    uint64_t r0 = kvlc_get32(dir + 4 * (size_t)L + 4 * (size_t)(2 * layer0));
+    uint64_t r1 = kvlc_get32(dir + 4 * (size_t)L + 4 * (size_t)(2 * (layer0 + n_layers)));
+    /* state to roll back to on error */
+    size_t s0 = p->n_streams, x0 = p->n_sections, t0 = p->n_tables, c0_ = p->n_cum, u0 = p->n_lut, k0 = p->n_scales;
+    uint64_t a0 = p->n_anchor, o0 = p->n_out;
+    kvl_status st = KVL_OK;
+    /* the level's store offsets of the profile tables: table index order is kept by the store */
+    const kvlc_plevel *pl = h.info.uses_profile ? &profile->lv[h.info.level] : NULL;
+    for (int32_t i = 0; i < 2 * n_layers && st == KVL_OK; i++) {
+        int l = layer0 + i / 2, kv = i % 2;
+        uint32_t a = kvlc_get32(dir + 4 * (size_t)L + 4 * (size_t)(2 * l + kv));
+        uint32_t b = kvlc_get32(dir + 4 * (size_t)L + 4 * (size_t)(2 * l + kv + 1));
+        const uint8_t *s = buf + a;
+        if (KVLC_SUM_BAD(kvlc_get32(s), kvlc_checksum(s + 4, b - a - 4))) {
+            st = kvl_errorf(KVL_ERR_CHECKSUM, "layer %d %s section checksum mismatch", l, kv ? "v" : "k");
+            break;
+        }
+        sec_parsed sp;
+        st = parse_section(&d, l, kv, s + 4, b - a - 4, dir, &sp);
+        if (st != KVL_OK) break;
+        if (plan_grow((void **)&p->sections, &p->cap_sections, p->n_sections + 1, sizeof *p->sections) ||
+            plan_grow((void **)&p->streams, &p->cap_streams, p->n_streams + (size_t)sp.n_streams, sizeof *p->streams) ||
+            plan_grow((void **)&p->tables, &p->cap_tables, p->n_tables + (size_t)sp.n_ctx, sizeof *p->tables) ||
+            plan_grow((void **)&p->cum, &p->cap_cum, p->n_cum + sp.n_cum, sizeof *p->cum) ||
+            plan_grow((void **)&p->lut, &p->cap_lut, p->n_lut + (pl ? 0 : (size_t)sp.n_ctx * 256), sizeof *p->lut) ||
+            plan_grow((void **)&p->scales, &p->cap_scales, p->n_scales + (size_t)sp.n_sc, sizeof *p->scales)) {
+            sec_parsed_free(&sp);
+            st = KVL_ERR_NOMEM;
+            break;
+        }
+        uint32_t sec = (uint32_t)p->n_sections++;
+        int64_t rel = ((int64_t)(l - layer0)) * place->layer_stride + (int64_t)kv * place->kv_stride;
+        p->sections[sec] = (kvl_codec_plan_section){
+            .T = sp.T, .C = sp.C, .Q = sp.Q, .sm = sp.sm, .delta_group = h.delta_group,
+            .ctx_mode = sp.m.mode == KVLC_TABLES_CHUNK_LAYER ? 1 : 0, .tab_base = (uint32_t)p->n_tables,
+            .scale_base = (uint32_t)p->n_scales, .chunk = p->n_chunks,
+            .out = place->out + (uint64_t)(rel * (int64_t)out_dtype_size), .ld = place->token_stride};
+        memcpy(p->scales + p->n_scales, sp.scale, (size_t)sp.n_sc * sizeof *p->scales);
+        p->n_scales += (size_t)sp.n_sc;
+        for (int32_t x = 0; x < sp.n_ctx; x++) {
+            const kvlc_table *tb = &sp.tabs[x];
+            kvl_codec_plan_table *pt = &p->tables[p->n_tables + (size_t)x];
+            *pt = (kvl_codec_plan_table){KVL_CODEC_PLAN_EMPTY, 0, tb->amax, tb->pb, 0, 0};
+            if (!tb->cum) continue;
+            if (pl) {
+                pt->src = h.info.level;
+                pt->cum_off = (uint32_t)(tb->cum - pl->cum_store);
+                pt->lut_off = (uint32_t)(tb->lut - pl->lut_store);
+            } else {
+                pt->cum_off = (uint32_t)(p->n_cum + (size_t)(tb->cum - sp.cum_store));
+                pt->lut_off = (uint32_t)(p->n_lut + (size_t)x * 256);
+            }
+        }
+        p->n_tables += (size_t)sp.n_ctx;
+        if (!pl) {
+            memcpy(p->cum + p->n_cum, sp.cum_store, sp.n_cum * sizeof *p->cum);
+            memcpy(p->lut + p->n_lut, sp.lut_store, (size_t)sp.n_ctx * 256 * sizeof *p->lut);
+            p->n_cum += sp.n_cum;
+            p->n_lut += (size_t)sp.n_ctx * 256;
+        }
+        uint64_t off = p->n_bytes + (uint64_t)(sp.data - buf) - r0;
+        for (int32_t g = 0; g < sp.n_streams; g++) {
+            uint32_t len = kvlc_get32(sp.sizes + 4 * (size_t)g);
+            int32_t c0 = g * sp.cg, c1 = c0 + sp.cg < sp.C ? c0 + sp.cg : sp.C;
+            p->streams[p->n_streams++] = (kvl_codec_plan_stream){off, len, sec, c0, c1, (uint32_t)p->n_anchor, 0};
+            p->n_anchor += (uint64_t)(c1 - c0);
+            off += len;
+        }
+        p->n_out += (uint64_t)sp.T * (uint64_t)sp.C;
+        sec_parsed_free(&sp);
+        if (p->n_anchor > 0xffffffffu || p->n_cum > 0xffffffffu || p->n_lut > 0xffffffffu || p->n_scales > 0xffffffffu ||
+            p->n_tables > 0xffffffffu)
+            st = kvl_errorf(KVL_ERR_LIMIT, "decode plan exceeds 32-bit indices");
+    }
+    if (st != KVL_OK) {
+        p->n_streams = s0; p->n_sections = x0; p->n_tables = t0; p->n_cum = c0_; p->n_lut = u0; p->n_scales = k0;
+        p->n_anchor = a0; p->n_out = o0;
+        return st;
+    }
+    if (pl) p->profile = profile;
+    p->n_bytes += r1 - r0;
+    p->n_chunks++;
+    return KVL_OK;
+}
+
+kvl_status kvl_codec_plan_append(kvl_codec_plan *d, const kvl_codec_plan *s) {
+    if (!d || !s) return kvl_errorf(KVL_ERR_INVALID_ARG, "NULL plan");
+    if (d->profile && s->profile && d->profile != s->profile) return kvl_errorf(KVL_ERR_INVALID_ARG, "plans of two profiles");
+    if (plan_grow((void **)&d->sections, &d->cap_sections, d->n_sections + s->n_sections, sizeof *d->sections) ||
+        plan_grow((void **)&d->streams, &d->cap_streams, d->n_streams + s->n_streams, sizeof *d->streams) ||
+        plan_grow((void **)&d->tables, &d->cap_tables, d->n_tables + s->n_tables, sizeof *d->tables) ||
+        plan_grow((void **)&d->cum, &d->cap_cum, d->n_cum + s->n_cum, sizeof *d->cum) ||
+        plan_grow((void **)&d->lut, &d->cap_lut, d->n_lut + s->n_lut, sizeof *d->lut) ||
+        plan_grow((void **)&d->scales, &d->cap_scales, d->n_scales + s->n_scales, sizeof *d->scales))
+        return KVL_ERR_NOMEM;
+    if (d->n_sections + s->n_sections > 0xffffffffu || d->n_tables + s->n_tables > 0xffffffffu ||
+        d->n_cum + s->n_cum > 0xffffffffu || d->n_lut + s->n_lut > 0xffffffffu ||
+        d->n_scales + s->n_scales > 0xffffffffu || d->n_anchor + s->n_anchor > 0xffffffffu)
+        return kvl_errorf(KVL_ERR_LIMIT, "decode plan exceeds 32-bit indices");
+    for (size_t i = 0; i < s->n_streams; i++) {
+        kvl_codec_plan_stream x = s->streams[i];
+        x.byte_off += d->n_bytes;
+        x.sec += (uint32_t)d->n_sections;
+        x.anchor_off += (uint32_t)d->n_anchor;
+        d->streams[d->n_streams + i] = x;
+    }
+    for (size_t i = 0; i < s->n_sections; i++) {
+        kvl_codec_plan_section x = s->sections[i];
+        x.tab_base += (uint32_t)d->n_tables;
+        x.scale_base += (uint32_t)d->n_scales;
+        x.chunk += d->n_chunks;
+        d->sections[d->n_sections + i] = x;
+    }
+    for (size_t i = 0; i < s->n_tables; i++) {
+        kvl_codec_plan_table x = s->tables[i];
+        if (x.src == 0 && x.cum_off != KVL_CODEC_PLAN_EMPTY) {
+            x.cum_off += (uint32_t)d->n_cum;
+            x.lut_off += (uint32_t)d->n_lut;
+        }
+        d->tables[d->n_tables + i] = x;
+    }
+    if (s->n_cum) memcpy(d->cum + d->n_cum, s->cum, s->n_cum * sizeof *d->cum);
+    if (s->n_lut) memcpy(d->lut + d->n_lut, s->lut, s->n_lut * sizeof *d->lut);
+    if (s->n_scales) memcpy(d->scales + d->n_scales, s->scales, s->n_scales * sizeof *d->scales);
+    d->n_streams += s->n_streams;
+    d->n_sections += s->n_sections;
+    d->n_tables += s->n_tables;
+    d->n_cum += s->n_cum;
+    d->n_lut += s->n_lut;
+    d->n_scales += s->n_scales;
+    d->n_bytes += s->n_bytes;
+    d->n_anchor += s->n_anchor;
+    d->n_out += s->n_out;
+    d->n_chunks += s->n_chunks;
+    if (s->profile) d->profile = s->profile;
+    return KVL_OK;
+}
+
+kvl_status kvl_codec_plan_range(const uint8_t *buf, size_t size, int32_t layer0, int32_t n_layers, uint64_t *off,
+                                uint64_t *len) {
+    if (!off || !len) return kvl_errorf(KVL_ERR_INVALID_ARG, "NULL argument");
+    hdr h;
+    KVL_TRY(parse_header(buf, size, &h));
+    int32_t L = h.info.shape.n_layers;
+    if (layer0 < 0 || layer0 >= L) return kvl_errorf(KVL_ERR_INVALID_ARG, "layer0 %d outside [0, %d)", layer0, L);
+    if (n_layers <= 0) n_layers = L - layer0;
+    if (n_layers > L - layer0) return kvl_errorf(KVL_ERR_INVALID_ARG, "layers [%d, %d) exceed %d", layer0, layer0 + n_layers, L);
+    const uint8_t *offs = buf + KVLC_HDR_FIXED + 4 * (size_t)L;
+    *off = kvlc_get32(offs + 4 * (size_t)(2 * layer0));
+    *len = kvlc_get32(offs + 4 * (size_t)(2 * (layer0 + n_layers))) - *off;
+    return KVL_OK;
 }

@@ -193,6 +193,20 @@ kvl_status kvl_cuda_mem_info(const kvl_model *m, size_t *used, size_t *total) {
     return KVL_OK;
 }
 
+kvl_status kvl_cuda_kv_view_get(kvl_kv *kv, kvl_cuda_kv_view *out) {
+    if (!kv || !out || kv->m->opts.backend != KVL_BACKEND_CUDA || !kv->data)
+        return kvl_errorf(KVL_ERR_INVALID_ARG, "not a CUDA kv cache");
+    cu_model *c = CM(kv->m);
+    pthread_mutex_lock(&kv->m->mu);
+    cudaError_t e = cudaSetDevice(c->dev);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(c->st);
+    pthread_mutex_unlock(&kv->m->mu);
+    if (e != cudaSuccess) return cuda_err(e, "kv view");
+    *out = (kvl_cuda_kv_view){kv->data, (int32_t)c->kt, kv->capacity, kv->m->cfg.n_layers,
+                              kv->m->cfg.n_kv_heads * kv->m->cfg.head_dim, c->dev};
+    return KVL_OK;
+}
+
 /* ------------------------------------------------------------ GEMM: out[n][M] = x[n][K] . w[M][K]^T */
 
 static kvl_status gemm(cu_model *c, void *out, kvl_cu_dtype ot, int64_t ldo, const void *x, const void *w, int64_t M,

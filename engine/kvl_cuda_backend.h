@@ -30,6 +30,20 @@ void kvl_cuda_plan_for(const kvl_model_config *c, int32_t weight_dtype, int32_t 
 /* Device memory in use on the model's GPU (total - free, bytes) and the device's total; 0 on error. */
 kvl_status kvl_cuda_mem_info(const kvl_model *m, size_t *used, size_t *total);
 
+/* Device-side view of a CUDA-backend KV cache, for writers that fill it on the GPU (the GPU
+ * CacheGen decoder of the load path): data is [n_layers][2][capacity][n_channels] of dtype
+ * (kvl_cu_dtype: 0 float32, 1 bfloat16) on device `gpu`. Waits for the model's pending GPU work
+ * first. The view stays valid until kvl_kv_free; a writer must finish (synchronise) before the next
+ * engine call on this kv and mark the slots it filled with kvl_kv_set_valid.
+ * Errors: KVL_ERR_INVALID_ARG (NULL, or a kv of another backend), KVL_ERR_CUDA. */
+typedef struct kvl_cuda_kv_view {
+    void *data;
+    int32_t dtype;
+    int32_t capacity, n_layers, n_channels;
+    int32_t gpu;
+} kvl_cuda_kv_view;
+kvl_status kvl_cuda_kv_view_get(kvl_kv *kv, kvl_cuda_kv_view *out);
+
 /* Number of CUDA devices visible (0 when there is no usable driver/device). Never fails. */
 int kvl_cuda_device_count(void);
 

@@ -90,6 +90,7 @@ fail:
 
 kvl_status kvl_tokenizer_find(const char *model_path, char *out, size_t out_size) {
     static const char *names[] = {"tokenizer.bin", "tok512.bin", "tok4096.bin", "tok32000.bin"};
+    if (!model_path || !out || out_size == 0) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_tokenizer_find: bad argument");
     char dir[4096];
     snprintf(dir, sizeof dir, "%s", model_path);
     size_t l = strlen(dir);
@@ -97,8 +98,8 @@ kvl_status kvl_tokenizer_find(const char *model_path, char *out, size_t out_size
     /* try the path's own directory (for an HF dir: the dir itself), then its parent */
     for (int pass = 0; pass < 3; pass++) {
         for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
-            snprintf(out, out_size, "%s/%s", dir, names[i]);
-            if (access(out, R_OK) == 0) return KVL_OK;
+            int w = snprintf(out, out_size, "%s/%s", dir, names[i]);
+            if (w > 0 && (size_t)w < out_size && access(out, R_OK) == 0) return KVL_OK;
         }
         char *slash = strrchr(dir, '/');
         if (!slash) {

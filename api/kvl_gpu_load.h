@@ -1,0 +1,133 @@
+/* kvl_gpu_load.h - the GPU load path: chunk caches from the store straight into a CUDA KV cache.
+ *
+ * kvl_gpu_load reads the chunks' encoded caches with batched store reads (kvl_store_get_batch:
+ * io_uring, many reads in flight, DRAM tier first), a group of chunks at a time, and decodes each
+ * group on the GPU (kvl_codec_gpu: host validation, one H2D copy, one kernel) directly into the
+ * chunks' slots of the engine's KV cache; keys are then re-rotated to the chunks' prompt positions.
+ * The read of group g+1 runs on a second thread while group g is validated, copied and decoded.
+ * Chunks the caller marks for recompute are prefilled from their tokens instead (kvl_load_decide
+ * says when that is faster than loading).
+ *
+ * The store never learns about models (it is handed the model fingerprint to check), the codec
+ * never about the engine: this file is where they meet. Built with KVL_CUDA only, except the cost
+ * model (kvl_load_decide / kvl_load_recompute_ratio), which is plain arithmetic.
+ * Thread-safety: one call per kv / decoder at a time.
+ */
+#ifndef KVL_GPU_LOAD_H
+#define KVL_GPU_LOAD_H
+
+#include <stdint.h>
+
+#include "kvl_codec.h"
+#include "kvl_engine.h"
+#include "kvl_status.h"
+#include "kvl_store.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------- cost model (controller) */
+
+/* Throughputs measured on the machine (e.g. the store's direct-read bandwidth, kvl_codec_gpu's
+ * decode rate, the engine's prefill rate for chunk-sized inputs). */
+typedef struct kvl_load_costs {
+    double read_gbps;      /* encoded bytes per second from where the caches live, GB/s */
+    double decode_gbps;    /* decoded output bytes per second (incl. host validation), GB/s */
+    double prefill_tok_s;  /* tokens per second when prefilling a chunk on its own */
+    double fixed_ms;       /* per-chunk latency of a load (request, launch) */
+} kvl_load_costs;
+
+/* Estimated time to load one chunk (read and decode overlap, so the slower one counts) and to
+ * recompute it from its tokens; returns 1 when recomputing is faster (or loading impossible:
+ * a zero throughput). Outputs may be NULL. */
+int kvl_load_decide(const kvl_load_costs *c, uint64_t encoded_bytes, uint64_t decoded_bytes, int32_t n_tokens,
+                    double *load_ms, double *recompute_ms);
+
+/* The codec level to load (CacheGen's adaptation): among n_levels stored encodings of a chunk,
+ * levels[i] with encoded size bytes[i] (lower level = better quality), the best-quality one whose
+ * load time fits budget_ms (e.g. the recompute time that hides it); the smallest one if none fits.
+ * Returns the index i, or -1 when n_levels < 1. */
+int kvl_load_pick_level(const kvl_load_costs *c, int32_t n_levels, const int32_t *levels, const uint64_t *bytes,
+                        uint64_t decoded_bytes, double budget_ms);
+
+/* Recompute ratio for blending (CacheBlend's controller): the share of context tokens whose
+ * recompute fits under the load time of the context (so it costs no extra latency), clamped to
+ * [r_min, r_max]. context_load_ms: estimated load time of all chunks; full_prefill_ms: estimated
+ * time of recomputing every context token. */
+double kvl_load_recompute_ratio(double context_load_ms, double full_prefill_ms, double r_min, double r_max);
+
+/* ---------------------------------------------------------------- the load (CUDA builds) */
+
+typedef struct kvl_codec_gpu kvl_codec_gpu;
+
+enum { KVL_LOAD_FROM_STORE = 0, KVL_LOAD_RECOMPUTE = 1 };
+
+typedef struct kvl_gpu_load_chunk {
+    kvl_store_key key;      /* store key of the chunk's encoded cache */
+    int32_t slot0;          /* first slot of the chunk in the kv cache */
+    int32_t n_tokens;       /* tokens of the chunk (the cache must hold exactly this many) */
+    int32_t position;       /* prompt position of the chunk's first token: keys are re-rotated by it */
+    int32_t action;         /* KVL_LOAD_FROM_STORE or KVL_LOAD_RECOMPUTE */
+    const int32_t *tokens;  /* [n_tokens], needed for KVL_LOAD_RECOMPUTE (borrowed) */
+} kvl_gpu_load_chunk;
+
+typedef struct kvl_gpu_load_req {
+    kvl_store *store;
+    const uint8_t *fingerprint;        /* the model's (kvl_model_fingerprint), checked by the store */
+    kvl_model *model;                  /* CUDA backend */
+    kvl_kv *kv;                        /* of model */
+    kvl_codec_gpu *dec;
+    const kvl_codec_profile *profile;  /* the profile the chunks were encoded with, or NULL */
+    const kvl_gpu_load_chunk *chunks;
+    int32_t n_chunks;
+    int32_t group;                     /* chunks per read batch / decode launch; <= 0: 8 */
+    int32_t no_rerotate;               /* 1: leave keys at positions 0..n-1 (tests) */
+} kvl_gpu_load_req;
+
+typedef struct kvl_gpu_load_stats {
+    double read_ms;       /* store reads, summed over groups (on the reader thread) */
+    double read_wait_ms;  /* time the decoding thread waited for reads (the part not hidden) */
+    double decode_ms;     /* GPU decode calls (validation, staging, copy, kernel) */
+    double kernel_ms;     /* of which the decode kernels */
+    double rerotate_ms;   /* key re-rotation */
+    double recompute_ms;  /* chunks prefilled from tokens */
+    double total_ms;
+    uint64_t bytes_read;  /* encoded bytes */
+    int32_t n_loaded, n_recomputed;
+    /* kvl_gpu_blend only */
+    double compute_ms;    /* the layer-step forward pass on the calling thread, waits included */
+    double layer_wait_ms; /* of which waiting for layers still being decoded (load not hidden) */
+} kvl_gpu_load_stats;
+
+/* Fills the chunks' slots of req->kv (all layers, marked valid) from the store or by recompute.
+ * Errors: KVL_ERR_INVALID_ARG (bad request, slot ranges outside the kv, overlapping chunks are
+ * not checked), the store's errors for a chunk (KVL_ERR_KEY_NOT_FOUND, KVL_ERR_CORRUPT,
+ * KVL_ERR_FINGERPRINT, ...), the decoder's (a malformed cache, a cache of another shape:
+ * KVL_ERR_CODEC), CUDA errors. On error the kv's contents in the chunks' slots are unspecified. */
+kvl_status kvl_gpu_load(const kvl_gpu_load_req *req, kvl_gpu_load_stats *stats);
+
+/* Load and blend, pipelined by layer: the chunks' caches are read (one batched read), then a
+ * decoder thread decodes them layer group by layer group (every chunk's layers [l, l + group) in
+ * one launch, keys re-rotated to the chunks' positions on the GPU) while the calling thread runs
+ * the layer-step forward pass (kvl_fwd_layer) over slots [0, n) computing the slots idx at every
+ * layer, each layer as soon as its K/V is in place: layer i+1 decodes while layer i recomputes.
+ * Returns the logits of logit_slot (vocab floats). The load chunks must all be
+ * KVL_LOAD_FROM_STORE; their slots are marked valid; slots in idx are recomputed at every layer.
+ * Errors: those of kvl_gpu_load and kvl_fwd_*. */
+typedef struct kvl_gpu_blend_req {
+    kvl_gpu_load_req load;
+    int32_t n;
+    const int32_t *tokens, *positions; /* [n] */
+    const int32_t *idx;                /* [n_idx] slots computed at every layer (recompute + query) */
+    int32_t n_idx;
+    int32_t layer_group;               /* layers per decode step; <= 0: 4 */
+    int32_t logit_slot;
+    float *logits;
+} kvl_gpu_blend_req;
+kvl_status kvl_gpu_blend(const kvl_gpu_blend_req *r, kvl_gpu_load_stats *stats);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

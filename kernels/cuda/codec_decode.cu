@@ -1,0 +1,151 @@
+// codec_decode.cu - GPU decoding of KVLC chunks: one thread per rANS sub-stream (kvl_cuda_codec.h).
+#include <stdint.h>
+
+#include "kvl_cuda_codec.h"
+
+namespace {
+
+constexpr uint32_t RANS_L = 1u << 23;
+
+// the CPU's kvlc_f32_to_bf16 (round to nearest even, NaN kept quiet), bit for bit
+__device__ __forceinline__ uint16_t f32_to_bf16(float f) {
+    uint32_t u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+__device__ __forceinline__ void fail(uint32_t *err, uint32_t i, uint32_t why) {
+    atomicMin(&err[0], i);
+    err[1] = why;
+}
+
+// Values are produced 8 channels at a time so that a full aligned group goes out as one 16-byte
+// (bf16) or two 16-byte (f32) stores: neighbouring threads of a warp are neighbouring channel
+// groups of one section, so a warp writes whole rows.
+template <bool BF16>
+__device__ __forceinline__ void store8(uint8_t *row, int32_t c, int n, const float (&v)[8]) {
+    if (BF16) {
+        uint16_t *o = reinterpret_cast<uint16_t *>(row) + c;
+        if (n == 8 && (reinterpret_cast<uintptr_t>(o) & 15) == 0) {
+            uint4 w;
+            w.x = (uint32_t)f32_to_bf16(v[0]) | ((uint32_t)f32_to_bf16(v[1]) << 16);
+            w.y = (uint32_t)f32_to_bf16(v[2]) | ((uint32_t)f32_to_bf16(v[3]) << 16);
+            w.z = (uint32_t)f32_to_bf16(v[4]) | ((uint32_t)f32_to_bf16(v[5]) << 16);
+            w.w = (uint32_t)f32_to_bf16(v[6]) | ((uint32_t)f32_to_bf16(v[7]) << 16);
+            *reinterpret_cast<uint4 *>(o) = w;
+        } else {
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                if (k < n) o[k] = f32_to_bf16(v[k]);
+        }
+    } else {
+        float *o = reinterpret_cast<float *>(row) + c;
+        if (n == 8 && (reinterpret_cast<uintptr_t>(o) & 15) == 0) {
+            reinterpret_cast<float4 *>(o)[0] = make_float4(v[0], v[1], v[2], v[3]);
+            reinterpret_cast<float4 *>(o)[1] = make_float4(v[4], v[5], v[6], v[7]);
+        } else {
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                if (k < n) o[k] = v[k];
+        }
+    }
+}
+
+template <bool BF16>
+__global__ void __launch_bounds__(128) decode_kernel(const kvl_cu_codec_args a) {
+    uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= a.n_streams) return;
+    const kvl_codec_plan_stream st = a.streams[i];
+    const kvl_codec_plan_section se = a.sections[st.sec];
+    const uint8_t *sp = a.bytes + st.byte_off, *se_end = sp + st.len; // len >= 4: checked on the host
+    uint32_t x = (uint32_t)sp[0] | ((uint32_t)sp[1] << 8) | ((uint32_t)sp[2] << 16) | ((uint32_t)sp[3] << 24);
+    sp += 4;
+    const int hasd = se.delta_group > 1;
+    const kvl_codec_plan_table *tabs = a.tables + se.tab_base;
+    const float *sc = a.scales + se.scale_base;
+    int16_t *anc = a.anchor + st.anchor_off;
+    const int32_t c0 = st.c0, c1 = st.c1, C = se.C, Q = se.Q, sm = se.sm;
+    const size_t esz = BF16 ? 2 : 4;
+    for (int32_t t = 0; t < se.T; t++) {
+        const int isd = hasd && (t % se.delta_group) != 0;
+        uint8_t *row = reinterpret_cast<uint8_t *>(se.out) + (size_t)((int64_t)t * se.ld) * esz;
+        const float tsc = sm == 0 ? sc[t] : sm == 2 ? sc[0] : 0.0f;
+        for (int32_t cb = c0; cb < c1; cb += 8) {
+            const int n = c1 - cb < 8 ? c1 - cb : 8;
+            float v[8];
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                v[k] = 0.0f;
+                if (k < n) {
+                    const int32_t c = cb + k;
+                    const kvl_codec_plan_table tb = tabs[se.ctx_mode == 1 ? isd : c * (1 + hasd) + isd];
+                    if (tb.cum_off == KVL_CODEC_PLAN_EMPTY) {
+                        fail(a.err, i, KVL_CU_DEC_EMPTY_CTX);
+                        return;
+                    }
+                    const uint32_t slot = x & ((1u << tb.pb) - 1);
+                    int32_t s;
+                    uint32_t start, hi;
+                    if (tb.src) { // compact profile table (pb 16, every frequency >= 1)
+                        const uint16_t *cum = a.pcum[tb.src] + tb.cum_off;
+                        s = __ldg(a.plut[tb.src] + (tb.lut_off >> 2) + (slot >> (16 - KVL_CU_PLUT_BITS)));
+                        hi = __ldg(cum + s + 1);
+                        hi = hi ? hi : 65536u;
+                        while (hi <= slot) {
+                            hi = __ldg(cum + ++s + 1);
+                            hi = hi ? hi : 65536u;
+                        }
+                        start = __ldg(cum + s);
+                    } else {
+                        const uint32_t *cum = a.cum + tb.cum_off;
+                        s = __ldg(a.lut + tb.lut_off + (slot >> (tb.pb - 8)));
+                        hi = __ldg(cum + s + 1);
+                        while (hi <= slot) hi = __ldg(cum + ++s + 1);
+                        start = __ldg(cum + s);
+                    }
+                    x = (hi - start) * (x >> tb.pb) + slot - start;
+                    while (x < RANS_L) {
+                        if (sp >= se_end) {
+                            fail(a.err, i, KVL_CU_DEC_SHORT);
+                            return;
+                        }
+                        x = (x << 8) | *sp++;
+                    }
+                    int32_t q = s - tb.amax;
+                    if (isd) {
+                        q += anc[c - c0];
+                        if (q < -Q || q > Q) {
+                            fail(a.err, i, KVL_CU_DEC_DELTA);
+                            return;
+                        }
+                    } else if (hasd) {
+                        anc[c - c0] = (int16_t)q;
+                    }
+                    // one multiply, no FMA, as the CPU decoder
+                    if (sm == 3) v[k] = __fmul_rn((float)(q + (int32_t)sc[C + c]), sc[c]);
+                    else v[k] = __fmul_rn((float)q, sm == 1 ? sc[c] : tsc);
+                }
+            }
+            store8<BF16>(row, cb, n, v);
+        }
+    }
+    if (x != RANS_L || sp != se_end) fail(a.err, i, KVL_CU_DEC_STATE);
+}
+
+} // namespace
+
+extern "C" cudaError_t kvl_cu_codec_decode(const kvl_cu_codec_args *a, kvl_cu_dtype out_t, cudaStream_t stream) {
+    if (a->n_streams == 0) return cudaSuccess;
+    const unsigned block = 128, grid = (a->n_streams + block - 1) / block;
+    if (out_t == KVL_CU_BF16) decode_kernel<true><<<grid, block, 0, stream>>>(*a);
+    else decode_kernel<false><<<grid, block, 0, stream>>>(*a);
+    return cudaGetLastError();
+}
+
+extern "C" void kvl_cu_codec_compact_profile(const uint32_t *cum, size_t n_cum, const uint16_t *lut, size_t n_lut,
+                                             uint16_t *cum16, uint16_t *lut64) {
+    for (size_t i = 0; i < n_cum; i++) cum16[i] = (uint16_t)cum[i];
+    for (size_t k = 0; k < n_lut / 256; k++)
+        for (size_t j = 0; j < 64; j++) lut64[k * 64 + j] = lut[k * 256 + j * 4];
+}

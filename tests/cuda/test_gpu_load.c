@@ -1,0 +1,517 @@
+/* test_gpu_load.c - the GPU load path (api/kvl_gpu_load.h).
+ *   test_gpu_load controller           the cost model (no GPU needed)
+ *   test_gpu_load load MODEL            store -> GPU decode -> CUDA kv against the CPU decoder + the
+ *                                       engine's own kv_write/rerotate, recompute, errors (exit 77
+ *                                       without a GPU)
+ *   KVL_GPU_LOAD_BENCH=TOKENS test_gpu_load bench
+ *                                       Llama-3-8B-shaped load of TOKENS/512 chunks from a store in
+ *                                       ./ (cold: store reopened, DRAM tier empty; then warm), levels
+ *                                       0 (codec off), 2 and 4
+ *   KVL_GPU_TTFT=4096,8192 test_gpu_load ttft
+ *                                       time to first token, Llama-3-8B shape (bench/gpu_ttft.sh) */
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "codec/codec_synth.h"
+#include "kvl_codec.h"
+#include "kvl_codec_gpu.h"
+#include "kvl_engine.h"
+#include "kvl_cuda_backend.h"
+#include "kvl_gpu_load.h"
+#include "kvl_store.h"
+#include "kvl_test.h"
+
+static int controller(void) {
+    kvl_load_costs c = {2.0, 20.0, 10000.0, 0.1};
+    double l, p;
+    /* 8 MB encoded, 64 MB decoded, 512 tokens: read 4 ms, decode 3.2 ms -> load 4.1 ms; recompute 51.2 ms */
+    CHECK(kvl_load_decide(&c, 8000000, 64000000, 512, &l, &p) == 0);
+    CHECK(fabs(l - 4.1) < 1e-9 && fabs(p - 51.2) < 1e-9);
+    /* codec off: 64 MB at 2 GB/s = 32 ms, still loaded; at 0.5 GB/s (128 ms) recompute wins */
+    CHECK(kvl_load_decide(&c, 64000000, 64000000, 512, &l, NULL) == 0 && fabs(l - 32.1) < 1e-9);
+    c.read_gbps = 0.5;
+    CHECK(kvl_load_decide(&c, 64000000, 64000000, 512, NULL, NULL) == 1);
+    c.read_gbps = 0;
+    CHECK(kvl_load_decide(&c, 1, 1, 1, &l, NULL) == 1 && l < 0); /* cannot load */
+    c.read_gbps = 2.0;
+    c.prefill_tok_s = 0;
+    CHECK(kvl_load_decide(&c, 1e9, 1e9, 1, NULL, &p) == 0 && p < 0); /* cannot recompute */
+    c.prefill_tok_s = 10000;
+    int32_t lv[3] = {0, 2, 4};
+    uint64_t by[3] = {64000000, 8000000, 5000000};
+    CHECK(kvl_load_pick_level(&c, 3, lv, by, 64000000, 40.0) == 0);  /* 32.1 ms fits: lossless */
+    CHECK(kvl_load_pick_level(&c, 3, lv, by, 64000000, 10.0) == 1);  /* level 2 (4.1 ms) fits */
+    CHECK(kvl_load_pick_level(&c, 3, lv, by, 64000000, 1.0) == 2);   /* none fits: the smallest */
+    CHECK(kvl_load_pick_level(&c, 0, lv, by, 1, 1.0) == -1);
+    CHECK(fabs(kvl_load_recompute_ratio(30, 100, 0.15, 0.5) - 0.3) < 1e-12);
+    CHECK(kvl_load_recompute_ratio(1, 100, 0.15, 0.5) == 0.15);
+    CHECK(kvl_load_recompute_ratio(90, 100, 0.15, 0.5) == 0.5);
+    CHECK(kvl_load_recompute_ratio(1, 0, 0.15, 0.5) == 0.5);
+    KVL_TEST_END();
+}
+
+static char store_dir[64];
+static void rm_store(void) {
+    if (store_dir[0]) {
+        char cmd[128];
+        snprintf(cmd, sizeof cmd, "rm -rf '%s'", store_dir);
+        if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", store_dir);
+    }
+}
+
+static kvl_store *open_store(uint64_t bytes, uint64_t cache) {
+    kvl_store_options o;
+    kvl_store_options_default(&o);
+    o.segment_bytes = bytes;
+    o.capacity_bytes = bytes;
+    o.cache_bytes = cache;
+    kvl_store *st = NULL;
+    CHECK_OK(kvl_store_open(store_dir, &o, &st));
+    return st;
+}
+
+static size_t sz_of(const kvl_codec_shape *s) { return (size_t)s->n_layers * 2 * s->n_tokens * s->n_kv_heads * s->head_dim; }
+
+static int load_test(const char *model) {
+    kvl_model_opts mo = kvl_model_opts_default();
+    mo.backend = KVL_BACKEND_CUDA;
+    for (int w = 0; w < 2; w++) {
+        mo.weight_dtype = w ? KVL_WDTYPE_BF16 : KVL_WDTYPE_F32;
+        kvl_model *m = NULL;
+        CHECK_OK(kvl_model_load(model, &mo, &m));
+        if (!m) return 1;
+        const kvl_model_config *c = kvl_model_get_config(m);
+        const int32_t NC = 3, T = 32, CAP = NC * T + 16;
+        kvl_codec_shape sh = {c->n_layers, T, c->n_kv_heads, c->head_dim};
+        size_t n = sz_of(&sh);
+        kvl_store *st = open_store(16u << 20, 1u << 20);
+        if (!st) return 1;
+        /* the kv's element type decides how the decoder's output is rounded */
+        kvl_kv *probe = NULL;
+        kvl_cuda_kv_view view = {0};
+        CHECK_OK(kvl_kv_create(m, 1, &probe));
+        CHECK_OK(kvl_cuda_kv_view_get(probe, &view));
+        kvl_kv_free(probe);
+        int kv_bf16 = view.dtype == 1;
+        kvl_store_key root;
+        kvl_store_root_key(kvl_model_fingerprint(m), "t", &root);
+        int32_t tok[3][32], pos[32];
+        float *ref[3]; /* the CPU decoder's output of each stored chunk, through the kv's dtype */
+        uint8_t *enc[3];
+        size_t ne[3];
+        kvl_gpu_load_chunk ch[3];
+        static const int levels[3] = {2, 0, 4};
+        for (int i = 0; i < NC; i++) {
+            for (int t = 0; t < T; t++) {
+                tok[i][t] = (int32_t)((t * 13 + i * 101 + 7) % c->vocab_size);
+                pos[t] = t;
+            }
+            kvl_kv *kv = NULL;
+            float *x = malloc(n * 4);
+            CHECK_OK(kvl_kv_create(m, T, &kv));
+            CHECK_OK(kvl_forward(m, kv, T, tok[i], pos, NULL, 0, NULL, NULL));
+            CHECK_OK(kvl_kv_read(kv, 0, c->n_layers, 0, T, x));
+            kvl_kv_free(kv);
+            kvl_codec_opts o = kvl_codec_opts_default();
+            o.level = levels[i];
+            CHECK_OK(kvl_codec_encode(&sh, KVL_CODEC_F32, x, &o, &enc[i], &ne[i]));
+            ref[i] = malloc(n * 4);
+            if (kv_bf16) {
+                uint16_t *b = malloc(n * 2);
+                CHECK_OK(kvl_codec_decode(enc[i], ne[i], NULL, 0, 0, KVL_CODEC_BF16, b, n * 2, 1));
+                for (size_t k = 0; k < n; k++) {
+                    uint32_t u = (uint32_t)b[k] << 16;
+                    memcpy(&ref[i][k], &u, 4);
+                }
+                free(b);
+            } else {
+                CHECK_OK(kvl_codec_decode(enc[i], ne[i], NULL, 0, 0, KVL_CODEC_F32, ref[i], n * 4, 1));
+            }
+            kvl_store_meta meta = {0};
+            memcpy(meta.fingerprint, kvl_model_fingerprint(m), 32);
+            snprintf(meta.tenant, sizeof meta.tenant, "t");
+            meta.codec_level = (uint16_t)levels[i];
+            kvl_store_key key;
+            kvl_store_chunk_key(&root, tok[i], T, &key);
+            CHECK_OK(kvl_store_put(st, &key, &meta, tok[i], T, enc[i], ne[i]));
+            ch[i] = (kvl_gpu_load_chunk){key, 8 + i * T, T, 5 + i * T, KVL_LOAD_FROM_STORE, tok[i]};
+            free(x);
+        }
+        kvl_codec_gpu *dec = NULL;
+        CHECK_OK(kvl_codec_gpu_create(NULL, &dec));
+        kvl_kv *kv = NULL;
+        CHECK_OK(kvl_kv_create(m, CAP, &kv));
+        kvl_gpu_load_req r = {st, kvl_model_fingerprint(m), m, kv, dec, NULL, ch, NC, 2, 1};
+        kvl_gpu_load_stats ls;
+        /* 1: decoded values land unrotated in the right slots, exactly the CPU decoder's */
+        CHECK_OK(kvl_gpu_load(&r, &ls));
+        CHECK(ls.n_loaded == 3 && ls.bytes_read == ne[0] + ne[1] + ne[2]);
+        float *got = malloc(n * 4), *want = malloc(n * 4);
+        for (int i = 0; i < NC; i++) {
+            CHECK_OK(kvl_kv_read(kv, 0, c->n_layers, ch[i].slot0, T, got));
+            CHECK_MSG(memcmp(got, ref[i], n * 4) == 0, "w%d chunk %d (level %d) differs from the CPU decoder", w, i, levels[i]);
+            CHECK(kvl_kv_is_valid(kv, ch[i].slot0) && kvl_kv_is_valid(kv, ch[i].slot0 + T - 1));
+        }
+        CHECK(!kvl_kv_is_valid(kv, 0) && !kvl_kv_is_valid(kv, CAP - 1));
+        /* 2: re-rotated to the positions, chunk 1 recomputed from its tokens: equal to writing the
+         * CPU decoder's output (and the standalone prefill) and rotating it with the engine */
+        kvl_kv *want_kv = NULL;
+        CHECK_OK(kvl_kv_create(m, CAP, &want_kv));
+        for (int i = 0; i < NC; i++) {
+            if (i == 1) {
+                kvl_kv *tmp = NULL;
+                CHECK_OK(kvl_kv_create(m, T, &tmp));
+                CHECK_OK(kvl_forward(m, tmp, T, tok[i], pos, NULL, 0, NULL, NULL));
+                CHECK_OK(kvl_kv_copy(want_kv, ch[i].slot0, tmp, 0, T));
+                kvl_kv_free(tmp);
+            } else {
+                CHECK_OK(kvl_kv_write(want_kv, 0, c->n_layers, ch[i].slot0, T, ref[i]));
+            }
+            CHECK_OK(kvl_kv_rerotate(want_kv, ch[i].slot0, T, ch[i].position));
+        }
+        ch[1].action = KVL_LOAD_RECOMPUTE;
+        kvl_kv_clear(kv);
+        r.no_rerotate = 0;
+        CHECK_OK(kvl_gpu_load(&r, &ls));
+        CHECK(ls.n_loaded == 2 && ls.n_recomputed == 1);
+        for (int i = 0; i < NC; i++) {
+            CHECK_OK(kvl_kv_read(kv, 0, c->n_layers, ch[i].slot0, T, got));
+            CHECK_OK(kvl_kv_read(want_kv, 0, c->n_layers, ch[i].slot0, T, want));
+            CHECK_MSG(memcmp(got, want, n * 4) == 0, "w%d chunk %d: rotated/recomputed differs (rel err %.3g)", w, i,
+                      kvl_rel_err(got, want, n));
+        }
+        ch[1].action = KVL_LOAD_FROM_STORE;
+        /* 4: the layer-pipelined blend equals loading everything, then the same layer-step pass */
+        {
+            const int32_t NP = CAP;
+            int32_t ptok[112], ppos[112], idx[112], n_idx = 0, lslot = NP - 1;
+            for (int32_t s2 = 0; s2 < NP; s2++) {
+                ptok[s2] = (int32_t)((s2 * 7 + 3) % c->vocab_size);
+                ppos[s2] = s2;
+                int in_chunk = s2 >= 8 && s2 < 8 + NC * T;
+                if (!in_chunk || (s2 % 5) == 0) idx[n_idx++] = s2;
+            }
+            kvl_gpu_load_chunk bc[3];
+            for (int i = 0; i < NC; i++) {
+                bc[i] = ch[i];
+                bc[i].position = bc[i].slot0;
+                for (int32_t t = 0; t < T; t++) ptok[bc[i].slot0 + t] = tok[i][t];
+            }
+            float *lg_ref = malloc((size_t)c->vocab_size * 4), *lg = malloc((size_t)c->vocab_size * 4);
+            kvl_kv_clear(want_kv);
+            kvl_gpu_load_req r2 = {st, kvl_model_fingerprint(m), m, want_kv, dec, NULL, bc, NC, 2, 0};
+            CHECK_OK(kvl_gpu_load(&r2, &ls));
+            kvl_fwd *f = NULL;
+            CHECK_OK(kvl_fwd_begin(m, want_kv, NP, ptok, ppos, &f));
+            for (int32_t l = 0; l < c->n_layers; l++) CHECK_OK(kvl_fwd_layer(f, l, idx, n_idx));
+            CHECK_OK(kvl_fwd_logits(f, &lslot, 1, lg_ref));
+            kvl_fwd_free(f);
+            for (int group = 1; group <= 4; group += 3) {
+                kvl_kv_clear(kv);
+                kvl_gpu_blend_req br = {{st, kvl_model_fingerprint(m), m, kv, dec, NULL, bc, NC, 0, 0}, NP, ptok, ppos,
+                                        idx, n_idx, group, lslot, lg};
+                CHECK_OK(kvl_gpu_blend(&br, &ls));
+                CHECK_MSG(memcmp(lg, lg_ref, (size_t)c->vocab_size * 4) == 0, "w%d group %d: pipelined blend logits differ",
+                          w, group);
+                for (int i = 0; i < NC; i++) {
+                    CHECK_OK(kvl_kv_read(kv, 0, c->n_layers, bc[i].slot0, T, got));
+                    CHECK_OK(kvl_kv_read(want_kv, 0, c->n_layers, bc[i].slot0, T, want));
+                    CHECK_MSG(memcmp(got, want, n * 4) == 0, "w%d group %d chunk %d: kv differs", w, group, i);
+                }
+            }
+            free(lg_ref); free(lg);
+        }
+        /* 3: errors */
+        kvl_gpu_load_chunk bad = ch[0];
+        bad.key.b[0] ^= 1;
+        r.chunks = &bad;
+        r.n_chunks = 1;
+        CHECK_ST(kvl_gpu_load(&r, &ls), KVL_ERR_KEY_NOT_FOUND);
+        bad = ch[0];
+        bad.n_tokens = T - 1;
+        CHECK_ST(kvl_gpu_load(&r, &ls), KVL_ERR_CODEC);
+        bad.n_tokens = T;
+        bad.slot0 = CAP - T + 1;
+        CHECK_ST(kvl_gpu_load(&r, &ls), KVL_ERR_INVALID_ARG);
+        bad = ch[1];
+        bad.action = KVL_LOAD_RECOMPUTE;
+        bad.tokens = NULL;
+        CHECK_ST(kvl_gpu_load(&r, &ls), KVL_ERR_INVALID_ARG);
+        uint8_t other_fp[32] = {1};
+        r.chunks = ch;
+        r.fingerprint = other_fp;
+        CHECK_ST(kvl_gpu_load(&r, &ls), KVL_ERR_FINGERPRINT);
+        kvl_kv_free(want_kv);
+        kvl_kv_free(kv);
+        kvl_codec_gpu_free(dec);
+        kvl_store_close(st);
+        rm_store();
+        for (int i = 0; i < NC; i++) { free(enc[i]); free(ref[i]); }
+        free(got); free(want);
+        kvl_model_free(m);
+    }
+    KVL_TEST_END();
+}
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+/* Llama-3-8B-shaped load: a synthetic-weight 8B-config model owns the CUDA kv; TOKENS/512 chunk
+ * caches (synthetic KV, kvl_synth_kv) are ingested into a store in ./ and loaded cold (store just
+ * opened: empty DRAM tier, O_DIRECT reads) and from the DRAM tier. */
+static int bench(int tokens) {
+    kvl_model_config c = {0};
+    c.dim = 4096; c.hidden_dim = 14336; c.n_layers = 32; c.n_heads = 32; c.n_kv_heads = 8; c.head_dim = 128;
+    c.vocab_size = 128256; c.max_seq = 65536; c.rope_theta = 500000.0f; c.norm_eps = 1e-5f;
+    c.rope_style = KVL_ROPE_HALF; c.bos_id = 1; c.eos_id = 2;
+    kvl_model_opts mo = kvl_model_opts_default();
+    mo.backend = KVL_BACKEND_CUDA;
+    mo.weight_dtype = KVL_WDTYPE_BF16;
+    kvl_model *m = NULL;
+    CHECK_OK(kvl_model_synthetic(&c, 42, &mo, &m));
+    if (!m) return 1;
+    const int32_t T = 512, NC = tokens / T;
+    kvl_codec_shape sh = {32, T, 8, 128};
+    float *x = kvl_synth_kv(&sh, 1);
+    /* the engine's KV is bf16: encode from bf16 so that level 0 (codec off) stores raw bf16 bits */
+    uint16_t *xb = malloc(sz_of(&sh) * 2);
+    for (size_t i = 0; i < sz_of(&sh); i++) {
+        uint32_t u;
+        memcpy(&u, &x[i], 4);
+        xb[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+    kvl_codec_profile *prof = NULL;
+    kvl_kv *kv = NULL;
+    CHECK_OK(kvl_kv_create(m, NC * T, &kv));
+    kvl_codec_gpu *dec = NULL;
+    CHECK_OK(kvl_codec_gpu_create(NULL, &dec));
+    kvl_store_key root;
+    kvl_store_root_key(kvl_model_fingerprint(m), "b", &root);
+    int32_t *tok = malloc((size_t)T * 4);
+    kvl_gpu_load_chunk *ch = malloc((size_t)NC * sizeof *ch);
+    printf("load bench: %d tokens = %d chunks of 512, Llama-3-8B KV shape (bf16 kv: %.0f MiB)\n", NC * T, NC,
+           (double)NC * sz_of(&sh) * 2 / 1048576);
+    static const int levels[3] = {0, 2, 4};
+    for (int li = 0; li < 3; li++) {
+        kvl_codec_opts o = kvl_codec_opts_default();
+        o.level = levels[li];
+        o.n_threads = 16;
+        uint8_t *e = NULL;
+        size_t ne = 0;
+        CHECK_OK(kvl_codec_encode(&sh, KVL_CODEC_BF16, xb, &o, &e, &ne));
+        uint64_t need = (uint64_t)NC * (ne + (1u << 20)) + (64u << 20);
+        kvl_store *st = open_store(need, 0);
+        if (!st || !e) return 1;
+        double t0 = now_ms();
+        for (int32_t i = 0; i < NC; i++) {
+            for (int32_t t = 0; t < T; t++) tok[t] = i * T + t + 1000 * levels[li];
+            kvl_store_meta meta = {0};
+            memcpy(meta.fingerprint, kvl_model_fingerprint(m), 32);
+            snprintf(meta.tenant, sizeof meta.tenant, "b");
+            kvl_store_chunk_key(&root, tok, T, &ch[i].key);
+            CHECK_OK(kvl_store_put(st, &ch[i].key, &meta, tok, T, e, ne));
+            ch[i].slot0 = i * T;
+            ch[i].n_tokens = T;
+            ch[i].position = i * T;
+            ch[i].action = KVL_LOAD_FROM_STORE;
+            ch[i].tokens = NULL;
+        }
+        double ingest = now_ms() - t0;
+        kvl_store_close(st);
+        for (int warm = 0; warm < 3; warm++) {
+            /* cold: a freshly opened store (empty DRAM tier; reads are O_DIRECT); warm: DRAM tier */
+            if (warm == 0) st = open_store(need, 0);
+            if (warm == 1) {
+                kvl_store_close(st);
+                st = open_store(need, need);
+                kvl_gpu_load_req r0 = {st, kvl_model_fingerprint(m), m, kv, dec, prof, ch, NC, 8, 0};
+                kvl_gpu_load_stats s0;
+                CHECK_OK(kvl_gpu_load(&r0, &s0)); /* fills the DRAM tier */
+            }
+            kvl_gpu_load_req r = {st, kvl_model_fingerprint(m), m, kv, dec, prof, ch, NC, 8, 0};
+            kvl_gpu_load_stats s;
+            kvl_kv_clear(kv);
+            CHECK_OK(kvl_gpu_load(&r, &s));
+            printf("level %d %s: %.2f MiB/chunk, ingest %.0f ms | load %.1f ms = %.2f GB/s encoded, %.2f GB/s bf16 | "
+                   "read %.1f (wait %.1f) decode %.1f (kernel %.1f) rerotate %.1f ms\n",
+                   levels[li], warm == 0 ? "cold" : warm == 1 ? "DRAM" : "DRAM again", ne / 1048576.0, ingest, s.total_ms,
+                   s.bytes_read / 1e6 / s.total_ms, (double)NC * sz_of(&sh) * 2 / 1e6 / s.total_ms, s.read_ms,
+                   s.read_wait_ms, s.decode_ms, s.kernel_ms, s.rerotate_ms);
+        }
+        kvl_store_close(st);
+        rm_store();
+        if (mkdtemp(strcpy(store_dir, "kvl_gpuload_XXXXXX")) == NULL) return 1;
+        free(e);
+    }
+    kvl_kv_free(kv);
+    kvl_codec_gpu_free(dec);
+    kvl_model_free(m);
+    free(x); free(xb); free(tok); free(ch);
+    KVL_TEST_END();
+}
+
+/* Time to first token on a synthetic-weight Llama-3-8B-config model (bf16), for each context length:
+ * N context tokens in 512-token chunks + a 64-token query. Modes: full prefill; blend = load all
+ * chunk caches (cold store / DRAM tier) then one forward pass computing 15% of the context tokens
+ * (every chunk but the first, evenly spaced: a fixed selection, not HKVD) plus the query; prefix
+ * hit = load, then compute the query only. Load and recompute run one after the other (no
+ * layer-wise overlap), so blend TTFT = load + recompute. Codec levels 0 (off) and 2. */
+static int ttft(const char *list) {
+    kvl_model_config c = {0};
+    c.dim = 4096; c.hidden_dim = 14336; c.n_layers = 32; c.n_heads = 32; c.n_kv_heads = 8; c.head_dim = 128;
+    c.vocab_size = 128256; c.max_seq = 65536; c.rope_theta = 500000.0f; c.norm_eps = 1e-5f;
+    c.rope_style = KVL_ROPE_HALF; c.bos_id = 1; c.eos_id = 2;
+    kvl_model_opts mo = kvl_model_opts_default();
+    mo.backend = KVL_BACKEND_CUDA;
+    mo.weight_dtype = KVL_WDTYPE_BF16;
+    kvl_model *m = NULL;
+    CHECK_OK(kvl_model_synthetic(&c, 42, &mo, &m));
+    if (!m) return 1;
+    const int32_t T = 512, Q = 64;
+    kvl_codec_shape sh = {32, T, 8, 128};
+    size_t n = sz_of(&sh);
+    float *x = kvl_synth_kv(&sh, 1);
+    uint16_t *xb = malloc(n * 2);
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &x[i], 4);
+        xb[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+    kvl_codec_gpu *dec = NULL;
+    CHECK_OK(kvl_codec_gpu_create(NULL, &dec));
+    kvl_store_key root;
+    kvl_store_root_key(kvl_model_fingerprint(m), "b", &root);
+    float *logits = malloc((size_t)c.vocab_size * 4);
+    printf("ttft: Llama-3-8B config, synthetic bf16 weights; context = N tokens in 512-token chunks + %d-token query\n", Q);
+    printf("serial = load, then one masked forward; pipelined = kvl_gpu_blend (TTFT, and the time the forward\n"
+           "waited for layers still decoding); all ms\n");
+    printf("%7s %5s %9s | %8s %8s %8s | %8s %8s | %8s %8s %8s | %8s %8s | %8s %8s %8s\n", "tokens", "level", "full",
+           "coldLoad", "recomp", "coldTTFT", "coldPipe", "wait", "DRAMload", "recomp", "DRAMTTFT", "DRAMPipe", "wait",
+           "pfxLoad", "query", "pfxTTFT");
+    for (const char *p = list; p && *p;) {
+        int32_t N = atoi(p) / T * T;
+        p = strchr(p, ',');
+        if (p) p++;
+        if (N < T) continue;
+        int32_t NC = N / T, total = N + Q, last = total - 1;
+        int32_t *tok = malloc((size_t)total * 4), *pos = malloc((size_t)total * 4);
+        uint8_t *blend = malloc((size_t)total), *query = malloc((size_t)total);
+        for (int32_t i = 0; i < total; i++) {
+            tok[i] = (int32_t)(((uint64_t)i * 2654435761u + 17) % (uint64_t)c.vocab_size);
+            pos[i] = i;
+            /* 15% of the tokens of every chunk but the first (a prefix needs no recompute), evenly */
+            blend[i] = i >= N || (i >= T && (i % 20) < 3);
+            query[i] = i >= N;
+        }
+        kvl_kv *kv = NULL;
+        CHECK_OK(kvl_kv_create(m, total, &kv));
+        double full = 1e30;
+        for (int r = 0; r < 3; r++) { /* the first run warms up */
+            kvl_kv_clear(kv);
+            double t0 = now_ms();
+            CHECK_OK(kvl_forward(m, kv, total, tok, pos, NULL, 1, &last, logits));
+            double t = now_ms() - t0;
+            if (r > 0 && t < full) full = t;
+        }
+        kvl_gpu_load_chunk *ch = malloc((size_t)NC * sizeof *ch);
+        int levels[2] = {0, 2}, n_levels = 2;
+        if (getenv("KVL_GPU_TTFT_LEVEL")) { /* one level only */
+            levels[0] = atoi(getenv("KVL_GPU_TTFT_LEVEL"));
+            n_levels = 1;
+        }
+        for (int li = 0; li < n_levels; li++) {
+            kvl_codec_opts o = kvl_codec_opts_default();
+            o.level = levels[li];
+            o.n_threads = 16;
+            uint8_t *e = NULL;
+            size_t ne = 0;
+            CHECK_OK(kvl_codec_encode(&sh, KVL_CODEC_BF16, xb, &o, &e, &ne));
+            if (!e) return 1;
+            uint64_t need = (uint64_t)NC * (ne + (1u << 20)) + (64u << 20);
+            kvl_store *st = open_store(need, 0);
+            if (!st) return 1;
+            for (int32_t i = 0; i < NC; i++) {
+                kvl_store_meta meta = {0}; /* ingest */
+                memcpy(meta.fingerprint, kvl_model_fingerprint(m), 32);
+                snprintf(meta.tenant, sizeof meta.tenant, "b");
+                kvl_store_chunk_key(&root, tok + (size_t)i * T, T, &ch[i].key);
+                CHECK_OK(kvl_store_put(st, &ch[i].key, &meta, tok + (size_t)i * T, T, e, ne));
+                ch[i] = (kvl_gpu_load_chunk){ch[i].key, i * T, T, i * T, KVL_LOAD_FROM_STORE, NULL};
+            }
+            kvl_store_close(st);
+            /* modes: 0 cold serial, 1 cold pipelined, 2 DRAM serial, 3 DRAM pipelined, 4 prefix hit */
+            double ms[5][2];
+            int32_t *bidx = malloc((size_t)total * 4), nb = 0;
+            for (int32_t i = 0; i < total; i++)
+                if (blend[i]) bidx[nb++] = i;
+            st = NULL;
+            for (int mode = 0; mode < 5; mode++) {
+                if (mode <= 2) {
+                    kvl_store_close(st);
+                    st = open_store(need, mode == 2 ? need : 0);
+                }
+                if (mode == 2) {
+                    kvl_gpu_load_req r0 = {st, kvl_model_fingerprint(m), m, kv, dec, NULL, ch, NC, 8, 0};
+                    CHECK_OK(kvl_gpu_load(&r0, NULL)); /* fills the DRAM tier */
+                }
+                kvl_gpu_load_req r = {st, kvl_model_fingerprint(m), m, kv, dec, NULL, ch, NC, 8, 0};
+                kvl_gpu_load_stats s;
+                kvl_kv_clear(kv);
+                double t0 = now_ms();
+                if (mode == 1 || mode == 3) {
+                    kvl_gpu_blend_req br = {r, total, tok, pos, bidx, nb, 4, last, logits};
+                    CHECK_OK(kvl_gpu_blend(&br, &s));
+                    ms[mode][0] = now_ms() - t0;
+                    ms[mode][1] = s.layer_wait_ms;
+                    continue;
+                }
+                CHECK_OK(kvl_gpu_load(&r, &s));
+                ms[mode][0] = now_ms() - t0;
+                t0 = now_ms();
+                CHECK_OK(kvl_forward(m, kv, total, tok, pos, mode == 4 ? query : blend, 1, &last, logits));
+                ms[mode][1] = now_ms() - t0;
+            }
+            free(bidx);
+            kvl_store_close(st);
+            rm_store();
+            if (mkdtemp(strcpy(store_dir, "kvl_gpuload_XXXXXX")) == NULL) return 1;
+            printf("%7d %5d %9.1f | %8.1f %8.1f %8.1f | %8.1f %8.1f | %8.1f %8.1f %8.1f | %8.1f %8.1f | %8.1f %8.1f %8.1f\n",
+                   N, levels[li], full, ms[0][0], ms[0][1], ms[0][0] + ms[0][1], ms[1][0], ms[1][1], ms[2][0], ms[2][1],
+                   ms[2][0] + ms[2][1], ms[3][0], ms[3][1], ms[4][0], ms[4][1], ms[4][0] + ms[4][1]);
+            fflush(stdout);
+            free(e);
+        }
+        kvl_kv_free(kv);
+        free(tok); free(pos); free(blend); free(query); free(ch);
+    }
+    kvl_codec_gpu_free(dec);
+    kvl_model_free(m);
+    free(x); free(xb); free(logits);
+    KVL_TEST_END();
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "controller") == 0) return controller();
+    int ndev = 0;
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev < 1) KVL_SKIP("no GPU");
+    if (mkdtemp(strcpy(store_dir, "kvl_gpuload_XXXXXX")) == NULL) {
+        perror("mkdtemp");
+        return 1;
+    }
+    int rc = 2;
+    if (argc > 2 && strcmp(argv[1], "load") == 0) rc = load_test(argv[2]);
+    else if (argc > 1 && strcmp(argv[1], "bench") == 0)
+        rc = bench(getenv("KVL_GPU_LOAD_BENCH") ? atoi(getenv("KVL_GPU_LOAD_BENCH")) : 8192);
+    else if (argc > 1 && strcmp(argv[1], "ttft") == 0)
+        rc = ttft(getenv("KVL_GPU_TTFT") ? getenv("KVL_GPU_TTFT") : "4096,8192,16384,32768");
+    else fprintf(stderr, "usage: %s controller | load MODEL | bench | ttft\n", argv[0]);
+    rm_store();
+    return rc;
+}
