@@ -174,6 +174,13 @@ kvl_status kvl_fwd_deviation(kvl_fwd *f, int32_t metric, float *dev);
  * and marks them valid. */
 kvl_status kvl_fwd_commit(kvl_fwd *f, const int32_t *idx, int32_t n_idx);
 
+/* Step 2b (CacheBlend's attention-weighted selection): for the queries idx (a subset of the last
+ * kvl_fwd_qkv's slots, their fresh Q), the softmax attention probabilities over the valid slots of
+ * [0, n) with this layer's K as it is now in kv (commit first what should be fresh), causal by
+ * position, summed over heads and queries: mass[n] (invalid slots get 0). Read-only on kv.
+ * KVL_ERR_UNSUPPORTED on a backend without this step. */
+kvl_status kvl_fwd_attn_mass(kvl_fwd *f, const int32_t *idx, int32_t n_idx, float *mass);
+
 /* Step 3: attention (queries idx, a subset of the last kvl_fwd_qkv's idx) over the valid slots of
  * [0, n), output projection, residual, FFN, residual: the hidden states of idx for the next layer. */
 kvl_status kvl_fwd_attn_ffn(kvl_fwd *f, const int32_t *idx, int32_t n_idx);

@@ -233,8 +233,30 @@ static kvl_status cpu_fwd_logits(kvl_fwd *f, const int32_t *idx, int32_t n, floa
     return KVL_OK;
 }
 
+static kvl_status cpu_fwd_attn_mass(kvl_fwd *f, const int32_t *sub, int32_t n, float *mass) {
+    const kvl_model_config *c = &f->m->cfg;
+    cpu_fwd *b = f->be;
+    size_t qd = (size_t)c->n_heads * c->head_dim;
+    float *q = malloc((size_t)(n ? n : 1) * qd * sizeof(float));
+    int32_t *qpos = malloc((size_t)(n ? n : 1) * sizeof(int32_t));
+    if (!q || !qpos) {
+        free(q);
+        free(qpos);
+        return KVL_ERR_NOMEM;
+    }
+    for (int32_t i = 0; i < n; i++) {
+        memcpy(q + (size_t)i * qd, b->q + (size_t)sub[i] * qd, qd * sizeof(float));
+        qpos[i] = f->positions[f->pend[sub[i]]];
+    }
+    kvl_cpu_attention_mass(mass, q, (int64_t)qd, qpos, n, kv_at(f->kv, f->layer, 0, 0), f->positions, f->kv->valid, f->n,
+                           c->n_heads, c->n_kv_heads, c->head_dim);
+    free(q);
+    free(qpos);
+    return KVL_OK;
+}
+
 const kvl_backend_ops kvl_backend_cpu = {
     "cpu", cpu_model_init, cpu_model_fini, cpu_kv_alloc, cpu_kv_release, cpu_kv_write, cpu_kv_read,
     cpu_kv_copy, cpu_kv_rerotate, cpu_fwd_init, cpu_fwd_fini, cpu_fwd_qkv, cpu_fwd_deviation,
-    cpu_fwd_commit, cpu_fwd_attn_ffn, cpu_fwd_logits,
+    cpu_fwd_commit, cpu_fwd_attn_ffn, cpu_fwd_logits, cpu_fwd_attn_mass,
 };

@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "engine_impl.h"
+#include "kvl_cpu.h"
 #include "kvl_cuda.h"
 #include "kvl_cuda_backend.h"
 #include "kvl_synth.h"
@@ -852,8 +853,68 @@ static kvl_status cuda_fwd_logits(kvl_fwd *f, const int32_t *idx, int32_t n, flo
     LOCKED(f->m, fwd_logits_impl(f, idx, n, logits));
 }
 
+/* CacheBlend's question-guided selection needs the attention probabilities of a few query tokens
+ * (the question) over every slot. With so few queries the arithmetic is negligible; the cost is
+ * reading this layer's keys once, so the probabilities come from the CPU reference op on host copies
+ * of the pending Q rows and the layer's K (one device-to-host copy of n x kv_dim per call). */
+static kvl_status fwd_attn_mass_impl(kvl_fwd *f, const int32_t *sub, int32_t n, float *mass) {
+    cu_model *c = CM(f->m);
+    cu_fwd *b = FB(f);
+    const kvl_model_config *k = &f->m->cfg;
+    size_t qd = (size_t)k->n_heads * (size_t)k->head_dim, kd = kvd(f->m), es = kvl_cu_dtype_size(c->kt);
+    size_t nq = (size_t)(n > 0 ? n : 1), nk = (size_t)f->n;
+    CU(cudaSetDevice(c->dev));
+    CU(cudaStreamSynchronize(c->st));
+    float *q = malloc(nq * qd * sizeof(float)), *kf = malloc(nk * kd * sizeof(float));
+    int32_t *qpos = malloc(nq * sizeof(int32_t));
+    uint8_t *raw = malloc((nq * qd > nk * kd ? nq * qd : nk * kd) * es);
+    kvl_status s = (!q || !kf || !qpos || !raw) ? KVL_ERR_NOMEM : KVL_OK;
+    cudaError_t e = cudaSuccess;
+    for (int32_t i = 0; s == KVL_OK && e == cudaSuccess && i < n; i++) {
+        e = cudaMemcpy(raw + (size_t)i * qd * es, (const char *)b->q + (size_t)sub[i] * qd * es, qd * es,
+                       cudaMemcpyDeviceToHost);
+        qpos[i] = f->positions[f->pend[sub[i]]];
+    }
+    if (s == KVL_OK && e == cudaSuccess)
+        for (size_t i = 0; i < (size_t)n * qd; i++) {
+            if (c->kt == KVL_CU_BF16) {
+                uint16_t h;
+                memcpy(&h, raw + 2 * i, 2);
+                q[i] = kvl_bf16_to_f32(h);
+            } else {
+                memcpy(&q[i], raw + 4 * i, 4);
+            }
+        }
+    if (s == KVL_OK && e == cudaSuccess)
+        e = cudaMemcpy(raw, kv_at(f->kv, f->layer, 0, 0), nk * kd * es, cudaMemcpyDeviceToHost);
+    if (s == KVL_OK && e == cudaSuccess) {
+        for (size_t i = 0; i < nk * kd; i++) {
+            if (c->kt == KVL_CU_BF16) {
+                uint16_t h;
+                memcpy(&h, raw + 2 * i, 2);
+                kf[i] = kvl_bf16_to_f32(h);
+            } else {
+                memcpy(&kf[i], raw + 4 * i, 4);
+            }
+        }
+        kvl_cpu_attention_mass(mass, q, (int64_t)qd, qpos, n, kf, f->positions, f->kv->valid, f->n, k->n_heads,
+                               k->n_kv_heads, k->head_dim);
+    }
+    if (s == KVL_OK && e != cudaSuccess) s = cuda_err(e, "attention mass: device-to-host copy");
+    free(q);
+    free(kf);
+    free(qpos);
+    free(raw);
+    return s;
+}
+
+static kvl_status cuda_fwd_attn_mass(kvl_fwd *f, const int32_t *sub, int32_t n, float *mass) {
+    LOCKED(f->m, fwd_attn_mass_impl(f, sub, n, mass));
+}
+
 const kvl_backend_ops kvl_backend_cuda = {
     "cuda", cuda_model_init, cuda_model_fini, cuda_kv_alloc, cuda_kv_release, cuda_kv_write, cuda_kv_read,
     cuda_kv_copy, cuda_kv_rerotate, cuda_fwd_init, cuda_fwd_fini, cuda_fwd_qkv, cuda_fwd_deviation,
     cuda_fwd_commit, cuda_fwd_attn_ffn, cuda_fwd_logits,
+    cuda_fwd_attn_mass,
 };

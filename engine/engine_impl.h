@@ -50,6 +50,8 @@ typedef struct kvl_backend_ops {
     kvl_status (*fwd_commit)(struct kvl_fwd *f, const int32_t *sub, int32_t n);
     kvl_status (*fwd_attn_ffn)(struct kvl_fwd *f, const int32_t *sub, int32_t n);
     kvl_status (*fwd_logits)(struct kvl_fwd *f, const int32_t *idx, int32_t n, float *logits);
+    /* added for CacheBlend's attention-weighted selection; NULL: KVL_ERR_UNSUPPORTED */
+    kvl_status (*fwd_attn_mass)(struct kvl_fwd *f, const int32_t *sub, int32_t n, float *mass);
 } kvl_backend_ops;
 
 extern const kvl_backend_ops kvl_backend_cpu;

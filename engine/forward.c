@@ -204,6 +204,16 @@ static kvl_status to_sub(kvl_fwd *f, const int32_t *idx, int32_t n, int32_t **su
     return KVL_OK;
 }
 
+kvl_status kvl_fwd_attn_mass(kvl_fwd *f, const int32_t *idx, int32_t n, float *mass) {
+    if (!f || !mass) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_fwd_attn_mass: NULL argument");
+    if (!f->m->be->fwd_attn_mass) return kvl_errorf(KVL_ERR_UNSUPPORTED, "the %s backend has no attention-mass step", f->m->be->name);
+    int32_t *sub;
+    KVL_TRY(to_sub(f, idx, n, &sub));
+    kvl_status s = f->m->be->fwd_attn_mass(f, sub, n, mass);
+    free(sub);
+    return s;
+}
+
 kvl_status kvl_fwd_commit(kvl_fwd *f, const int32_t *idx, int32_t n) {
     if (!f) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_fwd_commit: NULL fwd");
     int32_t *sub;

@@ -6,6 +6,8 @@ int kvl_cmd_logits(int argc, char **argv);
 int kvl_cmd_generate(int argc, char **argv);
 int kvl_cmd_ingest(int argc, char **argv);
 int kvl_cmd_ask(int argc, char **argv);
+int kvl_cmd_blend_eval(int argc, char **argv);
+int kvl_cmd_blend_bench(int argc, char **argv);
 int kvl_cmd_codec_eval(int argc, char **argv);
 int kvl_cmd_codec_profile(int argc, char **argv);
 int kvl_cmd_gpu_bench(int argc, char **argv);
@@ -19,6 +21,8 @@ static const struct {
     {"generate", kvl_cmd_generate, "generate text from a prompt"},
     {"ingest", kvl_cmd_ingest, "send documents to a running kvloomd (POST /v1/documents)"},
     {"ask", kvl_cmd_ask, "ask a question over ingested documents (POST /v1/generate)"},
+    {"blend-eval", kvl_cmd_blend_eval, "CacheBlend quality vs full prefill on cached chunks (JSON)"},
+    {"blend-bench", kvl_cmd_blend_bench, "CacheBlend vs full prefill timing on a synthetic model"},
     {"codec-eval", kvl_cmd_codec_eval, "measure the KV codec (size, KL, top-1) on a token file"},
     {"codec-profile", kvl_cmd_codec_profile, "build a model's codec probability profile from calibration KV"},
     {"gpu-bench", kvl_cmd_gpu_bench, "prefill / selective recompute / decode timings on the CUDA backend"},

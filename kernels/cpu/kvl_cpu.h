@@ -74,6 +74,13 @@ void kvl_cpu_attention(kvl_pool *p, float *out, int64_t ldo, const float *q, int
                        const int32_t *qpos, int64_t n_q, const float *k, const float *v,
                        const int32_t *kpos, int64_t n_kv, int n_heads, int n_kv_heads, int hd);
 
+/* Attention probabilities summed over heads and queries: mass[j] = sum_i sum_h softmax_j(q_i,h . k_j
+ * / sqrt(hd)) over the keys with kpos[j] <= qpos[i] and use[j] != 0 (use may be NULL: all keys).
+ * Same layouts as kvl_cpu_attention; mass [n_kv] is overwritten. Serial (small n_q). */
+void kvl_cpu_attention_mass(float *mass, const float *q, int64_t ldq, const int32_t *qpos, int64_t n_q,
+                            const float *k, const int32_t *kpos, const uint8_t *use, int64_t n_kv,
+                            int n_heads, int n_kv_heads, int hd);
+
 /* bf16 <-> f32 (round to nearest even; NaN kept quiet) and f16 -> f32. */
 float kvl_bf16_to_f32(uint16_t h);
 uint16_t kvl_f32_to_bf16(float f);

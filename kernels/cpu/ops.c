@@ -347,3 +347,37 @@ void kvl_cpu_attention(kvl_pool *p, float *out, int64_t ldo, const float *q, int
     att_ctx c = {out, ldo, q, ldq, qpos, k, v, kpos, n_kv, n_heads, n_kv_heads, hd};
     kvl_pool_for(p, n_q, att_task, &c);
 }
+
+void kvl_cpu_attention_mass(float *mass, const float *q, int64_t ldq, const int32_t *qpos, int64_t n_q,
+                            const float *k, const int32_t *kpos, const uint8_t *use, int64_t n_kv,
+                            int n_heads, int n_kv_heads, int hd) {
+    const int group = n_heads / n_kv_heads;
+    const int64_t kv_ld = (int64_t)n_kv_heads * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+    double *acc = calloc((size_t)(n_kv > 0 ? n_kv : 1), sizeof *acc);
+    float *sc = malloc(sizeof(float) * (size_t)(n_kv > 0 ? n_kv : 1));
+    KVL_ASSERT(acc != NULL && sc != NULL);
+    for (int64_t i = 0; i < n_q; i++)
+        for (int h = 0; h < n_heads; h++) {
+            const float *qh = q + i * ldq + (int64_t)h * hd;
+            float mx = -INFINITY;
+            for (int64_t j = 0; j < n_kv; j++) {
+                if (kpos[j] > qpos[i] || (use && !use[j])) {
+                    sc[j] = -INFINITY;
+                    continue;
+                }
+                sc[j] = dot_f32(qh, k + j * kv_ld + (int64_t)(h / group) * hd, hd) * scale;
+                if (sc[j] > mx) mx = sc[j];
+            }
+            if (mx == -INFINITY) continue;
+            double sum = 0;
+            for (int64_t j = 0; j < n_kv; j++) {
+                sc[j] = sc[j] == -INFINITY ? 0.0f : expf(sc[j] - mx);
+                sum += sc[j];
+            }
+            for (int64_t j = 0; j < n_kv; j++) acc[j] += sc[j] / sum;
+        }
+    for (int64_t j = 0; j < n_kv; j++) mass[j] = (float)acc[j];
+    free(acc);
+    free(sc);
+}

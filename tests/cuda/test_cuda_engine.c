@@ -193,6 +193,14 @@ static int match(const char *model) {
         if (i % 2 == 0 || i == n - 1) sel[ns++] = i;
     CHECK_OK(kvl_fwd_commit(fc, sel, ns));
     CHECK_OK(kvl_fwd_commit(fg, sel, ns));
+    /* the question-attention step CacheBlend's default policy ranks by: same on both backends */
+    {
+        float mc_[64], mg_[64];
+        CHECK_OK(kvl_fwd_attn_mass(fc, sel, ns, mc_));
+        CHECK_OK(kvl_fwd_attn_mass(fg, sel, ns, mg_));
+        e = kvl_rel_err(mg_, mc_, (size_t)n);
+        CHECK_MSG(e <= 1e-4, "attention mass rel err %.3e", e);
+    }
     CHECK_OK(kvl_fwd_attn_ffn(fc, sel, ns));
     CHECK_OK(kvl_fwd_attn_ffn(fg, sel, ns));
     for (int l = 1; l < L; l++) {
