@@ -64,8 +64,8 @@ Once it logs "ready", try from another shell:
   curl -s $API/v1/documents -H 'Content-Type: application/json' \
        -d '{"doc_id": "lily", "chunk_tokens": 32, "text": "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day she saw a big red ball."}'
   curl -s $API/v1/generate -H 'Content-Type: application/json' \
-       -d '{"documents": ["lily"], "query": "Lily", "mode": "full", "max_tokens": 40}'
-  build/bin/kvloom ask --server $API --doc lily --mode full "Lily"
+       -d '{"documents": ["lily"], "query": "Lily", "max_tokens": 40}'
+  build/bin/kvloom ask --server $API --doc lily "Lily"
 EXAMPLE
     exec build/bin/kvloomd --model "$MODEL" --store "$STORE" --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$APORT"
     ;;
