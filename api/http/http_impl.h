@@ -257,11 +257,11 @@ kvl_status kvl_svc_chunk_delete(kvl_http_server *s, const char *tenant, const ch
 int kvl_svc_chunk_cached(kvl_http_server *s, const char *tenant, const char *key_hex);
 
 /* CacheGen-encodes a [layers][k|v][n][kv_heads][head_dim] f32 tensor at the default lossy level
- * (*out malloc'ed). KVL_ERR_UNSUPPORTED where no codec is wired. */
+ * (*out malloc'ed). */
 kvl_status kvl_svc_encode_kv(kvl_http_server *s, const float *kv, int32_t n, uint8_t **out, size_t *len);
 
 /* Admin: store statistics (JSON), gauges for /metrics, the audit report, eviction, per-tenant store
- * usage ({tenant: {store_entries, store_bytes}}). KVL_ERR_UNSUPPORTED where no store is wired. */
+ * usage ({tenant: {store_entries, store_bytes}}). */
 typedef struct kvl_svc_evict_req {
     int has_target;
     uint64_t target_bytes;
