@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # kvloom set-up and jobs on a fresh Debian/Ubuntu machine.
-#   tools/dev.sh run [ARGS]   install packages, build, start the main job
+#   tools/dev.sh run          install packages, build, start the main job: kvloomd on 127.0.0.1:8080
+#                             (admin 127.0.0.1:8081) with ../shared/models/stories260K, store in ./data
+#   tools/dev.sh run ARGS...  the same set-up, then build/bin/kvloom ARGS (e.g. run generate ...)
 #   tools/dev.sh test         install packages, build, run every test (normal build + ASan/UBSan build)
 #   tools/dev.sh deps|build   the individual steps
-# Environment: KVL_SHARED (default ../shared), KVL_LONG=1 for the long test mode, JOBS for build jobs.
+# Environment: KVL_SHARED (default ../shared), KVL_LONG=1 for the long test mode, JOBS for build jobs,
+# KVL_MODEL / KVL_STORE / KVL_PORT / KVL_ADMIN_PORT for the main job.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -11,7 +14,7 @@ SHARED=${KVL_SHARED:-$ROOT/../shared}
 JOBS=${JOBS:-$(nproc)}
 
 PKGS="build-essential cmake pkg-config libjansson-dev libssl-dev libzstd-dev libxxhash-dev \
-librocksdb-dev liburing-dev libmicrohttpd-dev clang python3"
+librocksdb-dev liburing-dev libmicrohttpd-dev clang python3 python3-yaml python3-jsonschema curl"
 
 deps() {
     local missing=""
@@ -45,10 +48,26 @@ run)
     shift
     deps
     build_dir build
-    if [ $# -eq 0 ]; then
-        set -- generate --model "$SHARED/models/stories260K/stories260K.bin" --prompt "Once upon a time" -n 200
+    if [ $# -gt 0 ]; then
+        exec build/bin/kvloom "$@"
     fi
-    exec build/bin/kvloom "$@"
+    MODEL=${KVL_MODEL:-$SHARED/models/stories260K/stories260K.bin}
+    STORE=${KVL_STORE:-$ROOT/data}
+    PORT=${KVL_PORT:-8080}
+    APORT=${KVL_ADMIN_PORT:-8081}
+    API=http://127.0.0.1:$PORT
+    cat <<EXAMPLE
+kvloom: starting kvloomd (model $MODEL, store $STORE); Ctrl-C stops it.
+  API   $API      (POST /v1/documents, /v1/generate, /v1/context; docs/openapi.yaml)
+  admin http://127.0.0.1:$APORT  (/metrics, /admin/stats, /admin/tenants, /healthz, /readyz)
+Once it logs "ready", try from another shell:
+  curl -s $API/v1/documents -H 'Content-Type: application/json' \
+       -d '{"doc_id": "lily", "chunk_tokens": 32, "text": "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day she saw a big red ball."}'
+  curl -s $API/v1/generate -H 'Content-Type: application/json' \
+       -d '{"documents": ["lily"], "query": "Lily", "max_tokens": 40}'
+  build/bin/kvloom ask --server $API --doc lily "Lily"
+EXAMPLE
+    exec build/bin/kvloomd --model "$MODEL" --store "$STORE" --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$APORT"
     ;;
 test)
     deps

@@ -4,6 +4,8 @@
 
 int kvl_cmd_logits(int argc, char **argv);
 int kvl_cmd_generate(int argc, char **argv);
+int kvl_cmd_ingest(int argc, char **argv);
+int kvl_cmd_ask(int argc, char **argv);
 int kvl_cmd_blend_eval(int argc, char **argv);
 int kvl_cmd_blend_bench(int argc, char **argv);
 int kvl_cmd_codec_eval(int argc, char **argv);
@@ -17,6 +19,8 @@ static const struct {
 } cmds[] = {
     {"logits", kvl_cmd_logits, "full prefill of a token file, writes float32 logits"},
     {"generate", kvl_cmd_generate, "generate text from a prompt"},
+    {"ingest", kvl_cmd_ingest, "send documents to a running kvloomd (POST /v1/documents)"},
+    {"ask", kvl_cmd_ask, "ask a question over ingested documents (POST /v1/generate)"},
     {"blend-eval", kvl_cmd_blend_eval, "CacheBlend quality vs full prefill on cached chunks (JSON)"},
     {"blend-bench", kvl_cmd_blend_bench, "CacheBlend vs full prefill timing on a synthetic model"},
     {"codec-eval", kvl_cmd_codec_eval, "measure the KV codec (size, KL, top-1) on a token file"},

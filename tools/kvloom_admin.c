@@ -1,7 +1,11 @@
 /* kvloom-admin - offline administration of a kvloom chunk store directory.
  *
  *   kvloom-admin --store DIR [--json] <command> [options]
+ *   kvloom-admin --server URL [--token T] [--json] stat|tenants|audit|evict [options]
  *
+ * With --server the commands go to a running kvloomd's admin listener (GET /admin/stats,
+ * GET /admin/tenants, POST /admin/audit, POST /admin/evict); the token is the admin token
+ * (default $KVLOOM_ADMIN_TOKEN).
  * The commands are thin wrappers over api/kvl_store_admin.h (the HTTP service exposes the same
  * functions). Read-only commands open the store read-only (safe next to a running writer); the rest
  * take the store's lock. Exit codes: 0 ok, 1 error, 2 usage, 3 audit/verify found damage.
@@ -11,16 +15,21 @@
 #include <string.h>
 #include <time.h>
 
+#include "http_client.h"
 #include "kvl_store.h"
 #include "kvl_store_admin.h"
 
 static void usage(FILE *f) {
     fprintf(f,
             "usage: kvloom-admin --store DIR [--json] [--create] <command> [options]\n"
+            "       kvloom-admin --server URL [--token T] [--json] stat|tenants|audit|evict [options]\n"
+            "  (--server: a running kvloomd's admin listener, e.g. http://127.0.0.1:8081;\n"
+            "   --token: its admin token, default $KVLOOM_ADMIN_TOKEN)\n"
             "  (--create: make an empty store at DIR if none, for import)\n"
             "commands:\n"
             "  ls [--tenant T] [--limit N]          list entries\n"
             "  stat                                 counters, io backend, tenants\n"
+            "  tenants                              per-tenant usage (--server only)\n"
             "  evict --key HEX [--key HEX ...]      delete these entries\n"
             "  evict [--tenant T] [--policy lru|cost] [--target BYTES] [--max N] [--expired]\n"
             "                                       evict by policy down to BYTES (default 0 = all)\n"
@@ -132,11 +141,82 @@ static void print_human(const char *cmd, json_t *r) {
     }
 }
 
+/* --server: the same commands against a running kvloomd's admin API. */
+static int run_server(const char *url, const char *token, const char *cmd, int as_json, const char *tenant,
+                      const char *policy, uint64_t target, int has_target, uint64_t maxn, int expired, int no_data,
+                      char **hex, size_t nhex) {
+    kvl_http_url u;
+    kvl_status s = kvl_http_url_parse(url, &u);
+    if (s != KVL_OK) return fail(cmd, s);
+    const char *method = "GET", *path = NULL;
+    json_t *body = NULL;
+    if (!strcmp(cmd, "stat")) path = "/admin/stats";
+    else if (!strcmp(cmd, "tenants")) path = "/admin/tenants";
+    else if (!strcmp(cmd, "audit")) {
+        method = "POST";
+        path = "/admin/audit";
+        body = json_pack("{s:b}", "check_data", !no_data);
+    } else if (!strcmp(cmd, "evict")) {
+        method = "POST";
+        path = "/admin/evict";
+        body = json_object();
+        if (nhex) {
+            json_t *k = json_array();
+            for (size_t i = 0; i < nhex; i++) json_array_append_new(k, json_string(hex[i]));
+            json_object_set_new(body, "keys", k);
+        } else {
+            json_object_set_new(body, "policy", json_string(policy));
+            if (expired) json_object_set_new(body, "expired_only", json_true());
+            if (has_target || (!expired && !tenant)) json_object_set_new(body, "target_bytes", json_integer((json_int_t)target));
+            if (maxn) json_object_set_new(body, "max_entries", json_integer((json_int_t)maxn));
+        }
+        if (tenant) json_object_set_new(body, "tenant", json_string(tenant));
+    } else {
+        fprintf(stderr, "kvloom-admin: '%s' works on a store directory (--store), not over --server\n", cmd);
+        return 2;
+    }
+    char *b = body ? json_dumps(body, JSON_COMPACT) : NULL;
+    json_decref(body);
+    int status = 0;
+    char *resp = NULL;
+    s = kvl_http_call(&u, method, path, token, b, &status, &resp, NULL);
+    free(b);
+    if (s != KVL_OK) return fail(cmd, s);
+    json_t *r = json_loads(resp, 0, NULL);
+    int rc = 0;
+    if (status != 200) {
+        json_t *e = json_object_get(r, "error");
+        fprintf(stderr, "kvloom-admin %s: error: server answered %d: %s: %s\n", cmd, status,
+                e ? json_string_value(json_object_get(e, "code")) : "?", e ? json_string_value(json_object_get(e, "message")) : resp);
+        rc = 1;
+    } else if (!r) {
+        fprintf(stderr, "kvloom-admin %s: error: the server's answer is not JSON\n", cmd);
+        rc = 1;
+    } else {
+        /* stat: the store part has the shape of the offline command's */
+        json_t *show = !strcmp(cmd, "stat") && json_is_object(json_object_get(r, "store")) ? json_object_get(r, "store") : r;
+        if (as_json) {
+            char *d = json_dumps(r, JSON_INDENT(2));
+            printf("%s\n", d);
+            free(d);
+        } else {
+            print_human(cmd, show);
+        }
+        json_t *ok = json_object_get(r, "ok");
+        if (ok && json_is_false(ok)) rc = 3;
+    }
+    json_decref(r);
+    free(resp);
+    return rc;
+}
+
 int main(int argc, char **argv) {
-    const char *dir = NULL;
+    const char *dir = NULL, *server = NULL, *token = getenv("KVLOOM_ADMIN_TOKEN");
     int as_json = 0, create = 0, i = 1;
     for (; i < argc; i++) {
         if (!strcmp(argv[i], "--store") && i + 1 < argc) dir = argv[++i];
+        else if (!strcmp(argv[i], "--server") && i + 1 < argc) server = argv[++i];
+        else if (!strcmp(argv[i], "--token") && i + 1 < argc) token = argv[++i];
         else if (!strcmp(argv[i], "--create")) create = 1;
         else if (!strcmp(argv[i], "--json")) as_json = 1;
         else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
@@ -144,7 +224,7 @@ int main(int argc, char **argv) {
             return 0;
         } else break;
     }
-    if (!dir || i >= argc) {
+    if ((!dir == !server) || i >= argc) {
         usage(stderr);
         return 2;
     }
@@ -154,6 +234,9 @@ int main(int argc, char **argv) {
     uint64_t limit = 0, target = 0, maxn = 0, keep_log = 0, logn = 50;
     int expired = 0, no_data = 0, bad = 0;
     kvl_store_key *keys = calloc((size_t)argc, sizeof *keys);
+    char **hex = calloc((size_t)argc, sizeof *hex);
+    size_t nhex = 0;
+    int has_target = 0;
     size_t nkeys = 0;
     const char *pos[4] = {0};
     int npos = 0;
@@ -163,7 +246,7 @@ int main(int argc, char **argv) {
         if (!strcmp(a, "--json")) as_json = 1;
         else if (!strcmp(a, "--tenant") && more) tenant = argv[++i];
         else if (!strcmp(a, "--limit") && more) limit = parse_u64(argv[++i], "--limit", &bad);
-        else if (!strcmp(a, "--target") && more) target = parse_u64(argv[++i], "--target", &bad);
+        else if (!strcmp(a, "--target") && more) target = parse_u64(argv[++i], "--target", &bad), has_target = 1;
         else if (!strcmp(a, "--max") && more) maxn = parse_u64(argv[++i], "--max", &bad);
         else if (!strcmp(a, "--keep-log") && more) keep_log = parse_u64(argv[++i], "--keep-log", &bad);
         else if (!strcmp(a, "--n") && more) logn = parse_u64(argv[++i], "--n", &bad);
@@ -171,6 +254,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--expired")) expired = 1;
         else if (!strcmp(a, "--no-data")) no_data = 1;
         else if (!strcmp(a, "--key") && more) {
+            hex[nhex++] = argv[i + 1];
             if (kvl_store_key_parse(argv[++i], &keys[nkeys++]) != KVL_OK) {
                 fprintf(stderr, "kvloom-admin: %s\n", kvl_last_error());
                 bad = 1;
@@ -192,7 +276,7 @@ int main(int argc, char **argv) {
     }
     int ro = !strcmp(cmd, "ls") || !strcmp(cmd, "stat") || !strcmp(cmd, "audit") || !strcmp(cmd, "verify") ||
              !strcmp(cmd, "export") || !strcmp(cmd, "log");
-    int known = ro || !strcmp(cmd, "evict") || !strcmp(cmd, "compact") || !strcmp(cmd, "import") ||
+    int known = ro || (server && !strcmp(cmd, "tenants")) || !strcmp(cmd, "evict") || !strcmp(cmd, "compact") || !strcmp(cmd, "import") ||
                 !strcmp(cmd, "set-quota") || !strcmp(cmd, "set-capacity");
     if (!known) fprintf(stderr, "kvloom-admin: unknown command '%s'\n", cmd);
     if ((!strcmp(cmd, "export") || !strcmp(cmd, "import")) && npos != 1) bad = 1;
@@ -201,7 +285,14 @@ int main(int argc, char **argv) {
     if (bad || !known) {
         usage(stderr);
         free(keys);
+        free(hex);
         return 2;
+    }
+    if (server) {
+        int rc = run_server(server, token, cmd, as_json, tenant, policy, target, has_target, maxn, expired, no_data, hex, nhex);
+        free(keys);
+        free(hex);
+        return rc;
     }
     file = pos[0];
 
@@ -214,6 +305,7 @@ int main(int argc, char **argv) {
     kvl_status s = kvl_store_open(dir, &o, &st);
     if (s != KVL_OK) {
         free(keys);
+        free(hex);
         return fail("open", s);
     }
     json_t *r = NULL;
@@ -258,5 +350,6 @@ int main(int argc, char **argv) {
     json_decref(r);
     kvl_store_close(st);
     free(keys);
+    free(hex);
     return rc;
 }
