@@ -31,13 +31,13 @@ static kvl_status check_shape(const kvl_codec_shape *s) {
 static float load_elem(const void *src, int dt, size_t i) {
     if (dt == KVL_CODEC_F32) return ((const float *)src)[i];
     uint16_t h = ((const uint16_t *)src)[i];
-    return dt == KVL_CODEC_BF16 ? kvlc_bf16_to_f32(h) : kvlc_f16_to_f32(h);
+    return dt == KVL_CODEC_BF16 ? kvl_bf16_to_f32(h) : kvl_f16_to_f32(h);
 }
 
 static inline void store_elem(void *dst, int dt, size_t i, float v) {
     if (dt == KVL_CODEC_F32) ((float *)dst)[i] = v;
-    else if (dt == KVL_CODEC_BF16) ((uint16_t *)dst)[i] = kvlc_f32_to_bf16(v);
-    else ((uint16_t *)dst)[i] = kvlc_f32_to_f16(v);
+    else if (dt == KVL_CODEC_BF16) ((uint16_t *)dst)[i] = kvl_f32_to_bf16(v);
+    else ((uint16_t *)dst)[i] = kvl_f32_to_f16(v);
 }
 
 /* ---------------------------------------------------------------- tables */
@@ -553,7 +553,7 @@ static kvl_status decode_lossless_section(const hdr *h, const uint8_t *s, size_t
             for (size_t b = 0; b < es; b++) e[b] = raw[b * n + i];
             float v;
             if (dt == KVL_CODEC_F32) memcpy(&v, e, 4);
-            else v = dt == KVL_CODEC_BF16 ? kvlc_bf16_to_f32(kvlc_get16(e)) : kvlc_f16_to_f32(kvlc_get16(e));
+            else v = dt == KVL_CODEC_BF16 ? kvl_bf16_to_f32(kvlc_get16(e)) : kvl_f16_to_f32(kvlc_get16(e));
             store_elem(out, out_dtype, out_base + i, v);
         }
     }
@@ -643,7 +643,7 @@ static kvl_status parse_section(const dec_ctx *d, int l, int kv, const uint8_t *
     }
     if ((size_t)(end - p) < 2 * (size_t)n_real + 4 * (size_t)n_streams) { st = bad("section too short for its scales"); goto done; }
     for (int32_t i = 0; i < n_real; i++, p += 2) {
-        float v = kvlc_bf16_to_f32(kvlc_get16(p));
+        float v = kvl_bf16_to_f32(kvlc_get16(p));
         if (!isfinite(v) || v < 0 || signbit(v)) { st = bad("scale negative or not finite"); goto done; }
         o->scale[i] = v;
     }

@@ -224,8 +224,8 @@ static inline int16_t quant1(float x, float s, int Q, float dz) {
 
 /* bf16 scale for a group whose largest magnitude is m; -1 if it is not finite */
 static inline int make_scale(float m, int Q, uint16_t *out) {
-    uint16_t h = kvlc_f32_to_bf16(m / (float)Q);
-    if (!isfinite(kvlc_bf16_to_f32(h))) return -1;
+    uint16_t h = kvl_f32_to_bf16(m / (float)Q);
+    if (!isfinite(kvl_bf16_to_f32(h))) return -1;
     *out = h;
     return 0;
 }
@@ -241,7 +241,7 @@ int kvlc_quantize_section(const float *x, int32_t T, int32_t C, int scale_mode, 
             float m = 0;
             for (int32_t c = 0; c < C; c++) m = fmaxf(m, fabsf(r[c]));
             if (make_scale(m, Q, &sc[t])) return -1;
-            float s = kvlc_bf16_to_f32(sc[t]);
+            float s = kvl_bf16_to_f32(sc[t]);
             for (int32_t c = 0; c < C; c++) q[(size_t)t * C + c] = quant1(r[c], s, Q, dz);
         }
     } else if (scale_mode == KVLC_SCALE_CHANNEL) {
@@ -249,7 +249,7 @@ int kvlc_quantize_section(const float *x, int32_t T, int32_t C, int scale_mode, 
             float m = 0;
             for (int32_t t = 0; t < T; t++) m = fmaxf(m, fabsf(x[(size_t)t * C + c]));
             if (make_scale(m, Q, &sc[c])) return -1;
-            float s = kvlc_bf16_to_f32(sc[c]);
+            float s = kvl_bf16_to_f32(sc[c]);
             for (int32_t t = 0; t < T; t++) q[(size_t)t * C + c] = quant1(x[(size_t)t * C + c], s, Q, dz);
         }
     } else if (scale_mode == KVLC_SCALE_CHANNEL_OFFSET) {
@@ -263,9 +263,9 @@ int kvlc_quantize_section(const float *x, int32_t T, int32_t C, int scale_mode, 
              * offset leaves int16 */
             float a = fmaxf(fabsf(mn), fabsf(mx));
             float step = fmaxf((mx - mn) / (float)(2 * Q), a / (float)(30000 - Q));
-            uint16_t h = kvlc_f32_to_bf16(step);
-            if (!isfinite(kvlc_bf16_to_f32(h))) return -1;
-            float s = kvlc_bf16_to_f32(h);
+            uint16_t h = kvl_f32_to_bf16(step);
+            if (!isfinite(kvl_bf16_to_f32(h))) return -1;
+            float s = kvl_bf16_to_f32(h);
             int32_t z = s > 0 ? (int32_t)nearbyintf(((mx + mn) * 0.5f) / s) : 0;
             if (z > 32767 || z < -32767) return -1;
             sc[c] = h;
@@ -281,45 +281,10 @@ int kvlc_quantize_section(const float *x, int32_t T, int32_t C, int scale_mode, 
         float m = 0;
         for (size_t i = 0; i < n; i++) m = fmaxf(m, fabsf(x[i]));
         if (make_scale(m, Q, &sc[0])) return -1;
-        float s = kvlc_bf16_to_f32(sc[0]);
+        float s = kvl_bf16_to_f32(sc[0]);
         for (size_t i = 0; i < n; i++) q[i] = quant1(x[i], s, Q, dz);
     }
     return 0;
-}
-
-float kvlc_f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, u;
-    if (e == 0) {
-        if (m == 0) u = sign;
-        else { /* subnormal: renormalise */
-            int sh = 0;
-            while (!(m & 0x400)) m <<= 1, sh++;
-            m &= 0x3ff;
-            u = sign | ((uint32_t)(127 - 15 + 1 - sh) << 23) | (m << 13);
-        }
-    } else if (e == 31) u = sign | 0x7f800000u | (m << 13);
-    else u = sign | ((e + 112) << 23) | (m << 13);
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-uint16_t kvlc_f32_to_f16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    uint32_t sign = (u >> 16) & 0x8000, a = u & 0x7fffffffu;
-    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00);   /* NaN */
-    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00);  /* overflow (after rounding) -> inf */
-    if (a < 0x38800000u) {                                   /* subnormal or zero in f16 */
-        if (a < 0x33000000u) return (uint16_t)sign;
-        uint32_t m = (a & 0x7fffff) | 0x800000, e = a >> 23, sh = 126 - e; /* 14..24 */
-        uint32_t v = m >> sh, rem = m & ((1u << sh) - 1), half = 1u << (sh - 1);
-        if (rem > half || (rem == half && (v & 1))) v++;
-        return (uint16_t)(sign | v);
-    }
-    uint32_t v = ((a >> 13) - (112u << 10)), rem = a & 0x1fff;
-    if (rem > 0x1000 || (rem == 0x1000 && (v & 1))) v++;
-    return (uint16_t)(sign | v);
 }
 
 uint32_t kvlc_checksum(const void *p, size_t n) { return (uint32_t)XXH3_64bits(p, n); }

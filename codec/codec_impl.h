@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "kvl_codec.h"
+#include "kvl_half.h"
 
 /* ---------------------------------------------------------------- format constants */
 #define KVLC_MAGIC "KVLC"
@@ -136,22 +137,7 @@ static inline uint64_t kvlc_get64(const uint8_t *p) {
     return (uint64_t)kvlc_get32(p) | ((uint64_t)kvlc_get32(p + 4) << 32);
 }
 
-static inline float kvlc_bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-/* round to nearest even; NaN stays NaN */
-static inline uint16_t kvlc_f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-float kvlc_f16_to_f32(uint16_t h);
-uint16_t kvlc_f32_to_f16(float f);
+/* float conversions: kvl_half.h (shared with the engine) */
 
 /* Fuzz builds skip checksum verification so that the fuzzer reaches the parsing behind it (the
  * libFuzzer convention; never defined in a real build). */

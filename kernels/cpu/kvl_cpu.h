@@ -10,6 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kvl_half.h" /* bf16/f16 conversions */
 #include "kvl_status.h"
 
 #ifdef __cplusplus
@@ -81,11 +82,6 @@ void kvl_cpu_attention_mass(float *mass, const float *q, int64_t ldq, const int3
                             const float *k, const int32_t *kpos, const uint8_t *use, int64_t n_kv,
                             int n_heads, int n_kv_heads, int hd);
 
-/* bf16 <-> f32 (round to nearest even; NaN kept quiet) and f16 -> f32. */
-float kvl_bf16_to_f32(uint16_t h);
-uint16_t kvl_f32_to_bf16(float f);
-float kvl_f16_to_f32(uint16_t h);
-uint16_t kvl_f32_to_f16(float f);
 
 #ifdef __cplusplus
 }

@@ -7,7 +7,7 @@ namespace {
 
 constexpr uint32_t RANS_L = 1u << 23;
 
-// the CPU's kvlc_f32_to_bf16 (round to nearest even, NaN kept quiet), bit for bit
+// the CPU's kvl_f32_to_bf16 (round to nearest even, NaN kept quiet), bit for bit
 __device__ __forceinline__ uint16_t f32_to_bf16(float f) {
     uint32_t u = __float_as_uint(f);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);

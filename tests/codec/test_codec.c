@@ -95,7 +95,7 @@ static void roundtrip_all(const kvl_codec_shape *sh, const float *x, const kvl_c
                 uint16_t *h = malloc(n * 2);
                 CHECK_OK(kvl_codec_decode(a, na, use_prof ? prof : NULL, 0, 0, KVL_CODEC_BF16, h, n * 2, 1));
                 size_t bad = 0;
-                for (size_t i = 0; i < n; i++) bad += h[i] != kvlc_f32_to_bf16(dec[i]);
+                for (size_t i = 0; i < n; i++) bad += h[i] != kvl_f32_to_bf16(dec[i]);
                 CHECK(bad == 0);
                 free(h);
                 free(a);
@@ -112,8 +112,8 @@ static void test_dtypes(void) {
     uint16_t *h16 = malloc(n * 2), *b16 = malloc(n * 2), *o16 = malloc(n * 2);
     float *dec = malloc(n * 4);
     for (size_t i = 0; i < n; i++) {
-        h16[i] = kvlc_f32_to_f16(x[i]);
-        b16[i] = kvlc_f32_to_bf16(x[i]);
+        h16[i] = kvl_f32_to_f16(x[i]);
+        b16[i] = kvl_f32_to_bf16(x[i]);
     }
     uint8_t *e = NULL;
     size_t ne = 0;
@@ -125,7 +125,7 @@ static void test_dtypes(void) {
     CHECK(memcmp(o16, h16, n * 2) == 0);
     CHECK_OK(kvl_codec_decode(e, ne, NULL, 0, 0, KVL_CODEC_F32, dec, n * 4, 1));
     size_t bad = 0;
-    for (size_t i = 0; i < n; i++) bad += dec[i] != kvlc_f16_to_f32(h16[i]);
+    for (size_t i = 0; i < n; i++) bad += dec[i] != kvl_f16_to_f32(h16[i]);
     CHECK(bad == 0);
     free(e);
     CHECK_OK(kvl_codec_encode(&sh, KVL_CODEC_BF16, b16, &o, &e, &ne));
@@ -135,7 +135,7 @@ static void test_dtypes(void) {
     /* lossy from f16 input: within the bound of the f16 values */
     o.level = 2;
     float *xf = malloc(n * 4);
-    for (size_t i = 0; i < n; i++) xf[i] = kvlc_f16_to_f32(h16[i]);
+    for (size_t i = 0; i < n; i++) xf[i] = kvl_f16_to_f32(h16[i]);
     CHECK_OK(kvl_codec_encode(&sh, KVL_CODEC_F16, h16, &o, &e, &ne));
     CHECK_OK(kvl_codec_decode(e, ne, NULL, 0, 0, KVL_CODEC_F32, dec, n * 4, 1));
     CHECK(check_bound(&sh, xf, dec, 2, 0, e) <= 1.0);
@@ -151,8 +151,8 @@ static void test_dtypes(void) {
         _Float16 r = (_Float16)f;
         uint16_t want;
         memcpy(&want, &r, 2);
-        mism += kvlc_f32_to_f16(f) != want;
-        if (kvlc_f16_to_f32((uint16_t)k) != (float)(*(_Float16 *)&(uint16_t){(uint16_t)k}) && !isnan(kvlc_f16_to_f32((uint16_t)k)))
+        mism += kvl_f32_to_f16(f) != want;
+        if (kvl_f16_to_f32((uint16_t)k) != (float)(*(_Float16 *)&(uint16_t){(uint16_t)k}) && !isnan(kvl_f16_to_f32((uint16_t)k)))
             mism++;
     }
     CHECK_MSG(mism == 0, "%zu f16 conversion mismatches", mism);
