@@ -19,7 +19,7 @@ bin=$out/fuzz_codec_$target
 # shellcheck disable=SC2046
 "$CLANG" -std=c11 -g -O1 -D_GNU_SOURCE -DFUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
     -I"$root/api" -I"$root/codec" -I"$here" \
-    "$here/fuzz_codec_$target.c" "$root"/codec/*.c "$root/api/kvl_status.c" \
+    "$here/fuzz_codec_$target.c" "$root"/codec/*.c "$root/api/kvl_status.c" "$root/api/kvl_half.c" \
     $(pkg-config --cflags --libs libzstd libxxhash) -lpthread -lm -o "$bin"
 # the committed seeds stay read-only: new inputs go to a scratch corpus
 work=$out/corpus_$target
