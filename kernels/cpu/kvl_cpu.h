@@ -39,9 +39,6 @@ void kvl_pool_for(kvl_pool *p, int64_t n, kvl_pool_fn fn, void *ctx);
 void kvl_cpu_matmul(kvl_pool *p, float *out, int64_t ldo, const float *x, const float *w,
                     int64_t n, int64_t M, int64_t K);
 
-/* Same with bf16 weights (uint16 bit patterns), float32 accumulation. */
-void kvl_cpu_matmul_bf16w(kvl_pool *p, float *out, int64_t ldo, const float *x, const uint16_t *w,
-                          int64_t n, int64_t M, int64_t K);
 
 /* y[t] = x[t] / rms(x[t]) * g, rms over dim elements (sum of squares in double). */
 void kvl_cpu_rmsnorm(float *y, const float *x, const float *g, int64_t n, int64_t dim, float eps);

@@ -29,9 +29,8 @@ typedef struct {
     float *out;
     int64_t ldo;
     const float *x;
-    const void *w;
+    const float *w;
     int64_t n, M, K;
-    int bf16;
 } mm_ctx;
 
 /* dot of x (K floats) with a W row, in the canonical order */
@@ -48,7 +47,6 @@ static void mm_task(void *vctx, int64_t task) {
     const mm_ctx *c = vctx;
     int64_t m0 = task * MM_ROWS, m1 = m0 + MM_ROWS < c->M ? m0 + MM_ROWS : c->M;
     const int64_t K = c->K;
-    float wrow[2][4096];
     const float *W = c->w;
     int64_t t = 0;
     /* tiles of MM_TT tokens x 2 rows: 8 accumulators, same per-element order as dot_f32 */
@@ -57,21 +55,7 @@ static void mm_task(void *vctx, int64_t task) {
         const float *x2 = c->x + (t + 2) * K, *x3 = c->x + (t + 3) * K;
         int64_t m = m0;
         for (; m + 2 <= m1; m += 2) {
-            const float *w0, *w1;
-            if (c->bf16 && K <= 4096) {
-                const uint16_t *b0 = (const uint16_t *)c->w + m * K, *b1 = b0 + K;
-                for (int64_t k = 0; k < K; k++) {
-                    wrow[0][k] = kvl_bf16_to_f32(b0[k]);
-                    wrow[1][k] = kvl_bf16_to_f32(b1[k]);
-                }
-                w0 = wrow[0];
-                w1 = wrow[1];
-            } else if (c->bf16) {
-                goto slow;
-            } else {
-                w0 = W + m * K;
-                w1 = w0 + K;
-            }
+            const float *w0 = W + m * K, *w1 = w0 + K;
             v8f a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0},
                 a31 = {0};
             int64_t k = 0;
@@ -96,70 +80,18 @@ static void mm_task(void *vctx, int64_t task) {
                 c->out[(t + i) * c->ldo + m + 1] = s[i][1];
             }
         }
-        for (; m < m1; m++) {
-            for (int i = 0; i < 4; i++) {
-                const float *xr = c->x + (t + i) * K;
-                if (c->bf16) {
-                    const uint16_t *b = (const uint16_t *)c->w + m * K;
-                    float tmp[4096];
-                    if (K > 4096) goto slow;
-                    for (int64_t k = 0; k < K; k++) tmp[k] = kvl_bf16_to_f32(b[k]);
-                    c->out[(t + i) * c->ldo + m] = dot_f32(xr, tmp, K);
-                } else {
-                    c->out[(t + i) * c->ldo + m] = dot_f32(xr, W + m * K, K);
-                }
-            }
-        }
+        for (; m < m1; m++)
+            for (int i = 0; i < 4; i++) c->out[(t + i) * c->ldo + m] = dot_f32(c->x + (t + i) * K, W + m * K, K);
     }
-    for (; t < c->n; t++) {
-        const float *xr = c->x + t * K;
-        for (int64_t m = m0; m < m1; m++) {
-            if (c->bf16) {
-                const uint16_t *b = (const uint16_t *)c->w + m * K;
-                float tmp[4096];
-                if (K > 4096) goto slow;
-                for (int64_t k = 0; k < K; k++) tmp[k] = kvl_bf16_to_f32(b[k]);
-                c->out[t * c->ldo + m] = dot_f32(xr, tmp, K);
-            } else {
-                c->out[t * c->ldo + m] = dot_f32(xr, W + m * K, K);
-            }
-        }
-    }
-    return;
-slow: /* bf16 rows longer than the stack buffer: scalar, same order as dot_f32 */
-    for (int64_t tt = 0; tt < c->n; tt++) {
-        const float *xr = c->x + tt * K;
-        for (int64_t m = m0; m < m1; m++) {
-            const uint16_t *b = (const uint16_t *)c->w + m * K;
-            v8f acc = {0};
-            int64_t k = 0;
-            for (; k + 8 <= K; k += 8) {
-                v8f wv;
-                for (int l = 0; l < 8; l++) wv[l] = kvl_bf16_to_f32(b[k + l]);
-                acc += ld8(xr + k) * wv;
-            }
-            float s = hsum8(acc);
-            for (; k < K; k++) s += xr[k] * kvl_bf16_to_f32(b[k]);
-            c->out[tt * c->ldo + m] = s;
-        }
-    }
-}
-
-static void matmul_any(kvl_pool *p, float *out, int64_t ldo, const float *x, const void *w,
-                       int64_t n, int64_t M, int64_t K, int bf16) {
-    if (n <= 0 || M <= 0) return;
-    mm_ctx c = {out, ldo, x, w, n, M, K, bf16};
-    kvl_pool_for(p, (M + MM_ROWS - 1) / MM_ROWS, mm_task, &c);
+    for (; t < c->n; t++)
+        for (int64_t m = m0; m < m1; m++) c->out[t * c->ldo + m] = dot_f32(c->x + t * K, W + m * K, K);
 }
 
 void kvl_cpu_matmul(kvl_pool *p, float *out, int64_t ldo, const float *x, const float *w,
                     int64_t n, int64_t M, int64_t K) {
-    matmul_any(p, out, ldo, x, w, n, M, K, 0);
-}
-
-void kvl_cpu_matmul_bf16w(kvl_pool *p, float *out, int64_t ldo, const float *x, const uint16_t *w,
-                          int64_t n, int64_t M, int64_t K) {
-    matmul_any(p, out, ldo, x, w, n, M, K, 1);
+    if (n <= 0 || M <= 0) return;
+    mm_ctx c = {out, ldo, x, w, n, M, K};
+    kvl_pool_for(p, (M + MM_ROWS - 1) / MM_ROWS, mm_task, &c);
 }
 
 /* ------------------------------------------------------------ elementwise */
