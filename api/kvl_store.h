@@ -169,6 +169,23 @@ kvl_status kvl_store_get_batch(kvl_store *st, size_t n, const kvl_store_key *key
                                const uint8_t *expect_fp, kvl_store_value **out,
                                kvl_status *status);
 
+/* Streaming batched get, for consumers that start on a value before all of it has arrived (the
+ * GPU load path decodes layer groups as their bytes land). As kvl_store_get_batch, and in addition
+ * fn(ctx, i, data, ready, total) is called whenever the readable prefix data[0, ready) of item i's
+ * value grows (total = the value's length; for a read without I/O error the last call has
+ * ready == total). Reads are issued interleaved across the items (the first MiB of every value,
+ * then the second, ...), so all prefixes grow together. DRAM-tier hits are reported whole before
+ * any read starts. The bytes handed to fn are NOT yet verified: item i's checksum verdict is
+ * status[i] when the call returns, and a consumer must discard whatever it made of item i unless
+ * status[i] == KVL_OK. For that reason out[i] stays set (to be freed by the caller) for a value that
+ * was read but failed verification; data stays valid until out[i] is freed. fn runs on the store's
+ * reading thread (never twice at once for one call), must be quick and must not call the store.
+ * ctx is passed through. Thread-safe as kvl_store_get_batch. */
+typedef void (*kvl_store_stream_fn)(void *ctx, size_t i, const uint8_t *data, size_t ready, size_t total);
+kvl_status kvl_store_get_batch_stream(kvl_store *st, size_t n, const kvl_store_key *keys,
+                                      const uint8_t *expect_fp, kvl_store_value **out,
+                                      kvl_status *status, kvl_store_stream_fn fn, void *ctx);
+
 /* Accessors of a value; pointers stay valid until the reference is freed. */
 const void *kvl_store_value_data(const kvl_store_value *v);
 size_t kvl_store_value_size(const kvl_store_value *v);

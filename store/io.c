@@ -148,16 +148,25 @@ typedef struct piece {
     int fin; /* completed (successfully or not) */
 } piece;
 
-void kvl_io_run(kvl_store *st, kvl_ioreq *req, size_t n) {
+void kvl_io_run(kvl_store *st, kvl_ioreq *req, size_t n) { kvl_io_run_order(st, req, n, 0); }
+
+void kvl_io_run_order(kvl_store *st, kvl_ioreq *req, size_t n, int interleave) {
     if (!n) return;
     if (!st->uring) {
         run_plain(req, n, 1);
         return;
     }
-    size_t npieces = 0;
-    for (size_t i = 0; i < n; i++) npieces += (req[i].len + KVL_IO_PIECE - 1) / KVL_IO_PIECE;
+    size_t npieces = 0, maxp = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t np = (req[i].len + KVL_IO_PIECE - 1) / KVL_IO_PIECE;
+        npieces += np;
+        if (np > maxp) maxp = np;
+    }
     piece *pc = malloc((npieces ? npieces : 1) * sizeof *pc);
-    if (!pc) {
+    size_t *ord = malloc((npieces ? npieces : 1) * sizeof *ord); /* submission order: indices into pc */
+    if (!pc || !ord) {
+        free(pc);
+        free(ord);
         run_plain(req, n, 1);
         return;
     }
@@ -172,6 +181,17 @@ void kvl_io_run(kvl_store *st, kvl_ioreq *req, size_t n) {
         for (uint64_t p = 0; p < req[i].len; p += KVL_IO_PIECE)
             pc[k++] = (piece){i, p, (size_t)(req[i].len - p < KVL_IO_PIECE ? req[i].len - p : KVL_IO_PIECE), 0};
     }
+    /* in order: request by request; interleaved: piece j of every request, then piece j + 1, so the
+     * completed prefixes of all requests grow together (a streaming reader can use the first
+     * part of every value before any value is complete) */
+    k = 0;
+    if (interleave) {
+        for (size_t j = 0; j < maxp; j++)
+            for (size_t i = 0; i < n; i++)
+                if (j * KVL_IO_PIECE < req[i].len) ord[k++] = req[i].first + j;
+    } else {
+        for (size_t x = 0; x < npieces; x++) ord[k++] = x;
+    }
     kvl_ring *r = ring_get(st);
     unsigned qd = r->ring.sq.ring_entries;
     if (st->opt.queue_depth > 0 && (unsigned)st->opt.queue_depth < qd) qd = (unsigned)st->opt.queue_depth;
@@ -181,7 +201,7 @@ void kvl_io_run(kvl_store *st, kvl_ioreq *req, size_t n) {
         while (next < npieces && inflight < qd) {
             struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
             if (!sqe) break;
-            piece *p = &pc[next++];
+            piece *p = &pc[ord[next++]];
             kvl_ioreq *q = &req[p->req];
             if (q->write)
                 io_uring_prep_write(sqe, q->fd, (char *)q->buf + p->pos, (unsigned)p->len, q->off + p->pos);
@@ -258,6 +278,7 @@ void kvl_io_run(kvl_store *st, kvl_ioreq *req, size_t n) {
     }
     pthread_mutex_unlock(&r->mu);
     free(pc);
+    free(ord);
 }
 
 kvl_bufpool *kvl_bufpool_create(uint64_t max_bytes) {

@@ -1847,6 +1847,9 @@ typedef struct verify_ctx {
     vstate *vs;
     char (*msg)[160]; /* per item: the detail of a failure (kvl_errorf is per thread) */
     int parallel;     /* hand work to the store's verification workers */
+    kvl_store_stream_fn fn; /* streaming get: told as values' prefixes arrive (or NULL) */
+    void *fn_ctx;
+    const size_t *fn_idx;   /* the caller's item index of each value */
     pthread_mutex_t mu; /* vstate fields and left */
     pthread_cond_t cv;
     size_t left; /* values not finished (under mu) */
@@ -1931,8 +1934,11 @@ static int verify_work(kvl_ioreq *rq, verify_ctx *c) {
     }
     if (s != KVL_OK) {
         if (s == KVL_ERR_CORRUPT) atomic_fetch_add(&st->n_corrupt, 1);
-        kvl_store_value_free(val);
-        c->out[i] = NULL;
+        /* a streaming consumer may still be reading the bytes: it frees the value itself */
+        if (!c->fn) {
+            kvl_store_value_free(val);
+            c->out[i] = NULL;
+        }
         c->status[i] = s;
     }
     pthread_mutex_lock(&c->mu);
@@ -1957,9 +1963,18 @@ static void verify_dispatch(kvl_ioreq *rq, verify_ctx *c) {
     pthread_mutex_unlock(&st->vmu);
 }
 
+/* streaming get: the value bytes of the extent prefix [0, ready) go to the caller's callback */
+static void stream_tell(verify_ctx *c, size_t i, size_t ready) {
+    const kvl_rec *r = &c->recs[i];
+    size_t v0 = KVL_EXT_HDR + 4ull * r->n_tokens, vr = ready > v0 ? ready - v0 : 0;
+    if (vr > r->value_len) vr = r->value_len;
+    if (vr) c->fn(c->fn_ctx, c->fn_idx ? c->fn_idx[i] : i, (const uint8_t *)c->out[i]->buf + v0, vr, r->value_len);
+}
+
 /* io callbacks (on the submitting thread): record the news, take ownership if nobody has it */
 static void verify_progress(kvl_ioreq *rq, size_t ready, void *arg) {
     verify_ctx *c = arg;
+    if (c->fn) stream_tell(c, rq->tag, ready);
     vstate *v = &c->vs[rq->tag];
     pthread_mutex_lock(&c->mu);
     v->ready = ready;
@@ -1971,6 +1986,7 @@ static void verify_progress(kvl_ioreq *rq, size_t ready, void *arg) {
 
 static void verify_done(kvl_ioreq *rq, void *arg) {
     verify_ctx *c = arg;
+    if (c->fn && !rq->err) stream_tell(c, rq->tag, rq->len);
     vstate *v = &c->vs[rq->tag];
     pthread_mutex_lock(&c->mu);
     if (!rq->err) v->ready = rq->len;
@@ -2034,6 +2050,11 @@ static void verify_workers_stop(kvl_store *st) {
 
 /* reads and verifies the extents of recs (already pinned by the caller) */
 kvl_status kvl_read_verify(kvl_store *st, size_t n, const kvl_rec *recs, kvl_store_value **out, kvl_status *status) {
+    return kvl_read_verify_stream(st, n, recs, out, status, NULL, NULL, NULL);
+}
+
+kvl_status kvl_read_verify_stream(kvl_store *st, size_t n, const kvl_rec *recs, kvl_store_value **out, kvl_status *status,
+                                  kvl_store_stream_fn fn, void *fn_ctx, const size_t *fn_idx) {
     kvl_ioreq *rq = calloc(n ? n : 1, sizeof *rq);
     char (*msg)[160] = calloc(n ? n : 1, sizeof *msg);
     vstate *vs = calloc(n ? n : 1, sizeof *vs);
@@ -2047,7 +2068,8 @@ kvl_status kvl_read_verify(kvl_store *st, size_t n, const kvl_rec *recs, kvl_sto
     for (size_t i = 0; i < n; i++) total += recs[i].ext_len;
     /* workers pay off when there are several big values to checksum */
     int parallel = st->nvthreads > 0 && n >= 2 && total >= (256u << 10);
-    verify_ctx ctx = {.st = st, .recs = recs, .out = out, .status = status, .vs = vs, .msg = msg, .parallel = parallel};
+    verify_ctx ctx = {.st = st, .recs = recs, .out = out, .status = status, .vs = vs, .msg = msg, .parallel = parallel,
+                      .fn = fn, .fn_ctx = fn_ctx, .fn_idx = fn_idx};
     pthread_mutex_init(&ctx.mu, NULL);
     pthread_cond_init(&ctx.cv, NULL);
     size_t m = 0;
@@ -2074,7 +2096,7 @@ kvl_status kvl_read_verify(kvl_store *st, size_t n, const kvl_rec *recs, kvl_sto
                               .done = verify_done, .progress = verify_progress, .ctx = &ctx, .tag = i};
     }
     ctx.left = m;
-    kvl_io_run(st, rq, m);
+    kvl_io_run_order(st, rq, m, fn != NULL);
     /* help with the queue, then wait for what the workers still hold */
     for (;;) {
         pthread_mutex_lock(&ctx.mu);
@@ -2109,16 +2131,23 @@ kvl_status kvl_read_verify(kvl_store *st, size_t n, const kvl_rec *recs, kvl_sto
 
 kvl_status kvl_store_get_batch(kvl_store *st, size_t n, const kvl_store_key *keys, const uint8_t *expect_fp,
                                kvl_store_value **out, kvl_status *status) {
+    return kvl_store_get_batch_stream(st, n, keys, expect_fp, out, status, NULL, NULL);
+}
+
+kvl_status kvl_store_get_batch_stream(kvl_store *st, size_t n, const kvl_store_key *keys, const uint8_t *expect_fp,
+                                      kvl_store_value **out, kvl_status *status, kvl_store_stream_fn fn, void *fn_ctx) {
     if (!st || (n && (!keys || !out || !status))) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_store_get_batch: NULL argument");
     kvl_rec *rd = malloc((n ? n : 1) * sizeof *rd);
     size_t *idx = malloc((n ? n : 1) * sizeof *idx);
     kvl_store_value **tmp = malloc((n ? n : 1) * sizeof *tmp);
     kvl_status *tst = malloc((n ? n : 1) * sizeof *tst);
-    if (!rd || !idx || !tmp || !tst) {
+    uint8_t *dram = calloc(n ? n : 1, 1);
+    if (!rd || !idx || !tmp || !tst || !dram) {
         free(rd);
         free(idx);
         free(tmp);
         free(tst);
+        free(dram);
         return kvl_errorf(KVL_ERR_NOMEM, "get batch");
     }
     size_t m = 0;
@@ -2140,6 +2169,7 @@ kvl_status kvl_store_get_batch(kvl_store *st, size_t n, const kvl_store_key *key
             out[i] = cache_get(st, &keys[i], r->generation);
             if (out[i]) {
                 /* the cached copy's metadata is from its read; refresh the access fields */
+                dram[i] = 1;
             } else {
                 /* pinned under the shard lock: a delete/evict that follows cannot free the extent
                  * while we read it */
@@ -2150,12 +2180,15 @@ kvl_status kvl_store_get_batch(kvl_store *st, size_t n, const kvl_store_key *key
         }
         pthread_mutex_unlock(&sh->mu);
     }
-    kvl_read_verify(st, m, rd, tmp, tst);
+    /* DRAM-tier hits are complete (and verified when they were read): tell a streaming caller first */
+    for (size_t i = 0; fn && i < n; i++)
+        if (dram[i]) fn(fn_ctx, i, kvl_store_value_data(out[i]), kvl_store_value_size(out[i]), kvl_store_value_size(out[i]));
+    kvl_read_verify_stream(st, m, rd, tmp, tst, fn, fn_ctx, idx);
     for (size_t j = 0; j < m; j++) {
         kvl_unpin_ext(st, rd[j].seg, rd[j].off);
         out[idx[j]] = tmp[j];
         status[idx[j]] = tst[j];
-        if (tmp[j]) cache_put(st, &rd[j].key, rd[j].generation, tmp[j]);
+        if (tmp[j] && tst[j] == KVL_OK) cache_put(st, &rd[j].key, rd[j].generation, tmp[j]);
     }
     uint64_t hits = 0;
     for (size_t i = 0; i < n; i++) hits += status[i] == KVL_OK;
@@ -2166,6 +2199,7 @@ kvl_status kvl_store_get_batch(kvl_store *st, size_t n, const kvl_store_key *key
     free(idx);
     free(tmp);
     free(tst);
+    free(dram);
     return KVL_OK;
 }
 

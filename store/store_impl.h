@@ -247,6 +247,9 @@ struct kvl_ioreq {
 };
 /* Runs all requests with up to queue_depth pieces in flight; per-request errors in req[i].err. */
 void kvl_io_run(kvl_store *st, kvl_ioreq *req, size_t n);
+/* Same; interleave = 1 submits piece j of every request before piece j + 1 of any (reads that a
+ * caller consumes progressively, value by value prefix). */
+void kvl_io_run_order(kvl_store *st, kvl_ioreq *req, size_t n, int interleave);
 /* Grabs a ring's registered staging buffer (or NULL): returned locked; kvl_io_stage_put unlocks. */
 kvl_ring *kvl_io_stage_get(kvl_store *st);
 void kvl_io_stage_put(kvl_ring *r);
@@ -273,6 +276,10 @@ void kvl_pin_ext(kvl_store *st, uint32_t seg, uint64_t off, uint64_t len);
 void kvl_unpin_ext(kvl_store *st, uint32_t seg, uint64_t off);
 kvl_status kvl_read_verify(kvl_store *st, size_t n, const kvl_rec *recs, kvl_store_value **out,
                            kvl_status *status);
+/* Same, telling fn (kvl_store_get_batch_stream) about value prefixes as they arrive; fn_idx maps
+ * rec i to the caller's item index (NULL: identity). Failed values stay in out[] for the caller. */
+kvl_status kvl_read_verify_stream(kvl_store *st, size_t n, const kvl_rec *recs, kvl_store_value **out, kvl_status *status,
+                                  kvl_store_stream_fn fn, void *fn_ctx, const size_t *fn_idx);
 void kvl_log_append(kvl_store *st, rocksdb_writebatch_t *wb, const char *op, const kvl_store_key *key,
                     const char *tenant, uint64_t bytes, const char *detail);
 kvl_status kvl_db_write(kvl_store *st, rocksdb_writebatch_t *wb, int sync);
