@@ -70,6 +70,8 @@ typedef struct kvl_gpu_load_chunk {
     int32_t position;       /* prompt position of the chunk's first token: keys are re-rotated by it */
     int32_t action;         /* KVL_LOAD_FROM_STORE or KVL_LOAD_RECOMPUTE */
     const int32_t *tokens;  /* [n_tokens], needed for KVL_LOAD_RECOMPUTE (borrowed) */
+    int32_t raw;            /* 1: the stored value is raw bf16 KV in the codec's layout
+                               [layers][k|v][tokens][C] (codec off), copied as is; bf16 kv only */
 } kvl_gpu_load_chunk;
 
 typedef struct kvl_gpu_load_req {
@@ -98,6 +100,7 @@ typedef struct kvl_gpu_load_stats {
     /* kvl_gpu_blend only */
     double compute_ms;    /* the layer-step forward pass on the calling thread, waits included */
     double layer_wait_ms; /* of which waiting for layers still being decoded (load not hidden) */
+    double first_byte_ms; /* from the call to the first chunk bytes at hand */
 } kvl_gpu_load_stats;
 
 /* Fills the chunks' slots of req->kv (all layers, marked valid) from the store or by recompute.
@@ -107,11 +110,15 @@ typedef struct kvl_gpu_load_stats {
  * KVL_ERR_CODEC), CUDA errors. On error the kv's contents in the chunks' slots are unspecified. */
 kvl_status kvl_gpu_load(const kvl_gpu_load_req *req, kvl_gpu_load_stats *stats);
 
-/* Load and blend, pipelined by layer: the chunks' caches are read (one batched read), then a
- * decoder thread decodes them layer group by layer group (every chunk's layers [l, l + group) in
- * one launch, keys re-rotated to the chunks' positions on the GPU) while the calling thread runs
+/* Load and blend, pipelined by layer: a reader thread streams the chunks' caches from the store
+ * (kvl_store_get_batch_stream: every chunk's prefix grows together, DRAM-tier hits at once), a
+ * decoder thread decodes layer group by layer group as soon as every chunk's bytes of the group
+ * have landed (every chunk's layers [l, l + group) in one launch, the first group one layer; keys
+ * re-rotated to the chunks' positions on the GPU; raw chunks copied), and the calling thread runs
  * the layer-step forward pass (kvl_fwd_layer) over slots [0, n) computing the slots idx at every
- * layer, each layer as soon as its K/V is in place: layer i+1 decodes while layer i recomputes.
+ * layer, each layer as soon as its K/V is in place: reading, decoding and recomputing overlap.
+ * The answer counts only once the store has verified every chunk's checksum (decoding starts on
+ * unverified bytes; a chunk failing verification fails the call).
  * Returns the logits of logit_slot (vocab floats). The load chunks must all be
  * KVL_LOAD_FROM_STORE; their slots are marked valid; slots in idx are recomputed at every layer.
  * Errors: those of kvl_gpu_load and kvl_fwd_*. */

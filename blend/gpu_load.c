@@ -8,6 +8,7 @@
 #include <cuda_runtime_api.h>
 
 #include "kvl_codec_gpu.h"
+#include "kvl_codec_plan.h"
 #include "kvl_cuda.h"
 #include "kvl_cuda_backend.h"
 #include "kvl_gpu_load.h"
@@ -123,6 +124,25 @@ kvl_status kvl_gpu_load(const kvl_gpu_load_req *r, kvl_gpu_load_stats *stats) {
             if (j->st[k] != KVL_OK) { st = kvl_errorf(j->st[k], "chunk at slot %d: store read failed", c->slot0); break; }
             const uint8_t *data = kvl_store_value_data(j->vals[k]);
             size_t size = kvl_store_value_size(j->vals[k]);
+            if (c->raw) {
+                /* codec off: the value is the chunk's bf16 KV, [L][2][T][C] */
+                size_t T = (size_t)c->n_tokens, C = (size_t)v.n_channels;
+                if (v.dtype != 1 || size != (size_t)v.n_layers * 2 * T * C * 2) {
+                    st = kvl_errorf(KVL_ERR_CODEC, "raw chunk at slot %d: %zu bytes for %d layers x %zu tokens x %zu channels (bf16 kv needed)",
+                                    c->slot0, size, v.n_layers, T, C);
+                    break;
+                }
+                double td = now_ms();
+                for (int32_t i = 0; i < 2 * v.n_layers && st == KVL_OK; i++) {
+                    uint8_t *dst = (uint8_t *)v.data + ((size_t)i * (size_t)v.capacity + (size_t)c->slot0) * C * 2;
+                    cudaError_t e = cudaMemcpy(dst, data + (size_t)i * T * C * 2, T * C * 2, cudaMemcpyHostToDevice);
+                    if (e != cudaSuccess) st = kvl_errorf(KVL_ERR_CUDA, "raw chunk copy: %s", cudaGetErrorString(e));
+                }
+                s.decode_ms += now_ms() - td;
+                s.bytes_read += size;
+                gc[k] = (kvl_codec_gpu_chunk){0};
+                continue;
+            }
             kvl_codec_info in;
             st = kvl_codec_info_get(data, size, &in);
             if (st != KVL_OK) break;
@@ -138,9 +158,12 @@ kvl_status kvl_gpu_load(const kvl_gpu_load_req *r, kvl_gpu_load_stats *stats) {
                                           v.n_channels};
             s.bytes_read += size;
         }
-        if (st == KVL_OK) {
+        int32_t n_codec = 0; /* the codec chunks, packed (raw ones were copied above) */
+        for (size_t k = 0; k < j->n && st == KVL_OK; k++)
+            if (gc[k].buf) gc[n_codec++] = gc[k];
+        if (st == KVL_OK && n_codec > 0) {
             double td = now_ms();
-            st = kvl_codec_gpu_decode(r->dec, gc, (int32_t)j->n, r->profile, v.dtype == 1 ? KVL_CODEC_BF16 : KVL_CODEC_F32);
+            st = kvl_codec_gpu_decode(r->dec, gc, n_codec, r->profile, v.dtype == 1 ? KVL_CODEC_BF16 : KVL_CODEC_F32);
             s.decode_ms += now_ms() - td;
             kvl_codec_gpu_stats ds;
             kvl_codec_gpu_last_stats(r->dec, &ds);
@@ -188,6 +211,10 @@ out:
 
 /* ---------------------------------------------------------------- layer-pipelined blend */
 
+/* Three threads meet here: the reader (a streaming batched store read: chunk prefixes land
+ * interleaved, the first MiB of every chunk, then the second, ...), the decoder (decodes layer
+ * group g of every chunk as soon as every chunk's bytes for it have landed) and the caller (the
+ * layer-step forward pass: layer i as soon as it is decoded). All shared fields under mu. */
 typedef struct lp_state {
     const kvl_gpu_blend_req *r;
     const kvl_cuda_kv_view *v;
@@ -195,11 +222,116 @@ typedef struct lp_state {
     int32_t nc, L, group;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    int32_t ready;    /* layers [0, ready) are decoded and rotated */
-    kvl_status st;    /* decoder thread's error */
+    /* reader */
+    const uint8_t **data; /* [nc] the value's bytes (set by the first report) */
+    size_t *ready, *total; /* [nc] */
+    int reads_done;
+    kvl_store_value **vals;
+    kvl_status *sts;
+    kvl_status read_st;
+    char read_msg[256];
+    double read_ms, first_byte_ms;
+    /* decoder */
+    int32_t ready_layers; /* layers [0, ready_layers) are decoded and rotated; -1: failed */
+    kvl_status st;
     char msg[256];
-    double decode_ms, kernel_ms;
+    double decode_ms, kernel_ms, wait_bytes_ms;
+    double t0;
 } lp_state;
+
+static void lp_on_bytes(void *ctx, size_t i, const uint8_t *data, size_t ready, size_t total) {
+    lp_state *s = ctx;
+    pthread_mutex_lock(&s->mu);
+    if (i < (size_t)s->nc) {
+        if (!s->first_byte_ms) s->first_byte_ms = now_ms() - s->t0;
+        s->data[i] = data;
+        s->ready[i] = ready;
+        s->total[i] = total;
+        pthread_cond_broadcast(&s->cv);
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void *lp_reader(void *arg) {
+    lp_state *s = arg;
+    const kvl_gpu_load_req *lr = &s->r->load;
+    kvl_store_key *keys = malloc((size_t)s->nc * sizeof *keys);
+    kvl_status st;
+    double t0 = now_ms();
+    kvl_clear_error();
+    if (!keys) {
+        st = kvl_errorf(KVL_ERR_NOMEM, "read keys");
+    } else {
+        for (int32_t i = 0; i < s->nc; i++) keys[i] = lr->chunks[i].key;
+        st = kvl_store_get_batch_stream(lr->store, (size_t)s->nc, keys, lr->fingerprint, s->vals, s->sts, lp_on_bytes, s);
+    }
+    free(keys);
+    pthread_mutex_lock(&s->mu);
+    s->read_ms = now_ms() - t0;
+    s->read_st = st;
+    snprintf(s->read_msg, sizeof s->read_msg, "%s", st == KVL_OK ? "" : kvl_last_error());
+    s->reads_done = 1;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+/* Waits (mu held) until chunk k has `need` bytes; returns its data, or NULL with *st set when the
+ * read ended short (a failed read, a cache shorter than need). */
+static const uint8_t *lp_wait_bytes(lp_state *s, int32_t k, size_t need, kvl_status *st) {
+    while (!(s->data[k] && s->ready[k] >= need) && !s->reads_done) pthread_cond_wait(&s->cv, &s->mu);
+    if (s->data[k] && s->ready[k] >= need) return s->data[k];
+    if (s->read_st != KVL_OK) *st = kvl_errorf(s->read_st, "store read: %s", s->read_msg);
+    else if (s->sts[k] != KVL_OK) *st = kvl_errorf(s->sts[k], "chunk at slot %d: store read failed", s->r->load.chunks[k].slot0);
+    else *st = kvl_errorf(KVL_ERR_CODEC, "chunk at slot %d: cache of %zu bytes, its layers need %zu",
+                          s->r->load.chunks[k].slot0, s->ready[k], need);
+    return NULL;
+}
+
+/* the byte range of layers [l, l + nl) in chunk k's value, once its header has landed */
+static kvl_status lp_range(lp_state *s, int32_t k, int32_t l, int32_t nl, size_t *end) {
+    const kvl_gpu_load_chunk *c = &s->r->load.chunks[k];
+    size_t C = (size_t)s->v->n_channels, T = (size_t)c->n_tokens;
+    kvl_status st = KVL_OK;
+    if (c->raw) {
+        /* codec off: [L][2][T][C] bf16 */
+        *end = (size_t)(l + nl) * 2 * T * C * 2;
+        return KVL_OK;
+    }
+    const uint8_t *b = lp_wait_bytes(s, k, 64, &st);
+    if (!b) return st;
+    size_t hb = (size_t)b[6] | ((size_t)b[7] << 8), total = s->total[k];
+    if (!lp_wait_bytes(s, k, hb < total ? hb : total, &st)) return st;
+    pthread_mutex_unlock(&s->mu);
+    uint64_t off = 0, len = 0;
+    kvl_codec_info in;
+    st = kvl_codec_info_get(b, total, &in);
+    if (st == KVL_OK && (in.shape.n_layers != s->v->n_layers || (size_t)in.shape.n_kv_heads * in.shape.head_dim != C ||
+                         (size_t)in.shape.n_tokens != T))
+        st = kvl_errorf(KVL_ERR_CODEC, "chunk at slot %d: cache of %d layers x %d tokens x %d channels, kv wants %d x %zu x %zu",
+                        c->slot0, in.shape.n_layers, in.shape.n_tokens, in.shape.n_kv_heads * in.shape.head_dim,
+                        s->v->n_layers, T, C);
+    if (st == KVL_OK) st = kvl_codec_plan_range(b, total, l, nl, &off, &len);
+    pthread_mutex_lock(&s->mu);
+    *end = (size_t)(off + len);
+    return st;
+}
+
+/* codec off: layers [l, l + nl) of a raw bf16 chunk copied into its slots */
+static kvl_status lp_copy_raw(lp_state *s, int32_t k, const uint8_t *b, int32_t l, int32_t nl, cudaStream_t rs) {
+    const kvl_gpu_load_chunk *c = &s->r->load.chunks[k];
+    size_t C = (size_t)s->v->n_channels, T = (size_t)c->n_tokens;
+    if (s->v->dtype != 1) return kvl_errorf(KVL_ERR_INVALID_ARG, "raw bf16 chunks need a bf16 kv");
+    if (s->total[k] != (size_t)s->v->n_layers * 2 * T * C * 2)
+        return kvl_errorf(KVL_ERR_CODEC, "raw chunk at slot %d: %zu bytes, %d layers x %zu tokens x %zu channels of bf16 need %zu",
+                          c->slot0, s->total[k], s->v->n_layers, T, C, (size_t)s->v->n_layers * 2 * T * C * 2);
+    for (int32_t i = 2 * l; i < 2 * (l + nl); i++) {
+        uint8_t *dst = (uint8_t *)s->v->data + (((size_t)(i / 2) * 2 + (size_t)(i % 2)) * (size_t)s->v->capacity + (size_t)c->slot0) * C * 2;
+        cudaError_t e = cudaMemcpyAsync(dst, b + (size_t)i * T * C * 2, T * C * 2, cudaMemcpyHostToDevice, rs);
+        if (e != cudaSuccess) return kvl_errorf(KVL_ERR_CUDA, "raw chunk copy: %s", cudaGetErrorString(e));
+    }
+    return KVL_OK;
+}
 
 static void *lp_decoder(void *arg) {
     lp_state *s = arg;
@@ -211,34 +343,57 @@ static void *lp_decoder(void *arg) {
     kvl_clear_error();
     if (cudaSetDevice(s->v->gpu) != cudaSuccess || cudaStreamCreateWithFlags(&rs, cudaStreamNonBlocking) != cudaSuccess)
         st = kvl_errorf(KVL_ERR_CUDA, "decoder stream");
-    for (int32_t l = 0; l < s->L && st == KVL_OK; l += s->group) {
-        int32_t nl = s->L - l < s->group ? s->L - l : s->group;
-        double t0 = now_ms();
-        for (int32_t k = 0; k < s->nc; k++) {
-            s->gc[k].layer0 = l;
-            s->gc[k].n_layers = nl;
-            s->gc[k].d_out = (uint8_t *)s->v->data +
-                             ((size_t)l * 2 * s->v->capacity + (size_t)lr->chunks[k].slot0) * s->v->n_channels * es;
+    /* the first group is one layer, so that the forward pass starts as early as possible */
+    for (int32_t l = 0, g = 0; l < s->L && st == KVL_OK; g++) {
+        int32_t want = g == 0 ? 1 : s->group;
+        int32_t nl = s->L - l < want ? s->L - l : want;
+        double tw = now_ms();
+        int32_t n_codec = 0;
+        pthread_mutex_lock(&s->mu);
+        for (int32_t k = 0; k < s->nc && st == KVL_OK; k++) {
+            size_t end = 0;
+            st = lp_range(s, k, l, nl, &end);
+            if (st == KVL_OK && !lp_wait_bytes(s, k, end, &st)) break;
         }
-        st = kvl_codec_gpu_decode(lr->dec, s->gc, s->nc, lr->profile, s->v->dtype == 1 ? KVL_CODEC_BF16 : KVL_CODEC_F32);
-        if (st == KVL_OK) {
-            kvl_codec_gpu_stats ds;
-            kvl_codec_gpu_last_stats(lr->dec, &ds);
-            s->kernel_ms += ds.kernel_ms;
+        pthread_mutex_unlock(&s->mu);
+        s->wait_bytes_ms += now_ms() - tw;
+        if (st != KVL_OK) break;
+        double t0 = now_ms();
+        for (int32_t k = 0; k < s->nc && st == KVL_OK; k++) {
+            const kvl_gpu_load_chunk *ch = &lr->chunks[k];
+            if (ch->raw) {
+                st = lp_copy_raw(s, k, s->data[k], l, nl, rs);
+                continue;
+            }
+            kvl_codec_gpu_chunk *o = &s->gc[n_codec++];
+            *o = (kvl_codec_gpu_chunk){s->data[k], s->total[k], l, nl,
+                                       (uint8_t *)s->v->data + ((size_t)l * 2 * s->v->capacity + (size_t)ch->slot0) * s->v->n_channels * es,
+                                       2 * (int64_t)s->v->capacity * s->v->n_channels, (int64_t)s->v->capacity * s->v->n_channels,
+                                       s->v->n_channels};
+        }
+        if (st == KVL_OK && n_codec > 0) {
+            st = kvl_codec_gpu_decode(lr->dec, s->gc, n_codec, lr->profile, s->v->dtype == 1 ? KVL_CODEC_BF16 : KVL_CODEC_F32);
+            if (st == KVL_OK) {
+                kvl_codec_gpu_stats ds;
+                kvl_codec_gpu_last_stats(lr->dec, &ds);
+                s->kernel_ms += ds.kernel_ms;
+            }
         }
         for (int32_t k = 0; k < s->nc && st == KVL_OK; k++) {
             const kvl_gpu_load_chunk *ch = &lr->chunks[k];
             if (lr->no_rerotate || ch->position == 0) continue;
-            cudaError_t e = kvl_cu_rerotate(s->gc[k].d_out, s->v->dtype == 1 ? KVL_CU_BF16 : KVL_CU_F32, nl,
+            void *base = (uint8_t *)s->v->data + ((size_t)l * 2 * s->v->capacity + (size_t)ch->slot0) * s->v->n_channels * es;
+            cudaError_t e = kvl_cu_rerotate(base, s->v->dtype == 1 ? KVL_CU_BF16 : KVL_CU_F32, nl,
                                             2 * (int64_t)s->v->capacity * s->v->n_channels, ch->n_tokens,
                                             s->v->n_channels, c->n_kv_heads, c->head_dim, c->rope_style, c->rope_theta,
                                             ch->position, rs);
             if (e != cudaSuccess) st = kvl_errorf(KVL_ERR_CUDA, "rerotate: %s", cudaGetErrorString(e));
         }
-        if (st == KVL_OK && cudaStreamSynchronize(rs) != cudaSuccess) st = kvl_errorf(KVL_ERR_CUDA, "rerotate sync");
+        if (st == KVL_OK && cudaStreamSynchronize(rs) != cudaSuccess) st = kvl_errorf(KVL_ERR_CUDA, "decoder stream sync");
         s->decode_ms += now_ms() - t0;
+        l += nl;
         pthread_mutex_lock(&s->mu);
-        if (st == KVL_OK) s->ready = l + nl;
+        if (st == KVL_OK) s->ready_layers = l;
         pthread_cond_broadcast(&s->cv);
         pthread_mutex_unlock(&s->mu);
     }
@@ -246,7 +401,7 @@ static void *lp_decoder(void *arg) {
     pthread_mutex_lock(&s->mu);
     s->st = st;
     snprintf(s->msg, sizeof s->msg, "%s", st == KVL_OK ? "" : kvl_last_error());
-    if (st != KVL_OK) s->ready = -1; /* wakes the forward pass with the error */
+    if (st != KVL_OK) s->ready_layers = -1; /* wakes the forward pass with the error */
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
     return NULL;
@@ -269,74 +424,80 @@ kvl_status kvl_gpu_blend(const kvl_gpu_blend_req *r, kvl_gpu_load_stats *stats) 
         if (c->n_tokens < 1 || c->slot0 < 0 || c->slot0 > v.capacity - c->n_tokens || c->slot0 + c->n_tokens > r->n)
             return kvl_errorf(KVL_ERR_INVALID_ARG, "chunk %d: slots [%d, +%d) outside the pass", i, c->slot0, c->n_tokens);
     }
-    kvl_store_key *keys = malloc((size_t)nc * sizeof *keys);
-    kvl_store_value **vals = calloc((size_t)nc, sizeof *vals);
-    kvl_status *sts = calloc((size_t)nc, sizeof *sts);
-    kvl_codec_gpu_chunk *gc = calloc((size_t)nc, sizeof *gc);
+    lp_state ls = {.r = r, .v = &v, .nc = nc, .L = v.n_layers, .group = r->layer_group > 0 ? r->layer_group : 4,
+                   .ready_layers = 0, .st = KVL_OK, .t0 = t0};
+    ls.gc = calloc((size_t)nc, sizeof *ls.gc);
+    ls.data = calloc((size_t)nc, sizeof *ls.data);
+    ls.ready = calloc((size_t)nc, sizeof *ls.ready);
+    ls.total = calloc((size_t)nc, sizeof *ls.total);
+    ls.vals = calloc((size_t)nc, sizeof *ls.vals);
+    ls.sts = calloc((size_t)nc, sizeof *ls.sts);
     kvl_fwd *f = NULL;
     kvl_status st = KVL_OK;
-    if (!keys || !vals || !sts || !gc) { st = KVL_ERR_NOMEM; goto out; }
-    for (int32_t i = 0; i < nc; i++) keys[i] = lr->chunks[i].key;
-    double tr = now_ms();
-    st = kvl_store_get_batch(lr->store, (size_t)nc, keys, lr->fingerprint, vals, sts);
-    s.read_ms = s.read_wait_ms = now_ms() - tr;
-    for (int32_t i = 0; i < nc && st == KVL_OK; i++) {
-        const kvl_gpu_load_chunk *c = &lr->chunks[i];
-        if (sts[i] != KVL_OK) { st = kvl_errorf(sts[i], "chunk at slot %d: store read failed", c->slot0); break; }
-        kvl_codec_info in;
-        gc[i].buf = kvl_store_value_data(vals[i]);
-        gc[i].size = kvl_store_value_size(vals[i]);
-        st = kvl_codec_info_get(gc[i].buf, gc[i].size, &in);
-        if (st == KVL_OK && (in.shape.n_layers != v.n_layers || in.shape.n_kv_heads * in.shape.head_dim != v.n_channels ||
-                             in.shape.n_tokens != c->n_tokens))
-            st = kvl_errorf(KVL_ERR_CODEC, "chunk at slot %d: cache of another shape", c->slot0);
-        gc[i].layer_stride = 2 * (int64_t)v.capacity * v.n_channels;
-        gc[i].kv_stride = (int64_t)v.capacity * v.n_channels;
-        gc[i].token_stride = v.n_channels;
-        s.bytes_read += gc[i].size;
-        if (st == KVL_OK) st = kvl_kv_set_valid(lr->kv, c->slot0, c->n_tokens, 1);
-    }
-    if (st != KVL_OK) goto out;
-    st = kvl_fwd_begin(lr->model, lr->kv, r->n, r->tokens, r->positions, &f);
-    if (st != KVL_OK) goto out;
-    lp_state ls = {.r = r, .v = &v, .gc = gc, .nc = nc, .L = v.n_layers,
-                   .group = r->layer_group > 0 ? r->layer_group : 4, .ready = 0, .st = KVL_OK};
+    pthread_t rth, dth;
+    int rstarted = 0, dstarted = 0;
     pthread_mutex_init(&ls.mu, NULL);
     pthread_cond_init(&ls.cv, NULL);
-    pthread_t th;
-    if (pthread_create(&th, NULL, lp_decoder, &ls) != 0) {
+    if (!ls.gc || !ls.data || !ls.ready || !ls.total || !ls.vals || !ls.sts) { st = KVL_ERR_NOMEM; goto out; }
+    for (int32_t i = 0; i < nc && st == KVL_OK; i++) st = kvl_kv_set_valid(lr->kv, lr->chunks[i].slot0, lr->chunks[i].n_tokens, 1);
+    if (st == KVL_OK) st = kvl_fwd_begin(lr->model, lr->kv, r->n, r->tokens, r->positions, &f);
+    if (st != KVL_OK) goto out;
+    rstarted = pthread_create(&rth, NULL, lp_reader, &ls) == 0;
+    if (!rstarted) { st = kvl_errorf(KVL_ERR_INTERNAL, "cannot start the reader thread"); goto out; }
+    dstarted = pthread_create(&dth, NULL, lp_decoder, &ls) == 0;
+    if (!dstarted) {
         st = kvl_errorf(KVL_ERR_INTERNAL, "cannot start the decoder thread");
-    } else {
-        double tc = now_ms();
-        for (int32_t l = 0; l < v.n_layers && st == KVL_OK; l++) {
-            double tw = now_ms();
-            pthread_mutex_lock(&ls.mu);
-            while (ls.ready >= 0 && ls.ready <= l) pthread_cond_wait(&ls.cv, &ls.mu);
-            int failed = ls.ready < 0;
-            pthread_mutex_unlock(&ls.mu);
-            s.layer_wait_ms += now_ms() - tw;
-            if (failed) break;
-            st = kvl_fwd_layer(f, l, r->idx, r->n_idx);
-        }
-        if (st == KVL_OK) {
-            pthread_join(th, NULL);
-            if (ls.st != KVL_OK) st = kvl_errorf(ls.st, "%s", ls.msg);
-        } else {
-            pthread_join(th, NULL);
-        }
-        if (st == KVL_OK && ls.st != KVL_OK) st = kvl_errorf(ls.st, "%s", ls.msg);
-        if (st == KVL_OK) st = kvl_fwd_logits(f, &r->logit_slot, 1, r->logits);
-        s.compute_ms = now_ms() - tc;
-        s.decode_ms = ls.decode_ms;
-        s.kernel_ms = ls.kernel_ms;
-        s.n_loaded = nc;
+        goto out;
     }
+    double tc = now_ms();
+    for (int32_t l = 0; l < v.n_layers && st == KVL_OK; l++) {
+        double tw = now_ms();
+        pthread_mutex_lock(&ls.mu);
+        while (ls.ready_layers >= 0 && ls.ready_layers <= l) pthread_cond_wait(&ls.cv, &ls.mu);
+        int failed = ls.ready_layers < 0;
+        pthread_mutex_unlock(&ls.mu);
+        s.layer_wait_ms += now_ms() - tw;
+        if (failed) break;
+        st = kvl_fwd_layer(f, l, r->idx, r->n_idx);
+    }
+    if (st == KVL_OK) {
+        /* every byte used must have passed the store's verification before the answer counts */
+        pthread_join(rth, NULL);
+        rstarted = 0;
+        if (ls.read_st != KVL_OK) st = kvl_errorf(ls.read_st, "store read: %s", ls.read_msg);
+        for (int32_t i = 0; i < nc && st == KVL_OK; i++)
+            if (ls.sts[i] != KVL_OK) st = kvl_errorf(ls.sts[i], "chunk at slot %d: store read failed", lr->chunks[i].slot0);
+    }
+    if (st == KVL_OK) {
+        pthread_join(dth, NULL);
+        dstarted = 0;
+        if (ls.st != KVL_OK) st = kvl_errorf(ls.st, "%s", ls.msg);
+    }
+    if (st == KVL_OK) st = kvl_fwd_logits(f, &r->logit_slot, 1, r->logits);
+    s.compute_ms = now_ms() - tc;
+out:
+    if (!dstarted && rstarted) {
+        /* the decoder never ran: nobody waits on the reader, let it finish */
+    }
+    if (dstarted) {
+        /* a failed forward pass: stop waiting on the decoder by letting it run out (it only waits
+         * for bytes, which the reader delivers or gives up on) */
+        pthread_join(dth, NULL);
+        if (st == KVL_OK && ls.st != KVL_OK) st = kvl_errorf(ls.st, "%s", ls.msg);
+    }
+    if (rstarted) pthread_join(rth, NULL);
+    s.read_ms = ls.read_ms;
+    s.read_wait_ms = ls.wait_bytes_ms;
+    s.decode_ms = ls.decode_ms;
+    s.kernel_ms = ls.kernel_ms;
+    s.first_byte_ms = ls.first_byte_ms;
+    for (int32_t i = 0; i < nc && ls.total; i++) s.bytes_read += ls.total[i];
+    s.n_loaded = st == KVL_OK ? nc : 0;
+    kvl_fwd_free(f);
+    for (int32_t i = 0; ls.vals && i < nc; i++) kvl_store_value_free(ls.vals[i]);
     pthread_mutex_destroy(&ls.mu);
     pthread_cond_destroy(&ls.cv);
-out:
-    kvl_fwd_free(f);
-    for (int32_t i = 0; vals && i < nc; i++) kvl_store_value_free(vals[i]);
-    free(keys); free(vals); free(sts); free(gc);
+    free(ls.gc); free(ls.data); free(ls.ready); free(ls.total); free(ls.vals); free(ls.sts);
     s.total_ms = now_ms() - t0;
     if (stats) *stats = s;
     return st;

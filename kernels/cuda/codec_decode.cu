@@ -52,12 +52,112 @@ __device__ __forceinline__ void store8(uint8_t *row, int32_t c, int n, const flo
     }
 }
 
+// Decodes one symbol with table tb (the CPU decoder's rANS step); returns the symbol index, or -1
+// when the stream runs out of bytes.
+__device__ __forceinline__ int32_t rans_step(const kvl_cu_codec_args &a, const kvl_codec_plan_table &tb, uint32_t &x,
+                                             const uint8_t *&sp, const uint8_t *se_end) {
+    const uint32_t slot = x & ((1u << tb.pb) - 1);
+    int32_t s;
+    uint32_t start, hi;
+    if (tb.src) { // compact profile table (pb 16, every frequency >= 1)
+        const uint16_t *cum = a.pcum[tb.src] + tb.cum_off;
+        s = __ldg(a.plut[tb.src] + (tb.lut_off >> 2) + (slot >> (16 - KVL_CU_PLUT_BITS)));
+        hi = __ldg(cum + s + 1);
+        hi = hi ? hi : 65536u;
+        while (hi <= slot) {
+            hi = __ldg(cum + ++s + 1);
+            hi = hi ? hi : 65536u;
+        }
+        start = __ldg(cum + s);
+    } else {
+        const uint32_t *cum = a.cum + tb.cum_off;
+        s = __ldg(a.lut + tb.lut_off + (slot >> (tb.pb - 8)));
+        hi = __ldg(cum + s + 1);
+        while (hi <= slot) hi = __ldg(cum + ++s + 1);
+        start = __ldg(cum + s);
+    }
+    x = (hi - start) * (x >> tb.pb) + slot - start;
+    while (x < RANS_L) {
+        if (sp >= se_end) return -1;
+        x = (x << 8) | *sp++;
+    }
+    return s;
+}
+
+// Streams of at most 8 channels without deltas (chan_group <= 8): the thread's table descriptors
+// and per-channel scales are loaded once into registers instead of once per symbol, so a symbol's
+// dependent chain is only lookup -> cumulative frequency -> state. Same arithmetic as the general
+// path below, bit for bit.
+template <bool BF16>
+__device__ __forceinline__ void decode_narrow(const kvl_cu_codec_args &a, uint32_t i, const kvl_codec_plan_stream &st,
+                                              const kvl_codec_plan_section &se) {
+    const uint8_t *sp = a.bytes + st.byte_off, *se_end = sp + st.len;
+    uint32_t x = (uint32_t)sp[0] | ((uint32_t)sp[1] << 8) | ((uint32_t)sp[2] << 16) | ((uint32_t)sp[3] << 24);
+    sp += 4;
+    const kvl_codec_plan_table *tabs = a.tables + se.tab_base;
+    const float *sc = a.scales + se.scale_base;
+    const int32_t c0 = st.c0, n = st.c1 - st.c0, C = se.C, sm = se.sm;
+    kvl_codec_plan_table tb[8];
+    float scl[8], off[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        scl[k] = 0.0f;
+        off[k] = 0.0f;
+        tb[k] = tabs[0];
+        if (k < n) {
+            const int32_t c = c0 + k;
+            tb[k] = tabs[se.ctx_mode == 1 ? 0 : c];
+            if (tb[k].cum_off == KVL_CODEC_PLAN_EMPTY) { // every token row decodes every channel
+                if (se.T > 0) {
+                    fail(a.err, i, KVL_CU_DEC_EMPTY_CTX);
+                    return;
+                }
+            }
+            if (sm == 3) {
+                scl[k] = sc[c];
+                off[k] = (float)(int32_t)sc[C + c];
+            } else if (sm == 1) {
+                scl[k] = sc[c];
+            } else if (sm == 2) {
+                scl[k] = sc[0];
+            }
+        }
+    }
+    const size_t esz = BF16 ? 2 : 4;
+    for (int32_t t = 0; t < se.T; t++) {
+        uint8_t *row = reinterpret_cast<uint8_t *>(se.out) + (size_t)((int64_t)t * se.ld) * esz;
+        const float tsc = sm == 0 ? sc[t] : 0.0f;
+        float v[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            v[k] = 0.0f;
+            if (k < n) {
+                const int32_t s = rans_step(a, tb[k], x, sp, se_end);
+                if (s < 0) {
+                    fail(a.err, i, KVL_CU_DEC_SHORT);
+                    return;
+                }
+                const int32_t q = s - tb[k].amax;
+                // one multiply, no FMA, as the CPU decoder; (float)(q + offset) is exact as there
+                if (sm == 3) v[k] = __fmul_rn((float)q + off[k], scl[k]);
+                else v[k] = __fmul_rn((float)q, sm == 0 ? tsc : scl[k]);
+            }
+        }
+        store8<BF16>(row, c0, n, v);
+    }
+    if (x != RANS_L || sp != se_end) fail(a.err, i, KVL_CU_DEC_STATE);
+}
+
 template <bool BF16>
 __global__ void __launch_bounds__(128) decode_kernel(const kvl_cu_codec_args a) {
     uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= a.n_streams) return;
     const kvl_codec_plan_stream st = a.streams[i];
     const kvl_codec_plan_section se = a.sections[st.sec];
+    if (se.delta_group <= 1 && st.c1 - st.c0 <= 8) {
+        decode_narrow<BF16>(a, i, st, se);
+        return;
+    }
     const uint8_t *sp = a.bytes + st.byte_off, *se_end = sp + st.len; // len >= 4: checked on the host
     uint32_t x = (uint32_t)sp[0] | ((uint32_t)sp[1] << 8) | ((uint32_t)sp[2] << 16) | ((uint32_t)sp[3] << 24);
     sp += 4;
