@@ -276,6 +276,22 @@ int main(int argc, char **argv) {
     kvl_codec_profile_free(p);
     free(x);
     for (int i = 1; i < argc; i++) test_real(argv[i]);
+    /* narrow sub-streams (chan_group <= 8: the kernel's register fast path), with a channel tail
+     * (cg 5 over 128 channels leaves 3), through the encoder's tuning hook */
+    static const char *narrow[2] = {"cg=8", "cg=5"};
+    for (int k = 0; k < 2; k++) {
+        setenv("KVL_CODEC_TUNE", narrow[k], 1);
+        test_batch();
+        test_malformed();
+        kvl_codec_shape shn = {4, 48, 8, 128};
+        float *xn = kvl_synth_kv(&shn, 13);
+        kvl_codec_profile *pn = make_profile(&shn, xn, fp);
+        compare_all(&shn, xn, pn, narrow[k]);
+        kvl_codec_profile_free(pn);
+        free(xn);
+        if (argc > 1) test_real(argv[1]);
+        unsetenv("KVL_CODEC_TUNE");
+    }
     kvl_codec_gpu_free(G);
     KVL_TEST_END();
 }
