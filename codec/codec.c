@@ -166,7 +166,7 @@ static kvl_status encode_quant_section(const sec_job *j, int l, int kv, kvlc_buf
     size_t n = (size_t)T * C;
     int Q = p->q[2 * l + kv];
     int has_delta = p->delta_group > 1;
-    int cg = p->chan_group < C ? p->chan_group : C;
+    int cg = kvlc_cg(p->chan_group, C);
     int32_t n_streams = (C + cg - 1) / cg;
     int sm = kvlc_scale_of(p->scale_mode, kv);
     int32_t n_sc = kvlc_n_scales(sm, T, C);
@@ -309,8 +309,9 @@ static int profile_level_matches(const kvl_codec_profile *pr, const kvlc_params 
     if (pr->n_layers != s->n_layers || pr->n_kv_heads != s->n_kv_heads || pr->head_dim != s->head_dim) return 0;
     const kvlc_plevel *pl = &pr->lv[p->level];
     /* bins may differ: a profile chooses its own per model (kvl_codec_profile_builder_set_bins) */
+    int C = s->n_kv_heads * s->head_dim;
     return pl->present && pl->scale_mode == p->scale_mode && pl->delta_group == p->delta_group &&
-           pl->chan_group == p->chan_group;
+           kvlc_cg(pl->chan_group, C) == kvlc_cg(p->chan_group, C);
 }
 
 kvl_status kvl_codec_profile_check(const kvl_codec_profile *p, const kvl_codec_shape *shape, int32_t level) {
@@ -385,7 +386,7 @@ kvl_status kvl_codec_encode(const kvl_codec_shape *shape, kvl_codec_dtype dtype,
     b[10] = (uint8_t)o.scheme;
     b[11] = (uint8_t)dtype;
     if (!p.lossless) {
-        int cg = p.chan_group < C ? p.chan_group : C;
+        int cg = kvlc_cg(p.chan_group, C);
         b[12] = (uint8_t)p.scale_mode;
         b[13] = (uint8_t)(prof ? KVLC_TABLES_PROFILE : p.chunk_tables);
         b[14] = (uint8_t)(prof ? KVLC_PROFILE_PB : p.chunk_pb);
@@ -767,8 +768,7 @@ static kvl_status check_profile(const hdr *hp, const uint8_t *buf, const kvl_cod
         if (profile->n_layers != L || profile->n_kv_heads != h.info.shape.n_kv_heads ||
             profile->head_dim != h.info.shape.head_dim || !pl->present || pl->scale_mode != h.scale_mode ||
             pl->delta_group != h.delta_group || h.info.scheme != KVL_CODEC_SCHEME_KVLOOM ||
-            (pl->chan_group < h.info.shape.n_kv_heads * h.info.shape.head_dim ? pl->chan_group
-                                                                               : h.info.shape.n_kv_heads * h.info.shape.head_dim) != h.chan_group)
+            kvlc_cg(pl->chan_group, h.info.shape.n_kv_heads * h.info.shape.head_dim) != h.chan_group)
             return kvl_errorf(KVL_ERR_CODEC_PROFILE, "profile and chunk disagree on shape or level parameters");
         for (int32_t i = 0; i < 2 * L; i++)
             if (pl->q[i] != kvlc_get16(buf + KVLC_HDR_FIXED + 2 * (size_t)i))

@@ -25,10 +25,10 @@ static const level_def KVLOOM_LEVELS[KVL_CODEC_MAX_LEVEL + 1] = {
     {0},
     /* keys: per-channel scale + integer offset; values: one scale per (layer, v); same bins in
      * every layer (measured: no layer band is consistently more sensitive across the models) */
-    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 16, 16, 8, 8, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}, 0},
-    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 8, 8, 5, 5, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}, 0},
-    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 5, 5, 3, 3, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}, 0},
-    {KVLC_SCALE_CHANNEL_OFFSET, 0, 32, 3, 3, 2, 2, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}, 0},
+    {KVLC_SCALE_CHANNEL_OFFSET, 0, 0, 16, 16, 8, 8, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}, 0},
+    {KVLC_SCALE_CHANNEL_OFFSET, 0, 0, 8, 8, 5, 5, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}, 0},
+    {KVLC_SCALE_CHANNEL_OFFSET, 0, 0, 5, 5, 3, 3, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}, 0},
+    {KVLC_SCALE_CHANNEL_OFFSET, 0, 0, 3, 3, 2, 2, 0, 0, KVLC_SCALE_LAYER, {0, 0}, {{0}}, 0},
 };
 
 /* LMCache's shipped CacheGen: keys of layers 0-9 and values of layers 0-1 get 32 bins, the rest
@@ -110,7 +110,7 @@ kvl_status kvlc_params_get(int level, int scheme, int n_layers, kvlc_params *p) 
         return kvl_errorf(KVL_ERR_INVALID_ARG, "cannot parse KVL_CODEC_TUNE='%s'", tune);
     }
     if (d.qk_hi < 1 || d.qk_lo < 1 || d.qv_hi < 1 || d.qv_lo < 1 || d.qk_hi > KVLC_MAX_Q ||
-        d.qk_lo > KVLC_MAX_Q || d.qv_hi > KVLC_MAX_Q || d.qv_lo > KVLC_MAX_Q || d.chan_group < 1 ||
+        d.qk_lo > KVLC_MAX_Q || d.qv_hi > KVLC_MAX_Q || d.qv_lo > KVLC_MAX_Q || d.chan_group < 0 ||
         d.chan_group > KVLC_MAX_CHANNELS || d.delta_group < 0 || d.delta_group > 255 || pb < KVLC_MIN_PB ||
         pb > KVLC_MAX_PB || !(d.deadzone >= 0 && d.deadzone < 0.5)) {
         kvlc_params_free(p);

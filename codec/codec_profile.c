@@ -241,7 +241,7 @@ kvl_status kvl_codec_profile_builder_finish(kvl_codec_profile_builder *b, kvl_co
         pl->present = 1;
         pl->scale_mode = pp->scale_mode;
         pl->delta_group = pp->delta_group;
-        pl->chan_group = pp->chan_group;
+        pl->chan_group = kvlc_cg(pp->chan_group, b->C); /* stored resolved */
         pl->q = malloc((size_t)2 * b->L * sizeof *pl->q);
         if (!pl->q) { st = KVL_ERR_NOMEM; break; }
         memcpy(pl->q, pp->q, (size_t)2 * b->L * sizeof *pl->q);
