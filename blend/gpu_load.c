@@ -232,6 +232,7 @@ typedef struct lp_state {
     char read_msg[256];
     double read_ms, first_byte_ms;
     /* decoder */
+    size_t *lend;         /* [nc][L + 1]: bytes of a chunk's value that its layers [0, l) need */
     int32_t ready_layers; /* layers [0, ready_layers) are decoded and rotated; -1: failed */
     kvl_status st;
     char msg[256];
@@ -288,14 +289,15 @@ static const uint8_t *lp_wait_bytes(lp_state *s, int32_t k, size_t need, kvl_sta
     return NULL;
 }
 
-/* the byte range of layers [l, l + nl) in chunk k's value, once its header has landed */
-static kvl_status lp_range(lp_state *s, int32_t k, int32_t l, int32_t nl, size_t *end) {
+/* Once chunk k's header has landed: lend[k * (L + 1) + l] = the end of layer l-1's bytes in its
+ * value (the bytes layers [0, l) need), checked against the kv's shape. Called with mu held;
+ * returns with mu held. */
+static kvl_status lp_prepare(lp_state *s, int32_t k) {
     const kvl_gpu_load_chunk *c = &s->r->load.chunks[k];
-    size_t C = (size_t)s->v->n_channels, T = (size_t)c->n_tokens;
+    size_t C = (size_t)s->v->n_channels, T = (size_t)c->n_tokens, L = (size_t)s->L, *e = s->lend + (size_t)k * (L + 1);
     kvl_status st = KVL_OK;
-    if (c->raw) {
-        /* codec off: [L][2][T][C] bf16 */
-        *end = (size_t)(l + nl) * 2 * T * C * 2;
+    if (c->raw) { /* codec off: [L][2][T][C] bf16 */
+        for (size_t l = 0; l <= L; l++) e[l] = l * 2 * T * C * 2;
         return KVL_OK;
     }
     const uint8_t *b = lp_wait_bytes(s, k, 64, &st);
@@ -303,7 +305,6 @@ static kvl_status lp_range(lp_state *s, int32_t k, int32_t l, int32_t nl, size_t
     size_t hb = (size_t)b[6] | ((size_t)b[7] << 8), total = s->total[k];
     if (!lp_wait_bytes(s, k, hb < total ? hb : total, &st)) return st;
     pthread_mutex_unlock(&s->mu);
-    uint64_t off = 0, len = 0;
     kvl_codec_info in;
     st = kvl_codec_info_get(b, total, &in);
     if (st == KVL_OK && (in.shape.n_layers != s->v->n_layers || (size_t)in.shape.n_kv_heads * in.shape.head_dim != C ||
@@ -311,9 +312,13 @@ static kvl_status lp_range(lp_state *s, int32_t k, int32_t l, int32_t nl, size_t
         st = kvl_errorf(KVL_ERR_CODEC, "chunk at slot %d: cache of %d layers x %d tokens x %d channels, kv wants %d x %zu x %zu",
                         c->slot0, in.shape.n_layers, in.shape.n_tokens, in.shape.n_kv_heads * in.shape.head_dim,
                         s->v->n_layers, T, C);
-    if (st == KVL_OK) st = kvl_codec_plan_range(b, total, l, nl, &off, &len);
+    e[0] = 0;
+    for (size_t l = 1; l <= L && st == KVL_OK; l++) {
+        uint64_t off = 0, len = 0;
+        st = kvl_codec_plan_range(b, total, 0, (int32_t)l, &off, &len);
+        e[l] = (size_t)(off + len);
+    }
     pthread_mutex_lock(&s->mu);
-    *end = (size_t)(off + len);
     return st;
 }
 
@@ -343,17 +348,26 @@ static void *lp_decoder(void *arg) {
     kvl_clear_error();
     if (cudaSetDevice(s->v->gpu) != cudaSuccess || cudaStreamCreateWithFlags(&rs, cudaStreamNonBlocking) != cudaSuccess)
         st = kvl_errorf(KVL_ERR_CUDA, "decoder stream");
-    /* the first group is one layer, so that the forward pass starts as early as possible */
+    /* Each step decodes the layers whose bytes have landed in every chunk, at least one and at
+     * most s->group: from the DRAM tier that is whole groups at once; from disk the groups follow
+     * the reads. The first step is one layer, so that the forward pass starts as early as possible. */
+    size_t L1 = (size_t)s->L + 1;
+    pthread_mutex_lock(&s->mu);
+    for (int32_t k = 0; k < s->nc && st == KVL_OK; k++) st = lp_prepare(s, k);
+    pthread_mutex_unlock(&s->mu);
     for (int32_t l = 0, g = 0; l < s->L && st == KVL_OK; g++) {
-        int32_t want = g == 0 ? 1 : s->group;
-        int32_t nl = s->L - l < want ? s->L - l : want;
+        int32_t cap = g == 0 ? 1 : s->group, nl = 1;
         double tw = now_ms();
         int32_t n_codec = 0;
         pthread_mutex_lock(&s->mu);
-        for (int32_t k = 0; k < s->nc && st == KVL_OK; k++) {
-            size_t end = 0;
-            st = lp_range(s, k, l, nl, &end);
-            if (st == KVL_OK && !lp_wait_bytes(s, k, end, &st)) break;
+        for (int32_t k = 0; k < s->nc && st == KVL_OK; k++)
+            if (!lp_wait_bytes(s, k, s->lend[(size_t)k * L1 + (size_t)l + 1], &st)) break;
+        while (st == KVL_OK && nl < cap && l + nl < s->L) {
+            int all = 1;
+            for (int32_t k = 0; k < s->nc && all; k++)
+                all = s->ready[k] >= s->lend[(size_t)k * L1 + (size_t)(l + nl) + 1];
+            if (!all) break;
+            nl++;
         }
         pthread_mutex_unlock(&s->mu);
         s->wait_bytes_ms += now_ms() - tw;
@@ -424,7 +438,7 @@ kvl_status kvl_gpu_blend(const kvl_gpu_blend_req *r, kvl_gpu_load_stats *stats) 
         if (c->n_tokens < 1 || c->slot0 < 0 || c->slot0 > v.capacity - c->n_tokens || c->slot0 + c->n_tokens > r->n)
             return kvl_errorf(KVL_ERR_INVALID_ARG, "chunk %d: slots [%d, +%d) outside the pass", i, c->slot0, c->n_tokens);
     }
-    lp_state ls = {.r = r, .v = &v, .nc = nc, .L = v.n_layers, .group = r->layer_group > 0 ? r->layer_group : 4,
+    lp_state ls = {.r = r, .v = &v, .nc = nc, .L = v.n_layers, .group = r->layer_group > 0 ? r->layer_group : 8,
                    .ready_layers = 0, .st = KVL_OK, .t0 = t0};
     ls.gc = calloc((size_t)nc, sizeof *ls.gc);
     ls.data = calloc((size_t)nc, sizeof *ls.data);
@@ -432,13 +446,14 @@ kvl_status kvl_gpu_blend(const kvl_gpu_blend_req *r, kvl_gpu_load_stats *stats) 
     ls.total = calloc((size_t)nc, sizeof *ls.total);
     ls.vals = calloc((size_t)nc, sizeof *ls.vals);
     ls.sts = calloc((size_t)nc, sizeof *ls.sts);
+    ls.lend = calloc((size_t)nc * ((size_t)v.n_layers + 1), sizeof *ls.lend);
     kvl_fwd *f = NULL;
     kvl_status st = KVL_OK;
     pthread_t rth, dth;
     int rstarted = 0, dstarted = 0;
     pthread_mutex_init(&ls.mu, NULL);
     pthread_cond_init(&ls.cv, NULL);
-    if (!ls.gc || !ls.data || !ls.ready || !ls.total || !ls.vals || !ls.sts) { st = KVL_ERR_NOMEM; goto out; }
+    if (!ls.gc || !ls.data || !ls.ready || !ls.total || !ls.vals || !ls.sts || !ls.lend) { st = KVL_ERR_NOMEM; goto out; }
     for (int32_t i = 0; i < nc && st == KVL_OK; i++) st = kvl_kv_set_valid(lr->kv, lr->chunks[i].slot0, lr->chunks[i].n_tokens, 1);
     if (st == KVL_OK) st = kvl_fwd_begin(lr->model, lr->kv, r->n, r->tokens, r->positions, &f);
     if (st != KVL_OK) goto out;
@@ -497,7 +512,7 @@ out:
     for (int32_t i = 0; ls.vals && i < nc; i++) kvl_store_value_free(ls.vals[i]);
     pthread_mutex_destroy(&ls.mu);
     pthread_cond_destroy(&ls.cv);
-    free(ls.gc); free(ls.data); free(ls.ready); free(ls.total); free(ls.vals); free(ls.sts);
+    free(ls.gc); free(ls.data); free(ls.ready); free(ls.total); free(ls.vals); free(ls.sts); free(ls.lend);
     s.total_ms = now_ms() - t0;
     if (stats) *stats = s;
     return st;
