@@ -82,6 +82,11 @@ typedef struct kvl_store_options {
     kvl_store_policy policy;  /* capacity eviction policy (default LRU) */
     uint64_t default_ttl_s;   /* TTL for puts that give none; 0 = no expiry (default) */
     int queue_depth;          /* io_uring reads/writes in flight per batch (default 64) */
+    int stream_queue_depth;   /* 1 MiB reads in flight for streaming gets (default 16): fewer than a
+                                 bulk read, because the first bytes of every value matter more
+                                 than the last percent of bandwidth (the disk serves the
+                                 requests in flight together, so the first one lands after about
+                                 depth MiB / bandwidth) */
     int no_uring;             /* 1: use pread/pwrite instead of io_uring (reported in stats) */
     int load_threads;         /* threads that load the index at open; 0 = number of CPUs */
     uint64_t buffer_pool_bytes; /* freed read buffers kept for reuse (default 256 MiB; 0 = none) */

@@ -356,7 +356,9 @@ static void *lp_decoder(void *arg) {
     for (int32_t k = 0; k < s->nc && st == KVL_OK; k++) st = lp_prepare(s, k);
     pthread_mutex_unlock(&s->mu);
     for (int32_t l = 0, g = 0; l < s->L && st == KVL_OK; g++) {
-        int32_t cap = g == 0 ? 1 : s->group, nl = 1;
+        /* steps grow 1, 2, 4, ... up to s->group: the decoder gets ahead of the forward pass
+         * early, and later steps are large enough that per-launch costs stay small */
+        int32_t cap = g < 16 && (1 << g) < s->group ? 1 << g : s->group, nl = 1;
         double tw = now_ms();
         int32_t n_codec = 0;
         pthread_mutex_lock(&s->mu);

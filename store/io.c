@@ -195,6 +195,8 @@ void kvl_io_run_order(kvl_store *st, kvl_ioreq *req, size_t n, int interleave) {
     kvl_ring *r = ring_get(st);
     unsigned qd = r->ring.sq.ring_entries;
     if (st->opt.queue_depth > 0 && (unsigned)st->opt.queue_depth < qd) qd = (unsigned)st->opt.queue_depth;
+    if (interleave && st->opt.stream_queue_depth > 0 && (unsigned)st->opt.stream_queue_depth < qd)
+        qd = (unsigned)st->opt.stream_queue_depth;
     size_t next = 0, inflight = 0;
     while (next < npieces || inflight) {
         int queued = 0;

@@ -650,6 +650,7 @@ void kvl_store_options_default(kvl_store_options *o) {
     o->cache_bytes = 256ull << 20;
     o->policy = KVL_STORE_EVICT_LRU;
     o->queue_depth = 64;
+    o->stream_queue_depth = 16;
     o->buffer_pool_bytes = 256ull << 20;
 }
 

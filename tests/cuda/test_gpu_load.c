@@ -72,6 +72,7 @@ static kvl_store *open_store(uint64_t bytes, uint64_t cache) {
     o.segment_bytes = bytes;
     o.capacity_bytes = bytes;
     o.cache_bytes = cache;
+    o.buffer_pool_bytes = bytes; /* a server sizes its read-buffer pool for its batches */
     kvl_store *st = NULL;
     CHECK_OK(kvl_store_open(store_dir, &o, &st));
     return st;
