@@ -101,6 +101,7 @@ typedef struct kvl_gpu_load_stats {
     double compute_ms;    /* the layer-step forward pass on the calling thread, waits included */
     double layer_wait_ms; /* of which waiting for layers still being decoded (load not hidden) */
     double first_byte_ms; /* from the call to the first chunk bytes at hand */
+    double first_layer_ms; /* from the call to layer 0 decoded in every chunk (the forward starts) */
 } kvl_gpu_load_stats;
 
 /* Fills the chunks' slots of req->kv (all layers, marked valid) from the store or by recompute.

@@ -236,7 +236,7 @@ typedef struct lp_state {
     int32_t ready_layers; /* layers [0, ready_layers) are decoded and rotated; -1: failed */
     kvl_status st;
     char msg[256];
-    double decode_ms, kernel_ms, wait_bytes_ms;
+    double decode_ms, kernel_ms, wait_bytes_ms, first_layer_ms;
     double t0;
 } lp_state;
 
@@ -410,6 +410,7 @@ static void *lp_decoder(void *arg) {
         l += nl;
         pthread_mutex_lock(&s->mu);
         if (st == KVL_OK) s->ready_layers = l;
+        if (st == KVL_OK && g == 0) s->first_layer_ms = now_ms() - s->t0;
         pthread_cond_broadcast(&s->cv);
         pthread_mutex_unlock(&s->mu);
     }
@@ -508,6 +509,7 @@ out:
     s.decode_ms = ls.decode_ms;
     s.kernel_ms = ls.kernel_ms;
     s.first_byte_ms = ls.first_byte_ms;
+    s.first_layer_ms = ls.first_layer_ms;
     for (int32_t i = 0; i < nc && ls.total; i++) s.bytes_read += ls.total[i];
     s.n_loaded = st == KVL_OK ? nc : 0;
     kvl_fwd_free(f);
