@@ -346,7 +346,9 @@ static void *lp_decoder(void *arg) {
     cudaStream_t rs = NULL;
     kvl_status st = KVL_OK;
     kvl_clear_error();
-    if (cudaSetDevice(s->v->gpu) != cudaSuccess || cudaStreamCreateWithFlags(&rs, cudaStreamNonBlocking) != cudaSuccess)
+    int lo = 0, hi = 0; /* high priority, as the decoder's own stream (kvl_codec_gpu_create) */
+    if (cudaSetDevice(s->v->gpu) != cudaSuccess || cudaDeviceGetStreamPriorityRange(&lo, &hi) != cudaSuccess ||
+        cudaStreamCreateWithPriority(&rs, cudaStreamNonBlocking, hi) != cudaSuccess)
         st = kvl_errorf(KVL_ERR_CUDA, "decoder stream");
     /* Each step decodes the layers whose bytes have landed in every chunk, at least one and at
      * most s->group: from the DRAM tier that is whole groups at once; from disk the groups follow

@@ -67,7 +67,11 @@ kvl_status kvl_codec_gpu_create(void *cuda_stream, kvl_codec_gpu **out) {
     cudaError_t e = cudaSuccess;
     if (cuda_stream) g->st = (cudaStream_t)cuda_stream;
     else {
-        e = cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking);
+        /* the highest priority: decoding feeds a forward pass that waits for it, so its blocks go
+         * ahead of the forward pass's queued ones */
+        int lo = 0, hi = 0;
+        cudaDeviceGetStreamPriorityRange(&lo, &hi);
+        e = cudaStreamCreateWithPriority(&g->st, cudaStreamNonBlocking, hi);
         g->own_stream = e == cudaSuccess;
     }
     for (int i = 0; i < 3 && e == cudaSuccess; i++) e = cudaEventCreate(&g->ev[i]);
