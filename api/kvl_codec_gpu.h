@@ -49,6 +49,25 @@ typedef struct kvl_codec_gpu_chunk {
 kvl_status kvl_codec_gpu_decode(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chunks, int32_t n,
                                 const kvl_codec_profile *profile, kvl_codec_dtype out_dtype);
 
+/* Two-phase decoding, for pipelines that run the decode kernel on another stream (the forward
+ * pass's, right before the layers that need it, so that decoding and the forward pass do not
+ * compete for the GPU). kvl_codec_gpu_stage does the host half of kvl_codec_gpu_decode (validation,
+ * planning, staging) and queues the copies of bytes and plan to device memory owned by the batch
+ * on the decoder's stream; it returns once the host work is done. kvl_codec_gpu_launch makes
+ * `stream` (a cudaStream_t) wait for those copies and queues the kernel on it.
+ * kvl_codec_gpu_batch_finish waits for the kernel, turns a fault found inside a stream into the CPU
+ * decoder's status for it (as kvl_codec_gpu_decode does) and frees the batch; the chunks' host
+ * bytes must stay valid until then. Lossless chunks are refused (KVL_ERR_CODEC_LEVEL: use
+ * kvl_codec_gpu_decode). Errors: those of kvl_codec_gpu_decode. A batch is used by one thread at a
+ * time; a decoder may have several batches staged (each stage call waits for the previous copies). */
+typedef struct kvl_codec_gpu_batch kvl_codec_gpu_batch;
+kvl_status kvl_codec_gpu_stage(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chunks, int32_t n,
+                               const kvl_codec_profile *profile, kvl_codec_dtype out_dtype, kvl_codec_gpu_batch **out);
+kvl_status kvl_codec_gpu_launch(kvl_codec_gpu_batch *b, void *stream);
+kvl_status kvl_codec_gpu_batch_finish(kvl_codec_gpu_batch *b); /* accepts NULL */
+/* Frees a batch without checking it (error paths); waits for nothing. Accepts NULL. */
+void kvl_codec_gpu_batch_free(kvl_codec_gpu_batch *b);
+
 /* Timings of the last successful kvl_codec_gpu_decode, milliseconds. */
 typedef struct kvl_codec_gpu_stats {
     double plan_ms;     /* host validation + plan (includes staging into pinned memory) */

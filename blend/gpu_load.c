@@ -215,6 +215,12 @@ out:
  * interleaved, the first MiB of every chunk, then the second, ...), the decoder (decodes layer
  * group g of every chunk as soon as every chunk's bytes for it have landed) and the caller (the
  * layer-step forward pass: layer i as soon as it is decoded). All shared fields under mu. */
+typedef struct lp_step {
+    int32_t l, nl;              /* layers [l, l + nl) */
+    kvl_codec_gpu_batch *batch; /* its lossy chunks, staged (NULL: none) */
+    kvl_codec_gpu_chunk *gc;    /* the batch's chunk descriptors (kept until it is finished) */
+} lp_step;
+
 typedef struct lp_state {
     const kvl_gpu_blend_req *r;
     const kvl_cuda_kv_view *v;
@@ -233,6 +239,9 @@ typedef struct lp_state {
     double read_ms, first_byte_ms;
     /* decoder */
     size_t *lend;         /* [nc][L + 1]: bytes of a chunk's value that its layers [0, l) need */
+    uint8_t *lossless;    /* [nc] the chunk is a lossless (level 0) cache */
+    lp_step *steps;       /* [L] the decoder's steps; [0, n_steps) announced */
+    int32_t n_steps;
     int32_t ready_layers; /* layers [0, ready_layers) are decoded and rotated; -1: failed */
     kvl_status st;
     char msg[256];
@@ -312,6 +321,7 @@ static kvl_status lp_prepare(lp_state *s, int32_t k) {
         st = kvl_errorf(KVL_ERR_CODEC, "chunk at slot %d: cache of %d layers x %d tokens x %d channels, kv wants %d x %zu x %zu",
                         c->slot0, in.shape.n_layers, in.shape.n_tokens, in.shape.n_kv_heads * in.shape.head_dim,
                         s->v->n_layers, T, C);
+    if (st == KVL_OK) s->lossless[k] = (uint8_t)in.lossless;
     e[0] = 0;
     for (size_t l = 1; l <= L && st == KVL_OK; l++) {
         uint64_t off = 0, len = 0;
@@ -341,7 +351,6 @@ static kvl_status lp_copy_raw(lp_state *s, int32_t k, const uint8_t *b, int32_t 
 static void *lp_decoder(void *arg) {
     lp_state *s = arg;
     const kvl_gpu_load_req *lr = &s->r->load;
-    const kvl_model_config *c = kvl_model_get_config(lr->model);
     size_t es = s->v->dtype == 1 ? 2 : 4;
     cudaStream_t rs = NULL;
     kvl_status st = KVL_OK;
@@ -350,19 +359,19 @@ static void *lp_decoder(void *arg) {
     if (cudaSetDevice(s->v->gpu) != cudaSuccess || cudaDeviceGetStreamPriorityRange(&lo, &hi) != cudaSuccess ||
         cudaStreamCreateWithPriority(&rs, cudaStreamNonBlocking, hi) != cudaSuccess)
         st = kvl_errorf(KVL_ERR_CUDA, "decoder stream");
-    /* Each step decodes the layers whose bytes have landed in every chunk, at least one and at
-     * most s->group: from the DRAM tier that is whole groups at once; from disk the groups follow
-     * the reads. The first step is one layer, so that the forward pass starts as early as possible. */
+    /* Each step takes the layers whose bytes have landed in every chunk, at least one and at most
+     * s->group: from the DRAM tier that is whole groups at once; from disk the steps follow the
+     * reads. Steps grow 1, 2, 4, ... so that the forward pass starts early. A step's lossy chunks
+     * are only staged here (validated, planned, copied to the device): the forward pass queues
+     * their decode kernel on its own stream right before the step's first layer. Raw and lossless
+     * chunks are copied in place here, before the step is announced. */
     size_t L1 = (size_t)s->L + 1;
     pthread_mutex_lock(&s->mu);
     for (int32_t k = 0; k < s->nc && st == KVL_OK; k++) st = lp_prepare(s, k);
     pthread_mutex_unlock(&s->mu);
     for (int32_t l = 0, g = 0; l < s->L && st == KVL_OK; g++) {
-        /* steps grow 1, 2, 4, ... up to s->group: the decoder gets ahead of the forward pass
-         * early, and later steps are large enough that per-launch costs stay small */
         int32_t cap = g < 16 && (1 << g) < s->group ? 1 << g : s->group, nl = 1;
         double tw = now_ms();
-        int32_t n_codec = 0;
         pthread_mutex_lock(&s->mu);
         for (int32_t k = 0; k < s->nc && st == KVL_OK; k++)
             if (!lp_wait_bytes(s, k, s->lend[(size_t)k * L1 + (size_t)l + 1], &st)) break;
@@ -377,42 +386,37 @@ static void *lp_decoder(void *arg) {
         s->wait_bytes_ms += now_ms() - tw;
         if (st != KVL_OK) break;
         double t0 = now_ms();
+        lp_step *sp = &s->steps[g];
+        *sp = (lp_step){l, nl, NULL, calloc((size_t)s->nc, sizeof *sp->gc)};
+        if (!sp->gc) st = KVL_ERR_NOMEM;
+        int32_t n_lossy = 0, n_lossless = 0;
         for (int32_t k = 0; k < s->nc && st == KVL_OK; k++) {
             const kvl_gpu_load_chunk *ch = &lr->chunks[k];
             if (ch->raw) {
                 st = lp_copy_raw(s, k, s->data[k], l, nl, rs);
                 continue;
             }
-            kvl_codec_gpu_chunk *o = &s->gc[n_codec++];
-            *o = (kvl_codec_gpu_chunk){s->data[k], s->total[k], l, nl,
-                                       (uint8_t *)s->v->data + ((size_t)l * 2 * s->v->capacity + (size_t)ch->slot0) * s->v->n_channels * es,
-                                       2 * (int64_t)s->v->capacity * s->v->n_channels, (int64_t)s->v->capacity * s->v->n_channels,
-                                       s->v->n_channels};
+            kvl_codec_gpu_chunk o = {s->data[k], s->total[k], l, nl,
+                                     (uint8_t *)s->v->data + ((size_t)l * 2 * s->v->capacity + (size_t)ch->slot0) * s->v->n_channels * es,
+                                     2 * (int64_t)s->v->capacity * s->v->n_channels, (int64_t)s->v->capacity * s->v->n_channels,
+                                     s->v->n_channels};
+            if (s->lossless[k]) s->gc[n_lossless++] = o; /* decoded on the CPU (zstd), copied */
+            else sp->gc[n_lossy++] = o;
         }
-        if (st == KVL_OK && n_codec > 0) {
-            st = kvl_codec_gpu_decode(lr->dec, s->gc, n_codec, lr->profile, s->v->dtype == 1 ? KVL_CODEC_BF16 : KVL_CODEC_F32);
-            if (st == KVL_OK) {
-                kvl_codec_gpu_stats ds;
-                kvl_codec_gpu_last_stats(lr->dec, &ds);
-                s->kernel_ms += ds.kernel_ms;
-            }
-        }
-        for (int32_t k = 0; k < s->nc && st == KVL_OK; k++) {
-            const kvl_gpu_load_chunk *ch = &lr->chunks[k];
-            if (lr->no_rerotate || ch->position == 0) continue;
-            void *base = (uint8_t *)s->v->data + ((size_t)l * 2 * s->v->capacity + (size_t)ch->slot0) * s->v->n_channels * es;
-            cudaError_t e = kvl_cu_rerotate(base, s->v->dtype == 1 ? KVL_CU_BF16 : KVL_CU_F32, nl,
-                                            2 * (int64_t)s->v->capacity * s->v->n_channels, ch->n_tokens,
-                                            s->v->n_channels, c->n_kv_heads, c->head_dim, c->rope_style, c->rope_theta,
-                                            ch->position, rs);
-            if (e != cudaSuccess) st = kvl_errorf(KVL_ERR_CUDA, "rerotate: %s", cudaGetErrorString(e));
-        }
+        if (st == KVL_OK && n_lossless > 0)
+            st = kvl_codec_gpu_decode(lr->dec, s->gc, n_lossless, lr->profile, s->v->dtype == 1 ? KVL_CODEC_BF16 : KVL_CODEC_F32);
+        if (st == KVL_OK && n_lossy > 0)
+            st = kvl_codec_gpu_stage(lr->dec, sp->gc, n_lossy, lr->profile, s->v->dtype == 1 ? KVL_CODEC_BF16 : KVL_CODEC_F32,
+                                     &sp->batch);
         if (st == KVL_OK && cudaStreamSynchronize(rs) != cudaSuccess) st = kvl_errorf(KVL_ERR_CUDA, "decoder stream sync");
         s->decode_ms += now_ms() - t0;
         l += nl;
         pthread_mutex_lock(&s->mu);
-        if (st == KVL_OK) s->ready_layers = l;
-        if (st == KVL_OK && g == 0) s->first_layer_ms = now_ms() - s->t0;
+        if (st == KVL_OK) {
+            s->n_steps = g + 1;
+            s->ready_layers = l;
+            if (g == 0) s->first_layer_ms = now_ms() - s->t0;
+        }
         pthread_cond_broadcast(&s->cv);
         pthread_mutex_unlock(&s->mu);
     }
@@ -424,6 +428,26 @@ static void *lp_decoder(void *arg) {
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
     return NULL;
+}
+
+/* On the forward pass's thread, before layer sp->l: the step's decode kernel and the re-rotation
+ * of its layers' keys, queued on the model's stream (after the layers before it). */
+static kvl_status lp_launch_step(lp_state *s, lp_step *sp) {
+    const kvl_gpu_load_req *lr = &s->r->load;
+    const kvl_model_config *c = kvl_model_get_config(lr->model);
+    size_t es = s->v->dtype == 1 ? 2 : 4;
+    cudaStream_t cs = (cudaStream_t)s->v->stream;
+    if (sp->batch) KVL_TRY(kvl_codec_gpu_launch(sp->batch, cs));
+    for (int32_t k = 0; k < s->nc; k++) {
+        const kvl_gpu_load_chunk *ch = &lr->chunks[k];
+        if (lr->no_rerotate || ch->position == 0) continue;
+        void *base = (uint8_t *)s->v->data + ((size_t)sp->l * 2 * s->v->capacity + (size_t)ch->slot0) * s->v->n_channels * es;
+        cudaError_t e = kvl_cu_rerotate(base, s->v->dtype == 1 ? KVL_CU_BF16 : KVL_CU_F32, sp->nl,
+                                        2 * (int64_t)s->v->capacity * s->v->n_channels, ch->n_tokens, s->v->n_channels,
+                                        c->n_kv_heads, c->head_dim, c->rope_style, c->rope_theta, ch->position, cs);
+        if (e != cudaSuccess) return kvl_errorf(KVL_ERR_CUDA, "rerotate: %s", cudaGetErrorString(e));
+    }
+    return KVL_OK;
 }
 
 kvl_status kvl_gpu_blend(const kvl_gpu_blend_req *r, kvl_gpu_load_stats *stats) {
@@ -452,13 +476,18 @@ kvl_status kvl_gpu_blend(const kvl_gpu_blend_req *r, kvl_gpu_load_stats *stats) 
     ls.vals = calloc((size_t)nc, sizeof *ls.vals);
     ls.sts = calloc((size_t)nc, sizeof *ls.sts);
     ls.lend = calloc((size_t)nc * ((size_t)v.n_layers + 1), sizeof *ls.lend);
+    ls.lossless = calloc((size_t)nc, 1);
+    ls.steps = calloc((size_t)v.n_layers, sizeof *ls.steps);
     kvl_fwd *f = NULL;
     kvl_status st = KVL_OK;
     pthread_t rth, dth;
     int rstarted = 0, dstarted = 0;
     pthread_mutex_init(&ls.mu, NULL);
     pthread_cond_init(&ls.cv, NULL);
-    if (!ls.gc || !ls.data || !ls.ready || !ls.total || !ls.vals || !ls.sts || !ls.lend) { st = KVL_ERR_NOMEM; goto out; }
+    if (!ls.gc || !ls.data || !ls.ready || !ls.total || !ls.vals || !ls.sts || !ls.lend || !ls.lossless || !ls.steps) {
+        st = KVL_ERR_NOMEM;
+        goto out;
+    }
     for (int32_t i = 0; i < nc && st == KVL_OK; i++) st = kvl_kv_set_valid(lr->kv, lr->chunks[i].slot0, lr->chunks[i].n_tokens, 1);
     if (st == KVL_OK) st = kvl_fwd_begin(lr->model, lr->kv, r->n, r->tokens, r->positions, &f);
     if (st != KVL_OK) goto out;
@@ -470,15 +499,20 @@ kvl_status kvl_gpu_blend(const kvl_gpu_blend_req *r, kvl_gpu_load_stats *stats) 
         goto out;
     }
     double tc = now_ms();
-    for (int32_t l = 0; l < v.n_layers && st == KVL_OK; l++) {
+    for (int32_t l = 0, next = 0; l < v.n_layers && st == KVL_OK; l++) {
         double tw = now_ms();
         pthread_mutex_lock(&ls.mu);
         while (ls.ready_layers >= 0 && ls.ready_layers <= l) pthread_cond_wait(&ls.cv, &ls.mu);
         int failed = ls.ready_layers < 0;
+        lp_step *sp = next < ls.n_steps && ls.steps[next].l == l ? &ls.steps[next] : NULL;
         pthread_mutex_unlock(&ls.mu);
         s.layer_wait_ms += now_ms() - tw;
         if (failed) break;
-        st = kvl_fwd_layer(f, l, r->idx, r->n_idx);
+        if (sp) {
+            st = lp_launch_step(&ls, sp);
+            next++;
+        }
+        if (st == KVL_OK) st = kvl_fwd_layer(f, l, r->idx, r->n_idx);
     }
     if (st == KVL_OK) {
         /* every byte used must have passed the store's verification before the answer counts */
@@ -494,6 +528,12 @@ kvl_status kvl_gpu_blend(const kvl_gpu_blend_req *r, kvl_gpu_load_stats *stats) 
         if (ls.st != KVL_OK) st = kvl_errorf(ls.st, "%s", ls.msg);
     }
     if (st == KVL_OK) st = kvl_fwd_logits(f, &r->logit_slot, 1, r->logits);
+    /* the decode kernels' in-stream checks (a malformed stream fails the call with the CPU
+     * decoder's status) */
+    for (int32_t g = 0; g < ls.n_steps && st == KVL_OK; g++) {
+        st = kvl_codec_gpu_batch_finish(ls.steps[g].batch);
+        ls.steps[g].batch = NULL;
+    }
     s.compute_ms = now_ms() - tc;
 out:
     if (!dstarted && rstarted) {
@@ -506,6 +546,10 @@ out:
         if (st == KVL_OK && ls.st != KVL_OK) st = kvl_errorf(ls.st, "%s", ls.msg);
     }
     if (rstarted) pthread_join(rth, NULL);
+    for (int32_t g = 0; ls.steps && g < v.n_layers; g++) {
+        kvl_codec_gpu_batch_free(ls.steps[g].batch); /* after a failure: queued work is stream-ordered */
+        free(ls.steps[g].gc);
+    }
     s.read_ms = ls.read_ms;
     s.read_wait_ms = ls.wait_bytes_ms;
     s.decode_ms = ls.decode_ms;
@@ -519,6 +563,7 @@ out:
     pthread_mutex_destroy(&ls.mu);
     pthread_cond_destroy(&ls.cv);
     free(ls.gc); free(ls.data); free(ls.ready); free(ls.total); free(ls.vals); free(ls.sts); free(ls.lend);
+    free(ls.lossless); free(ls.steps);
     s.total_ms = now_ms() - t0;
     if (stats) *stats = s;
     return st;

@@ -204,7 +204,7 @@ kvl_status kvl_cuda_kv_view_get(kvl_kv *kv, kvl_cuda_kv_view *out) {
     pthread_mutex_unlock(&kv->m->mu);
     if (e != cudaSuccess) return cuda_err(e, "kv view");
     *out = (kvl_cuda_kv_view){kv->data, (int32_t)c->kt, kv->capacity, kv->m->cfg.n_layers,
-                              kv->m->cfg.n_kv_heads * kv->m->cfg.head_dim, c->dev};
+                              kv->m->cfg.n_kv_heads * kv->m->cfg.head_dim, c->dev, (void *)c->st};
     return KVL_OK;
 }
 

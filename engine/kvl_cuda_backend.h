@@ -41,6 +41,8 @@ typedef struct kvl_cuda_kv_view {
     int32_t dtype;
     int32_t capacity, n_layers, n_channels;
     int32_t gpu;
+    void *stream; /* the model's cudaStream_t: work queued on it is ordered with the engine's passes
+                     (a pipeline may queue its decode kernels there, between forward-pass layers) */
 } kvl_cuda_kv_view;
 kvl_status kvl_cuda_kv_view_get(kvl_kv *kv, kvl_cuda_kv_view *out);
 

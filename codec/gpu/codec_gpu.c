@@ -225,21 +225,18 @@ static void *plan_run(void *arg) {
     return NULL;
 }
 
-kvl_status kvl_codec_gpu_decode(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chunks, int32_t n,
-                                const kvl_codec_profile *profile, kvl_codec_dtype out_dtype) {
-    if (!g || (!chunks && n > 0) || n < 0) return kvl_errorf(KVL_ERR_INVALID_ARG, "bad arguments");
-    if (out_dtype != KVL_CODEC_F32 && out_dtype != KVL_CODEC_BF16)
-        return kvl_errorf(KVL_ERR_INVALID_ARG, "GPU output dtype must be f32 or bf16");
-    double t0 = now_ms();
-    kvl_codec_gpu_stats stats = {0};
-    size_t es = out_dtype == KVL_CODEC_BF16 ? 2 : 4;
+/* The host half shared by kvl_codec_gpu_decode and kvl_codec_gpu_stage: validates and plans the
+ * lossy chunks of chunks[0..n) on worker threads, stages their bytes in h_stage and the plan arrays
+ * in h_plan (laid out at off[0..5]: streams, sections, tables, cum, lut, scales; *total bytes).
+ * lossy[0..*n_lossy) = the caller's index of each planned chunk. */
+static kvl_status host_plan(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chunks, int32_t n, const kvl_codec_profile *profile,
+                            size_t es, int32_t *lossy, int32_t *n_lossy_out, size_t off[6], size_t *total) {
     kvl_codec_plan *p = &g->plan;
     kvl_codec_plan_reset(p);
-    int32_t *lossy = malloc((size_t)(n ? n : 1) * sizeof *lossy); /* plan chunk index -> caller's */
-    uint64_t *boff = malloc(((size_t)n + 1) * sizeof *boff);      /* staging offset of lossy chunk k */
-    uint64_t *roff = malloc(((size_t)n + 1) * sizeof *roff);      /* its first byte in the chunk */
-    if (!lossy || !boff || !roff) {
-        free(lossy);
+    *n_lossy_out = 0;
+    uint64_t *boff = malloc(((size_t)n + 1) * sizeof *boff); /* staging offset of lossy chunk k */
+    uint64_t *roff = malloc(((size_t)n + 1) * sizeof *roff); /* its first byte in the chunk */
+    if (!boff || !roff) {
         free(boff);
         free(roff);
         return KVL_ERR_NOMEM;
@@ -261,12 +258,11 @@ kvl_status kvl_codec_gpu_decode(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chu
         boff[n_lossy + 1] = boff[n_lossy] + rl;
         n_lossy++;
     }
-    if (st != KVL_OK || n_lossy == 0) goto lossless;
+    if (st != KVL_OK || n_lossy == 0) goto out;
     st = grow_host((void **)&g->h_stage, &g->h_cap, boff[n_lossy]);
-    if (st != KVL_OK) goto done;
-    /* h_stage may still feed the previous call's copy: nothing is in flight after a call returns,
-     * but a failed call may have left work queued */
-    if (cudaStreamSynchronize(g->st) != cudaSuccess) { st = cu_err(cudaGetLastError(), "decoder stream"); goto done; }
+    if (st != KVL_OK) goto out;
+    /* h_stage may still feed the previous call's copy */
+    if (cudaStreamSynchronize(g->st) != cudaSuccess) { st = cu_err(cudaGetLastError(), "decoder stream"); goto out; }
     {
         /* validation, planning and staging of disjoint chunk ranges on worker threads; the
          * per-worker plans are then appended in order, so chunk k's bytes sit at boff[k] */
@@ -288,43 +284,92 @@ kvl_status kvl_codec_gpu_decode(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chu
             if (w[k].st != KVL_OK) st = kvl_errorf(w[k].st, "%s", w[k].msg);
         for (int k = 0; k < nw && st == KVL_OK; k++) st = kvl_codec_plan_append(p, &g->wplan[k]);
     }
-    if (st != KVL_OK) goto done;
+    if (st != KVL_OK) goto out;
     if (p->profile) {
         st = upload_profile(g, p->profile);
-        if (st != KVL_OK) goto done;
+        if (st != KVL_OK) goto out;
     }
     /* the plan arrays in a second pinned blob, each 256-byte aligned */
-    size_t o_str = 0, o_sec = o_str + al256(p->n_streams * sizeof *p->streams),
-           o_tab = o_sec + al256(p->n_sections * sizeof *p->sections), o_cum = o_tab + al256(p->n_tables * sizeof *p->tables),
-           o_lut = o_cum + al256(p->n_cum * 4), o_sc = o_lut + al256(p->n_lut * 2), total = o_sc + al256(p->n_scales * 4);
+    off[0] = 0;
+    off[1] = off[0] + al256(p->n_streams * sizeof *p->streams);
+    off[2] = off[1] + al256(p->n_sections * sizeof *p->sections);
+    off[3] = off[2] + al256(p->n_tables * sizeof *p->tables);
+    off[4] = off[3] + al256(p->n_cum * 4);
+    off[5] = off[4] + al256(p->n_lut * 2);
+    *total = off[5] + al256(p->n_scales * 4);
+    st = grow_host((void **)&g->h_plan, &g->hp_cap, *total);
+    if (st != KVL_OK) goto out;
+    memcpy(g->h_plan + off[0], p->streams, p->n_streams * sizeof *p->streams);
+    memcpy(g->h_plan + off[1], p->sections, p->n_sections * sizeof *p->sections);
+    memcpy(g->h_plan + off[2], p->tables, p->n_tables * sizeof *p->tables);
+    if (p->n_cum) memcpy(g->h_plan + off[3], p->cum, p->n_cum * 4);
+    if (p->n_lut) memcpy(g->h_plan + off[4], p->lut, p->n_lut * 2);
+    memcpy(g->h_plan + off[5], p->scales, p->n_scales * 4);
+    *n_lossy_out = n_lossy;
+out:
+    free(boff);
+    free(roff);
+    return st;
+}
+
+/* kernel arguments for a plan whose bytes sit at d_bytes and arrays at d_plan (offsets off) */
+static kvl_cu_codec_args make_args(const kvl_codec_gpu *g, const uint8_t *d_bytes, const uint8_t *d_plan, const size_t off[6],
+                                   int16_t *d_anchor, uint32_t *d_err) {
+    kvl_cu_codec_args a = {0};
+    a.bytes = d_bytes;
+    a.streams = (const kvl_codec_plan_stream *)(d_plan + off[0]);
+    a.sections = (const kvl_codec_plan_section *)(d_plan + off[1]);
+    a.tables = (const kvl_codec_plan_table *)(d_plan + off[2]);
+    a.cum = (const uint32_t *)(d_plan + off[3]);
+    a.lut = (const uint16_t *)(d_plan + off[4]);
+    for (int lv = 0; lv < 5; lv++) {
+        a.pcum[lv] = g->d_pcum[lv];
+        a.plut[lv] = g->d_plut[lv];
+    }
+    a.scales = (const float *)(d_plan + off[5]);
+    a.anchor = d_anchor;
+    a.n_streams = (uint32_t)g->plan.n_streams;
+    a.err = d_err;
+    return a;
+}
+
+/* A fault the kernel found in stream s (of chunks[k]): the CPU decoder names it exactly as it would */
+static kvl_status rediagnose(const kvl_codec_gpu_chunk *c, uint32_t s, uint32_t why, const kvl_codec_profile *profile) {
+    kvl_codec_info in;
+    kvl_codec_info_get(c->buf, c->size, &in);
+    int32_t nl = c->n_layers <= 0 ? in.shape.n_layers - c->layer0 : c->n_layers;
+    size_t need = (size_t)nl * 2 * (size_t)in.shape.n_tokens * in.shape.n_kv_heads * in.shape.head_dim * 4;
+    void *tmp = malloc(need);
+    if (!tmp) return KVL_ERR_NOMEM;
+    kvl_status st = kvl_codec_decode(c->buf, c->size, profile, c->layer0, nl, KVL_CODEC_F32, tmp, need, 1);
+    free(tmp);
+    if (st == KVL_OK)
+        st = kvl_errorf(KVL_ERR_INTERNAL, "GPU decoder rejected stream %u (reason %u) the CPU decoder accepts", s, why);
+    return st;
+}
+
+kvl_status kvl_codec_gpu_decode(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chunks, int32_t n,
+                                const kvl_codec_profile *profile, kvl_codec_dtype out_dtype) {
+    if (!g || (!chunks && n > 0) || n < 0) return kvl_errorf(KVL_ERR_INVALID_ARG, "bad arguments");
+    if (out_dtype != KVL_CODEC_F32 && out_dtype != KVL_CODEC_BF16)
+        return kvl_errorf(KVL_ERR_INVALID_ARG, "GPU output dtype must be f32 or bf16");
+    double t0 = now_ms();
+    kvl_codec_gpu_stats stats = {0};
+    size_t es = out_dtype == KVL_CODEC_BF16 ? 2 : 4;
+    kvl_codec_plan *p = &g->plan;
+    int32_t *lossy = malloc((size_t)(n ? n : 1) * sizeof *lossy); /* plan chunk index -> caller's */
+    if (!lossy) return KVL_ERR_NOMEM;
+    int32_t n_lossy = 0;
+    size_t off[6] = {0}, total = 0;
+    kvl_status st = host_plan(g, chunks, n, profile, es, lossy, &n_lossy, off, &total);
+    if (st != KVL_OK || n_lossy == 0) goto lossless;
+    st = grow_dev((void **)&g->d_buf, &g->d_cap, p->n_bytes);
+    if (st == KVL_OK) st = grow_dev((void **)&g->d_plan, &g->dp_cap, total);
+    if (st == KVL_OK) st = grow_dev((void **)&g->d_anchor, &g->anchor_cap, p->n_anchor * 2 + 2);
+    if (st != KVL_OK) goto done;
+    stats.plan_ms = now_ms() - t0;
     {
-        st = grow_host((void **)&g->h_plan, &g->hp_cap, total);
-        if (st == KVL_OK) st = grow_dev((void **)&g->d_buf, &g->d_cap, p->n_bytes);
-        if (st == KVL_OK) st = grow_dev((void **)&g->d_plan, &g->dp_cap, total);
-        if (st == KVL_OK) st = grow_dev((void **)&g->d_anchor, &g->anchor_cap, p->n_anchor * 2 + 2);
-        if (st != KVL_OK) goto done;
-        memcpy(g->h_plan + o_str, p->streams, p->n_streams * sizeof *p->streams);
-        memcpy(g->h_plan + o_sec, p->sections, p->n_sections * sizeof *p->sections);
-        memcpy(g->h_plan + o_tab, p->tables, p->n_tables * sizeof *p->tables);
-        if (p->n_cum) memcpy(g->h_plan + o_cum, p->cum, p->n_cum * 4);
-        if (p->n_lut) memcpy(g->h_plan + o_lut, p->lut, p->n_lut * 2);
-        memcpy(g->h_plan + o_sc, p->scales, p->n_scales * 4);
-        stats.plan_ms = now_ms() - t0;
-        kvl_cu_codec_args a = {0};
-        a.bytes = g->d_buf;
-        a.streams = (const kvl_codec_plan_stream *)(g->d_plan + o_str);
-        a.sections = (const kvl_codec_plan_section *)(g->d_plan + o_sec);
-        a.tables = (const kvl_codec_plan_table *)(g->d_plan + o_tab);
-        a.cum = (const uint32_t *)(g->d_plan + o_cum);
-        a.lut = (const uint16_t *)(g->d_plan + o_lut);
-        for (int lv = 0; lv < 5; lv++) {
-            a.pcum[lv] = g->d_pcum[lv];
-            a.plut[lv] = g->d_plut[lv];
-        }
-        a.scales = (const float *)(g->d_plan + o_sc);
-        a.anchor = g->d_anchor;
-        a.n_streams = (uint32_t)p->n_streams;
-        a.err = g->d_err;
+        kvl_cu_codec_args a = make_args(g, g->d_buf, g->d_plan, off, g->d_anchor, g->d_err);
         cudaError_t e = cudaEventRecord(g->ev[0], g->st);
         if (e == cudaSuccess) e = cudaMemcpyAsync(g->d_buf, g->h_stage, p->n_bytes, cudaMemcpyHostToDevice, g->st);
         if (e == cudaSuccess) e = cudaMemcpyAsync(g->d_plan, g->h_plan, total, cudaMemcpyHostToDevice, g->st);
@@ -342,20 +387,8 @@ kvl_status kvl_codec_gpu_decode(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chu
         cudaEventElapsedTime(&ms, g->ev[1], g->ev[2]);
         stats.kernel_ms = ms;
         if (g->h_err[0] != 0xffffffffu) {
-            /* a fault inside a stream: let the CPU decoder name it exactly as it would */
-            uint32_t s = g->h_err[0] < p->n_streams ? g->h_err[0] : 0;
-            const kvl_codec_gpu_chunk *c = &chunks[lossy[p->sections[p->streams[s].sec].chunk]];
-            kvl_codec_info in;
-            kvl_codec_info_get(c->buf, c->size, &in);
-            int32_t nl = c->n_layers <= 0 ? in.shape.n_layers - c->layer0 : c->n_layers;
-            size_t need = (size_t)nl * 2 * (size_t)in.shape.n_tokens * in.shape.n_kv_heads * in.shape.head_dim * 4;
-            void *tmp = malloc(need);
-            if (!tmp) { st = KVL_ERR_NOMEM; goto done; }
-            st = kvl_codec_decode(c->buf, c->size, profile, c->layer0, nl, KVL_CODEC_F32, tmp, need, 1);
-            free(tmp);
-            if (st == KVL_OK)
-                st = kvl_errorf(KVL_ERR_INTERNAL, "GPU decoder rejected stream %u (reason %u) the CPU decoder accepts",
-                                g->h_err[0], g->h_err[1]);
+            uint32_t sx = g->h_err[0] < p->n_streams ? g->h_err[0] : 0;
+            st = rediagnose(&chunks[lossy[p->sections[p->streams[sx].sec].chunk]], sx, g->h_err[1], profile);
             goto done;
         }
     }
@@ -373,11 +406,120 @@ lossless:
     stats.n_streams = p->n_streams;
 done:
     free(lossy);
-    free(boff);
-    free(roff);
     if (st == KVL_OK) {
         stats.total_ms = now_ms() - t0;
         g->stats = stats;
     }
     return st;
+}
+
+/* ---------------------------------------------------------------- two-phase decoding */
+
+struct kvl_codec_gpu_batch {
+    kvl_codec_gpu *g;
+    uint8_t *d_blob;       /* bytes | plan arrays | anchor | err, stream-ordered allocation */
+    size_t off[6];
+    uint64_t n_bytes, n_streams;
+    size_t o_plan, o_anchor, o_err;
+    cudaEvent_t copied;    /* the H2D copies are done (recorded on the decoder's stream) */
+    cudaStream_t launched; /* the stream the kernel went to (NULL: not launched) */
+    int dtype;             /* kvl_cu_dtype */
+    kvl_cu_codec_args args;
+    int32_t *stream_chunk; /* [n_streams] the caller's chunk of each stream (for re-diagnosis) */
+    const kvl_codec_gpu_chunk *chunks;
+    int32_t *lossy;
+    const kvl_codec_profile *profile;
+};
+
+kvl_status kvl_codec_gpu_stage(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chunks, int32_t n,
+                               const kvl_codec_profile *profile, kvl_codec_dtype out_dtype, kvl_codec_gpu_batch **out) {
+    if (!g || !out || (!chunks && n > 0) || n < 1) return kvl_errorf(KVL_ERR_INVALID_ARG, "bad arguments");
+    *out = NULL;
+    if (out_dtype != KVL_CODEC_F32 && out_dtype != KVL_CODEC_BF16)
+        return kvl_errorf(KVL_ERR_INVALID_ARG, "GPU output dtype must be f32 or bf16");
+    for (int32_t i = 0; i < n; i++) {
+        kvl_codec_info in;
+        KVL_TRY(kvl_codec_info_get(chunks[i].buf, chunks[i].size, &in));
+        if (in.lossless) return kvl_errorf(KVL_ERR_CODEC_LEVEL, "chunk %d is lossless: decode it with kvl_codec_gpu_decode", i);
+    }
+    kvl_codec_gpu_batch *b = calloc(1, sizeof *b);
+    if (!b) return KVL_ERR_NOMEM;
+    b->g = g;
+    b->chunks = chunks;
+    b->profile = profile;
+    b->dtype = out_dtype == KVL_CODEC_BF16 ? KVL_CU_BF16 : KVL_CU_F32;
+    b->lossy = malloc((size_t)n * sizeof *b->lossy);
+    int32_t n_lossy = 0;
+    size_t total = 0;
+    kvl_status st = b->lossy ? host_plan(g, chunks, n, profile, out_dtype == KVL_CODEC_BF16 ? 2 : 4, b->lossy, &n_lossy,
+                                         b->off, &total)
+                             : KVL_ERR_NOMEM;
+    const kvl_codec_plan *p = &g->plan;
+    if (st == KVL_OK && !(b->stream_chunk = malloc((p->n_streams ? p->n_streams : 1) * sizeof *b->stream_chunk)))
+        st = KVL_ERR_NOMEM;
+    for (size_t k = 0; st == KVL_OK && k < p->n_streams; k++) b->stream_chunk[k] = b->lossy[p->sections[p->streams[k].sec].chunk];
+    cudaError_t e = cudaSuccess;
+    if (st == KVL_OK) {
+        b->n_bytes = p->n_bytes;
+        b->n_streams = p->n_streams;
+        b->o_plan = al256(p->n_bytes);
+        b->o_anchor = b->o_plan + al256(total);
+        b->o_err = b->o_anchor + al256(p->n_anchor * 2 + 2);
+        e = cudaMallocAsync((void **)&b->d_blob, b->o_err + 256, g->st);
+        if (e == cudaSuccess) e = cudaEventCreateWithFlags(&b->copied, cudaEventDisableTiming);
+        if (e == cudaSuccess) e = cudaMemcpyAsync(b->d_blob, g->h_stage, p->n_bytes, cudaMemcpyHostToDevice, g->st);
+        if (e == cudaSuccess) e = cudaMemcpyAsync(b->d_blob + b->o_plan, g->h_plan, total, cudaMemcpyHostToDevice, g->st);
+        if (e == cudaSuccess) e = cudaMemsetAsync(b->d_blob + b->o_err, 0xff, 4, g->st);
+        if (e == cudaSuccess) e = cudaMemsetAsync(b->d_blob + b->o_err + 4, 0, 4, g->st);
+        if (e == cudaSuccess) e = cudaEventRecord(b->copied, g->st);
+        if (e != cudaSuccess) st = cu_err(e, "GPU decode staging");
+    }
+    if (st == KVL_OK)
+        b->args = make_args(g, b->d_blob, b->d_blob + b->o_plan, b->off, (int16_t *)(b->d_blob + b->o_anchor),
+                            (uint32_t *)(b->d_blob + b->o_err));
+    if (st != KVL_OK) {
+        kvl_codec_gpu_batch_free(b);
+        return st;
+    }
+    *out = b;
+    return KVL_OK;
+}
+
+kvl_status kvl_codec_gpu_launch(kvl_codec_gpu_batch *b, void *stream) {
+    if (!b || b->launched) return kvl_errorf(KVL_ERR_INVALID_ARG, "no batch, or launched already");
+    cudaStream_t s = (cudaStream_t)stream;
+    cudaError_t e = cudaStreamWaitEvent(s, b->copied, 0);
+    if (e == cudaSuccess) e = kvl_cu_codec_decode(&b->args, (kvl_cu_dtype)b->dtype, s);
+    if (e != cudaSuccess) return cu_err(e, "GPU decode launch");
+    b->launched = s;
+    return KVL_OK;
+}
+
+kvl_status kvl_codec_gpu_batch_finish(kvl_codec_gpu_batch *b) {
+    if (!b) return KVL_OK;
+    kvl_status st = KVL_OK;
+    if (!b->launched) {
+        st = kvl_errorf(KVL_ERR_INVALID_ARG, "batch finished without a launch");
+    } else {
+        uint32_t h[2] = {0, 0};
+        cudaError_t e = cudaStreamSynchronize(b->launched);
+        if (e == cudaSuccess) e = cudaMemcpy(h, b->d_blob + b->o_err, 8, cudaMemcpyDeviceToHost);
+        if (e != cudaSuccess) st = cu_err(e, "GPU decode");
+        else if (h[0] != 0xffffffffu) {
+            uint32_t sx = h[0] < b->n_streams ? h[0] : 0;
+            st = rediagnose(&b->chunks[b->stream_chunk[sx]], sx, h[1], b->profile);
+        }
+    }
+    kvl_codec_gpu_batch_free(b);
+    return st;
+}
+
+void kvl_codec_gpu_batch_free(kvl_codec_gpu_batch *b) {
+    if (!b) return;
+    /* the blob goes back to the pool in stream order: after the kernel (or the copies) */
+    if (b->d_blob) cudaFreeAsync(b->d_blob, b->launched ? b->launched : b->g->st);
+    if (b->copied) cudaEventDestroy(b->copied);
+    free(b->stream_chunk);
+    free(b->lossy);
+    free(b);
 }

@@ -142,6 +142,27 @@ static void test_batch(void) {
     CHECK_OK(kvl_codec_gpu_decode(G, ch, 5, p, KVL_CODEC_BF16));
     cudaMemcpy(got, d, 5 * n * 2, cudaMemcpyDeviceToHost);
     CHECK(memcmp(got, want, 5 * n * 2) == 0);
+    /* two-phase: the lossy chunks staged, the kernel launched on another stream, then checked */
+    {
+        cudaStream_t other = NULL;
+        cudaStreamCreate(&other);
+        cudaMemset(d, 0, 5 * n * 2);
+        kvl_codec_gpu_batch *b = NULL;
+        CHECK_ST(kvl_codec_gpu_stage(G, ch, 5, p, KVL_CODEC_BF16, &b), KVL_ERR_CODEC_LEVEL); /* chunk 0 is lossless */
+        CHECK(b == NULL);
+        CHECK_OK(kvl_codec_gpu_stage(G, ch + 1, 4, p, KVL_CODEC_BF16, &b));
+        CHECK_OK(kvl_codec_gpu_launch(b, other));
+        CHECK_ST(kvl_codec_gpu_launch(b, other), KVL_ERR_INVALID_ARG); /* once */
+        CHECK_OK(kvl_codec_gpu_batch_finish(b));
+        cudaMemcpy(got, d, 5 * n * 2, cudaMemcpyDeviceToHost);
+        CHECK(memcmp(got + n, want + n, 4 * n * 2) == 0);
+        /* a batch finished without a launch is an error, and freed */
+        CHECK_OK(kvl_codec_gpu_stage(G, ch + 2, 1, NULL, KVL_CODEC_BF16, &b));
+        CHECK_ST(kvl_codec_gpu_batch_finish(b), KVL_ERR_INVALID_ARG);
+        CHECK_OK(kvl_codec_gpu_stage(G, ch + 2, 1, NULL, KVL_CODEC_BF16, &b));
+        kvl_codec_gpu_batch_free(b);
+        cudaStreamDestroy(other);
+    }
     /* a second profile in the same call is refused; a chunk needing a profile without one too */
     CHECK_ST(kvl_codec_gpu_decode(G, &ch[3], 1, NULL, KVL_CODEC_BF16), KVL_ERR_CODEC_PROFILE);
     CHECK_ST(kvl_codec_gpu_decode(G, ch, 1, p, KVL_CODEC_F16), KVL_ERR_INVALID_ARG);
