@@ -219,6 +219,7 @@ typedef struct lp_step {
     int32_t l, nl;              /* layers [l, l + nl) */
     kvl_codec_gpu_batch *batch; /* its lossy chunks, staged (NULL: none) */
     kvl_codec_gpu_chunk *gc;    /* the batch's chunk descriptors (kept until it is finished) */
+    cudaEvent_t ev[2];          /* around its decode kernel + re-rotation on the forward stream */
 } lp_step;
 
 typedef struct lp_state {
@@ -387,7 +388,7 @@ static void *lp_decoder(void *arg) {
         if (st != KVL_OK) break;
         double t0 = now_ms();
         lp_step *sp = &s->steps[g];
-        *sp = (lp_step){l, nl, NULL, calloc((size_t)s->nc, sizeof *sp->gc)};
+        *sp = (lp_step){l, nl, NULL, calloc((size_t)s->nc, sizeof *sp->gc), {NULL, NULL}};
         if (!sp->gc) st = KVL_ERR_NOMEM;
         int32_t n_lossy = 0, n_lossless = 0;
         for (int32_t k = 0; k < s->nc && st == KVL_OK; k++) {
@@ -437,6 +438,9 @@ static kvl_status lp_launch_step(lp_state *s, lp_step *sp) {
     const kvl_model_config *c = kvl_model_get_config(lr->model);
     size_t es = s->v->dtype == 1 ? 2 : 4;
     cudaStream_t cs = (cudaStream_t)s->v->stream;
+    if (cudaEventCreate(&sp->ev[0]) != cudaSuccess || cudaEventCreate(&sp->ev[1]) != cudaSuccess ||
+        cudaEventRecord(sp->ev[0], cs) != cudaSuccess)
+        return kvl_errorf(KVL_ERR_CUDA, "step events");
     if (sp->batch) KVL_TRY(kvl_codec_gpu_launch(sp->batch, cs));
     for (int32_t k = 0; k < s->nc; k++) {
         const kvl_gpu_load_chunk *ch = &lr->chunks[k];
@@ -447,6 +451,7 @@ static kvl_status lp_launch_step(lp_state *s, lp_step *sp) {
                                         c->n_kv_heads, c->head_dim, c->rope_style, c->rope_theta, ch->position, cs);
         if (e != cudaSuccess) return kvl_errorf(KVL_ERR_CUDA, "rerotate: %s", cudaGetErrorString(e));
     }
+    if (cudaEventRecord(sp->ev[1], cs) != cudaSuccess) return kvl_errorf(KVL_ERR_CUDA, "step events");
     return KVL_OK;
 }
 
@@ -533,6 +538,9 @@ kvl_status kvl_gpu_blend(const kvl_gpu_blend_req *r, kvl_gpu_load_stats *stats) 
     for (int32_t g = 0; g < ls.n_steps && st == KVL_OK; g++) {
         st = kvl_codec_gpu_batch_finish(ls.steps[g].batch);
         ls.steps[g].batch = NULL;
+        float ms = 0;
+        if (st == KVL_OK && ls.steps[g].ev[1] && cudaEventElapsedTime(&ms, ls.steps[g].ev[0], ls.steps[g].ev[1]) == cudaSuccess)
+            s.kernel_ms += ms;
     }
     s.compute_ms = now_ms() - tc;
 out:
@@ -549,11 +557,12 @@ out:
     for (int32_t g = 0; ls.steps && g < v.n_layers; g++) {
         kvl_codec_gpu_batch_free(ls.steps[g].batch); /* after a failure: queued work is stream-ordered */
         free(ls.steps[g].gc);
+        for (int k = 0; k < 2; k++)
+            if (ls.steps[g].ev[k]) cudaEventDestroy(ls.steps[g].ev[k]);
     }
     s.read_ms = ls.read_ms;
     s.read_wait_ms = ls.wait_bytes_ms;
     s.decode_ms = ls.decode_ms;
-    s.kernel_ms = ls.kernel_ms;
     s.first_byte_ms = ls.first_byte_ms;
     s.first_layer_ms = ls.first_layer_ms;
     for (int32_t i = 0; i < nc && ls.total; i++) s.bytes_read += ls.total[i];

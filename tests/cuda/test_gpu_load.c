@@ -663,7 +663,7 @@ static int ttft(const char *list) {
                     if (tt[rep] == sorted[1]) mi = rep;
                 printf("%s pipelined: TTFT %.1f (runs %.1f %.1f %.1f); of the median run: reads done at %.1f (first bytes %.1f, "
                        "layer 0 decoded %.1f), "
-                       "decoder thread %.1f (kernels timed %.1f: 0 when they ran on the forward stream), forward waited %.1f for layers; "
+                       "decoder thread %.1f, decode kernels + re-rotation on the forward stream %.1f, forward waited %.1f for layers; "
                        "load hidden under recompute: %.0f%%\n",
                        dram ? "DRAM" : "cold", tt[mi], tt[0], tt[1], tt[2], rd[mi], fb[mi], fl[mi], dc[mi], kn[mi], wt[mi],
                        100.0 * (load + rc - tt[mi]) / load);
