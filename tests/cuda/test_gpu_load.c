@@ -514,6 +514,7 @@ static int ttft(const char *list) {
     float *logits = malloc((size_t)c.vocab_size * 4);
     const char *lv_list = getenv("KVL_GPU_TTFT_LEVELS") ? getenv("KVL_GPU_TTFT_LEVELS") : "raw,2";
     const char *tune = getenv("KVL_CODEC_TUNE");
+    int32_t lgroup = getenv("KVL_GPU_TTFT_GROUP") ? atoi(getenv("KVL_GPU_TTFT_GROUP")) : 0; /* 0: the default */
     printf("ttft: Llama-3-8B config, synthetic bf16 weights; context = N tokens in 512-token chunks + %d-token query;\n"
            "recompute = 15%% of the context (chunks 1..) + the query; levels %s%s%s; all ms\n", Q, lv_list,
            tune ? ", KVL_CODEC_TUNE=" : "", tune ? tune : "");
@@ -624,7 +625,7 @@ static int ttft(const char *list) {
                      * the first call after opening also pays for the store's read buffers (page
                      * faults): shown on its own, untimed below */
                     kvl_kv_clear(kv);
-                    kvl_gpu_blend_req br = {r, total, tok, pos, bidx, nb, 0, last, logits};
+                    kvl_gpu_blend_req br = {r, total, tok, pos, bidx, nb, lgroup, last, logits};
                     t0 = now_ms();
                     CHECK_OK(kvl_gpu_blend(&br, &s));
                     printf("cold pipelined, first call after opening the store: TTFT %.1f (first bytes at %.1f)\n",
@@ -645,7 +646,7 @@ static int ttft(const char *list) {
                 double tt[3], wt[3], rd[3], dc[3], kn[3], fb[3], fl[3];
                 for (int rep = 0; rep < 3; rep++) {
                     kvl_kv_clear(kv);
-                    kvl_gpu_blend_req br = {r, total, tok, pos, bidx, nb, 0, last, logits};
+                    kvl_gpu_blend_req br = {r, total, tok, pos, bidx, nb, lgroup, last, logits};
                     t0 = now_ms();
                     CHECK_OK(kvl_gpu_blend(&br, &s));
                     tt[rep] = now_ms() - t0;
@@ -669,7 +670,7 @@ static int ttft(const char *list) {
                        100.0 * (load + rc - tt[mi]) / load);
                 if (dram) {
                     kvl_kv_clear(kv);
-                    kvl_gpu_blend_req br = {r, total, tok, pos, qidx, nq, 0, last, logits};
+                    kvl_gpu_blend_req br = {r, total, tok, pos, qidx, nq, lgroup, last, logits};
                     double best = 1e30;
                     for (int rep = 0; rep < 2; rep++) {
                         kvl_kv_clear(kv);
