@@ -111,9 +111,10 @@ kvl_status kvl_codec_decode(const uint8_t *buf, size_t size, const kvl_codec_pro
 
 /* Largest absolute error a lossy level guarantees for one element, relative to the largest
  * absolute value of the scale group it belongs to (its token row / channel / whole (layer, k|v),
- * whichever the level's scale granularity for that layer and k|v is): 0.5 / Q (1.5 / Q where keys
- * carry an integer offset per channel), with a margin for the bfloat16 rounding of scales. Used by
- * tests; returns 0 for level 0. */
+ * whichever the level's scale granularity for that layer and k|v is): 0.5 / Q; where keys carry
+ * a per-channel scale and integer offset, 1.5 / Q relative to the largest |value| of the whole
+ * (layer, k|v) (the steps of narrow channels follow the widest channel, docs/codec-format.md);
+ * with a margin for the bfloat16 rounding of scales. Used by tests; returns 0 for level 0. */
 double kvl_codec_level_error_bound(int32_t level, int32_t scheme, int32_t n_layers, int32_t layer,
                                    int32_t kv);
 

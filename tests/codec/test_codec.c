@@ -43,7 +43,7 @@ static double check_bound(const kvl_codec_shape *sh, const float *x, const float
             for (int32_t t = 0; t < T; t++)
                 for (int32_t c = 0; c < C; c++) {
                     size_t i = (size_t)t * C + c;
-                    float g = sm == KVLC_SCALE_TOKEN ? rowm[t] : sm == KVLC_SCALE_LAYER ? all : colm[c];
+                    float g = sm == KVLC_SCALE_TOKEN ? rowm[t] : sm == KVLC_SCALE_CHANNEL ? colm[c] : all;
                     double e = fabs((double)xs[i] - ds[i]), b = rb * g + 1e-30;
                     if (e / b > worst) worst = e / b;
                 }
