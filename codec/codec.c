@@ -74,6 +74,7 @@ typedef struct sec_job {
     const kvl_codec_shape *shape;
     int dtype;
     const void *kv;
+    const float *rope_cs; /* kvlc_rope_table of the chunk when the profile rotates keys, else NULL */
     /* per section results */
     kvlc_buf *out; /* [2L] */
     kvl_status *st;
@@ -190,6 +191,7 @@ static kvl_status encode_quant_section(const sec_job *j, int l, int kv, kvlc_buf
     }
     size_t base = ((size_t)l * 2 + kv) * n;
     for (size_t i = 0; i < n; i++) x[i] = load_elem(j->kv, j->dtype, base + i);
+    if (kv == 0 && j->rope_cs) kvlc_rotate_keys(x, T, j->shape->n_kv_heads, j->shape->head_dim, j->prof->key_rot, j->rope_cs, 1);
     if (kvlc_quantize_section(x, T, C, sm, Q, p->deadzone, sc, q) != 0) {
         st = kvl_errorf(KVL_ERR_RANGE, "layer %d %s: a value is not finite or its scale overflows", l, kv ? "v" : "k");
         goto done;
@@ -361,10 +363,12 @@ kvl_status kvl_codec_encode(const kvl_codec_shape *shape, kvl_codec_dtype dtype,
     }
     int L = shape->n_layers, n_sec = 2 * L;
     int32_t C = shape->n_kv_heads * shape->head_dim;
-    sec_job j = {&p, prof, shape, dtype, kv, calloc((size_t)n_sec, sizeof(kvlc_buf)),
+    float *cs = prof && prof->key_rot ? malloc((size_t)shape->n_tokens * shape->head_dim * sizeof *cs) : NULL;
+    if (cs) kvlc_rope_table(prof->rope_theta, shape->head_dim, shape->n_tokens, cs);
+    sec_job j = {&p, prof, shape, dtype, kv, cs, calloc((size_t)n_sec, sizeof(kvlc_buf)),
                  calloc((size_t)n_sec, sizeof(kvl_status)), calloc((size_t)n_sec, 256)};
     kvl_status st = KVL_OK;
-    if (!j.out || !j.st || !j.msg) { st = KVL_ERR_NOMEM; goto done; }
+    if (!j.out || !j.st || !j.msg || (prof && prof->key_rot && !cs)) { st = KVL_ERR_NOMEM; goto done; }
     int nt = clamp_threads(o.n_threads);
     if (nt > n_sec) nt = n_sec;
     worker w[64];
@@ -418,7 +422,7 @@ kvl_status kvl_codec_encode(const kvl_codec_shape *shape, kvl_codec_dtype dtype,
 done:
     if (j.out)
         for (int i = 0; i < n_sec; i++) free(j.out[i].p);
-    free(j.out); free(j.st); free(j.msg);
+    free(j.out); free(j.st); free(j.msg); free(cs);
     kvlc_params_free(&p);
     return st;
 }
@@ -527,6 +531,7 @@ static int get_varint(const uint8_t **p, const uint8_t *end, uint32_t *v) {
 typedef struct dec_ctx {
     const hdr *h;
     const kvl_codec_profile *prof;
+    const float *rope_cs; /* kvlc_rope_table of the chunk when its profile rotates keys, else NULL */
 } dec_ctx;
 
 static kvl_status decode_lossless_section(const hdr *h, const uint8_t *s, size_t len, int out_dtype, void *out,
@@ -681,7 +686,9 @@ static kvl_status decode_quant_section(const dec_ctx *d, int l, int kv, const ui
     const float *scale = sp.scale;
     kvl_status st = KVL_OK;
     int32_t *anchor = malloc((size_t)cg * sizeof *anchor);
-    if (!anchor) { st = KVL_ERR_NOMEM; goto done; }
+    /* rotated keys: the float32 values first, rotated forward, then stored in the output dtype */
+    float *rot = kv == 0 && d->rope_cs ? malloc((size_t)T * C * sizeof *rot) : NULL;
+    if (!anchor || (kv == 0 && d->rope_cs && !rot)) { st = KVL_ERR_NOMEM; goto done; }
     const uint8_t *p = sp.data;
     for (int32_t g = 0; g < sp.n_streams; g++) {
         size_t slen = kvlc_get32(sp.sizes + 4 * (size_t)g);
@@ -715,13 +722,19 @@ static kvl_status decode_quant_section(const dec_ctx *d, int l, int kv, const ui
                 /* one multiply, no FMA: the GPU decoder reproduces this bit for bit */
                 if (sm == KVLC_SCALE_CHANNEL_OFFSET) val = (float)(qv + (int32_t)scale[C + c]) * scale[c];
                 else val = (float)qv * scale[sm == KVLC_SCALE_TOKEN ? t : sm == KVLC_SCALE_CHANNEL ? c : 0];
-                store_elem(out, out_dtype, out_base + (size_t)t * C + c, val);
+                if (rot) rot[(size_t)t * C + c] = val;
+                else store_elem(out, out_dtype, out_base + (size_t)t * C + c, val);
             }
         }
         if (x != KVLC_RANS_L || sp_ != se) { st = bad("stream does not end in the initial coder state"); goto done; }
     }
+    if (rot) {
+        kvlc_rotate_keys(rot, T, h->info.shape.n_kv_heads, h->info.shape.head_dim, d->prof->key_rot, d->rope_cs, 0);
+        for (size_t i = 0; i < (size_t)T * C; i++) store_elem(out, out_dtype, out_base + i, rot[i]);
+    }
 done:
     free(anchor);
+    free(rot);
     sec_parsed_free(&sp);
     return st;
 }
@@ -732,7 +745,7 @@ static void *decode_worker(void *arg) {
     const hdr *h = (const hdr *)j->kv; /* decode passes the parsed header through kv */
     int32_t C = h->info.shape.n_kv_heads * h->info.shape.head_dim;
     size_t n = (size_t)h->info.shape.n_tokens * C;
-    dec_ctx d = {h, j->prof};
+    dec_ctx d = {h, j->prof, j->rope_cs};
     int n_sec = 2 * w->n_layers;
     for (int i = w->tid; i < n_sec; i += w->nt) {
         kvl_clear_error();
@@ -793,10 +806,13 @@ kvl_status kvl_codec_decode(const uint8_t *buf, size_t size, const kvl_codec_pro
     if (out_cap < need) return kvl_errorf(KVL_ERR_INVALID_ARG, "output buffer of %zu bytes, %zu needed", out_cap, need);
     KVL_TRY(check_profile(&h, buf, profile));
     int n_sec = 2 * n_layers;
+    int rotk = h.info.uses_profile && profile->key_rot;
+    float *cs = rotk ? malloc((size_t)h.info.shape.n_tokens * h.info.shape.head_dim * sizeof *cs) : NULL;
+    if (cs) kvlc_rope_table(profile->rope_theta, h.info.shape.head_dim, h.info.shape.n_tokens, cs);
     uint32_t *off = malloc(((size_t)2 * L + 1) * sizeof *off);
-    sec_job j = {NULL, profile, NULL, 0, &h, NULL, calloc((size_t)n_sec, sizeof(kvl_status)), calloc((size_t)n_sec, 256)};
+    sec_job j = {NULL, profile, NULL, 0, &h, cs, NULL, calloc((size_t)n_sec, sizeof(kvl_status)), calloc((size_t)n_sec, 256)};
     kvl_status st = KVL_OK;
-    if (!off || !j.st || !j.msg) { st = KVL_ERR_NOMEM; goto done; }
+    if (!off || !j.st || !j.msg || (rotk && !cs)) { st = KVL_ERR_NOMEM; goto done; }
     for (int32_t i = 0; i <= 2 * L; i++) off[i] = kvlc_get32(buf + KVLC_HDR_FIXED + 4 * (size_t)L + 4 * (size_t)i);
     int nt = clamp_threads(n_threads);
     if (nt > n_sec) nt = n_sec;
@@ -806,7 +822,7 @@ kvl_status kvl_codec_decode(const uint8_t *buf, size_t size, const kvl_codec_pro
                         .n_layers = n_layers, .out_dtype = out_dtype, .out = out};
     st = run_workers(w, nt, decode_worker, n_sec, &j);
 done:
-    free(off); free(j.st); free(j.msg);
+    free(off); free(j.st); free(j.msg); free(cs);
     return st;
 }
 
@@ -874,10 +890,13 @@ kvl_status kvl_codec_plan_add(kvl_codec_plan *p, const uint8_t *buf, size_t size
     if (n_layers <= 0) n_layers = L - layer0;
     if (n_layers > L - layer0) return kvl_errorf(KVL_ERR_INVALID_ARG, "layers [%d, %d) exceed %d", layer0, layer0 + n_layers, L);
     KVL_TRY(check_profile(&h, buf, profile));
+    if (h.info.uses_profile && profile->key_rot)
+        return kvl_errorf(KVL_ERR_UNSUPPORTED, "the chunk's profile rotates keys, which decode plans (the GPU decoder) do not "
+                                               "implement yet: decode it with kvl_codec_decode");
     if (h.info.uses_profile && p->profile && p->profile != profile)
         return kvl_errorf(KVL_ERR_INVALID_ARG, "a plan refers to one profile at most");
     const uint8_t *dir = buf + KVLC_HDR_FIXED;
-    dec_ctx d = {&h, profile};
+    dec_ctx d = {&h, profile, NULL};
     /* only the bytes of the requested sections travel: [a0, a1) of the chunk */
     uint64_t r0 = kvlc_get32(dir + 4 * (size_t)L + 4 * (size_t)(2 * layer0));
     uint64_t r1 = kvlc_get32(dir + 4 * (size_t)L + 4 * (size_t)(2 * (layer0 + n_layers)));
@@ -1030,4 +1049,53 @@ kvl_status kvl_codec_plan_range(const uint8_t *buf, size_t size, int32_t layer0,
     *off = kvlc_get32(offs + 4 * (size_t)(2 * layer0));
     *len = kvlc_get32(offs + 4 * (size_t)(2 * (layer0 + n_layers))) - *off;
     return KVL_OK;
+}
+
+kvl_status kvl_codec_simulate(const kvl_codec_shape *shape, const float *kv, int32_t level, const uint16_t *bins,
+                              int32_t key_rotation, float rope_theta, float *out) {
+    if (!kv || !out) return kvl_errorf(KVL_ERR_INVALID_ARG, "kv and out must not be NULL");
+    KVL_TRY(check_shape(shape));
+    if (level < 1 || level > KVL_CODEC_MAX_LEVEL) return kvl_errorf(KVL_ERR_CODEC_LEVEL, "level %d is not a lossy level", level);
+    if (key_rotation < KVL_CODEC_KEYROT_NONE || key_rotation > KVL_CODEC_KEYROT_INTERLEAVED ||
+        (key_rotation && (!(rope_theta > 0) || !isfinite(rope_theta) || shape->head_dim % 2 != 0)))
+        return kvl_errorf(KVL_ERR_INVALID_ARG, "bad key rotation %d (RoPE base %g, head_dim %d)", key_rotation,
+                          (double)rope_theta, shape->head_dim);
+    kvlc_params p;
+    KVL_TRY(kvlc_params_get(level, KVL_CODEC_SCHEME_KVLOOM, shape->n_layers, &p));
+    int32_t L = shape->n_layers, T = shape->n_tokens, H = shape->n_kv_heads, D = shape->head_dim, C = H * D;
+    size_t n = (size_t)T * C;
+    kvl_status st = KVL_OK;
+    for (int32_t i = 0; i < 2 * L && bins; i++)
+        if (bins[i] < 1 || bins[i] > KVLC_MAX_Q) st = kvl_errorf(KVL_ERR_INVALID_ARG, "bins[%d] = %u outside [1, %d]", i, bins[i], KVLC_MAX_Q);
+    if (st == KVL_OK && bins) memcpy(p.q, bins, (size_t)2 * L * sizeof *p.q);
+    int16_t *q = malloc(n * sizeof *q);
+    uint16_t *sc = malloc((size_t)(T > 2 * C ? T : 2 * C) * sizeof *sc);
+    float *cs = key_rotation ? malloc((size_t)T * D * sizeof *cs) : NULL;
+    if (st == KVL_OK && (!q || !sc || (key_rotation && !cs))) st = KVL_ERR_NOMEM;
+    if (st == KVL_OK && cs) kvlc_rope_table(rope_theta, D, T, cs);
+    for (int32_t i = 0; st == KVL_OK && i < 2 * L; i++) {
+        int kvi = i % 2, sm = kvlc_scale_of(p.scale_mode, kvi);
+        float *x = out + (size_t)i * n;
+        memcpy(x, kv + (size_t)i * n, n * sizeof *x);
+        if (kvi == 0 && cs) kvlc_rotate_keys(x, T, H, D, key_rotation, cs, 1);
+        if (kvlc_quantize_section(x, T, C, sm, p.q[i], p.deadzone, sc, q) != 0) {
+            st = kvl_errorf(KVL_ERR_RANGE, "layer %d %s: a value is not finite or its scale overflows", i / 2, kvi ? "v" : "k");
+            break;
+        }
+        /* the decoder's reconstruction (decode_quant_section), value for value */
+        for (int32_t t = 0; t < T; t++)
+            for (int32_t c = 0; c < C; c++) {
+                size_t k = (size_t)t * C + c;
+                if (sm == KVLC_SCALE_CHANNEL_OFFSET)
+                    x[k] = (float)(q[k] + (int32_t)(int16_t)sc[C + c]) * kvl_bf16_to_f32(sc[c]);
+                else
+                    x[k] = (float)q[k] * kvl_bf16_to_f32(sc[sm == KVLC_SCALE_TOKEN ? t : sm == KVLC_SCALE_CHANNEL ? c : 0]);
+            }
+        if (kvi == 0 && cs) kvlc_rotate_keys(x, T, H, D, key_rotation, cs, 0);
+    }
+    free(q);
+    free(sc);
+    free(cs);
+    kvlc_params_free(&p);
+    return st;
 }

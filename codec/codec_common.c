@@ -333,3 +333,34 @@ int kvlc_buf_varint(kvlc_buf *b, uint32_t v) {
     } while (v);
     return kvlc_buf_put(b, t, (size_t)k);
 }
+
+void kvlc_rope_table(float theta, int32_t D, int32_t T, float *cs) {
+    int32_t half = D / 2;
+    float *sn = cs + (size_t)T * half;
+    for (int32_t i = 0; i < half; i++) {
+        double w = pow((double)theta, -(double)(2 * i) / (double)D);
+        for (int32_t t = 0; t < T; t++) {
+            double a = (double)t * w;
+            cs[(size_t)t * half + i] = (float)cos(a);
+            sn[(size_t)t * half + i] = (float)sin(a);
+        }
+    }
+}
+
+void kvlc_rotate_keys(float *x, int32_t T, int32_t H, int32_t D, int style, const float *cs, int inverse) {
+    int32_t half = D / 2, C = H * D;
+    const float *sn = cs + (size_t)T * half;
+    for (int32_t t = 0; t < T; t++)
+        for (int32_t h = 0; h < H; h++) {
+            float *r = x + (size_t)t * C + (size_t)h * D;
+            for (int32_t i = 0; i < half; i++) {
+                float c = cs[(size_t)t * half + i], s = sn[(size_t)t * half + i];
+                if (inverse) s = -s;
+                float *a = style == KVL_CODEC_KEYROT_INTERLEAVED ? r + 2 * i : r + i;
+                float *b = style == KVL_CODEC_KEYROT_INTERLEAVED ? r + 2 * i + 1 : r + i + half;
+                float ac = *a * c, bs = *b * s, as = *a * s, bc = *b * c;
+                *a = ac - bs;
+                *b = as + bc;
+            }
+        }
+}
