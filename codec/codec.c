@@ -831,15 +831,15 @@ done:
 void kvl_codec_plan_init(kvl_codec_plan *p) { memset(p, 0, sizeof *p); }
 
 void kvl_codec_plan_reset(kvl_codec_plan *p) {
-    p->n_streams = p->n_sections = p->n_tables = p->n_cum = p->n_lut = p->n_scales = 0;
-    p->n_bytes = p->n_anchor = p->n_out = 0;
+    p->n_streams = p->n_sections = p->n_tables = p->n_cum = p->n_lut = p->n_scales = p->n_rope = 0;
+    p->n_bytes = p->n_anchor = p->n_out = p->n_rot = 0;
     p->n_chunks = 0;
     p->profile = NULL;
 }
 
 void kvl_codec_plan_free(kvl_codec_plan *p) {
     if (!p) return;
-    free(p->streams); free(p->sections); free(p->tables); free(p->cum); free(p->lut); free(p->scales);
+    free(p->streams); free(p->sections); free(p->tables); free(p->cum); free(p->lut); free(p->scales); free(p->rope);
     memset(p, 0, sizeof *p);
 }
 
@@ -890,9 +890,6 @@ kvl_status kvl_codec_plan_add(kvl_codec_plan *p, const uint8_t *buf, size_t size
     if (n_layers <= 0) n_layers = L - layer0;
     if (n_layers > L - layer0) return kvl_errorf(KVL_ERR_INVALID_ARG, "layers [%d, %d) exceed %d", layer0, layer0 + n_layers, L);
     KVL_TRY(check_profile(&h, buf, profile));
-    if (h.info.uses_profile && profile->key_rot)
-        return kvl_errorf(KVL_ERR_UNSUPPORTED, "the chunk's profile rotates keys, which decode plans (the GPU decoder) do not "
-                                               "implement yet: decode it with kvl_codec_decode");
     if (h.info.uses_profile && p->profile && p->profile != profile)
         return kvl_errorf(KVL_ERR_INVALID_ARG, "a plan refers to one profile at most");
     const uint8_t *dir = buf + KVLC_HDR_FIXED;
@@ -901,9 +898,19 @@ kvl_status kvl_codec_plan_add(kvl_codec_plan *p, const uint8_t *buf, size_t size
     uint64_t r0 = kvlc_get32(dir + 4 * (size_t)L + 4 * (size_t)(2 * layer0));
     uint64_t r1 = kvlc_get32(dir + 4 * (size_t)L + 4 * (size_t)(2 * (layer0 + n_layers)));
     /* state to roll back to on error */
-    size_t s0 = p->n_streams, x0 = p->n_sections, t0 = p->n_tables, c0_ = p->n_cum, u0 = p->n_lut, k0 = p->n_scales;
-    uint64_t a0 = p->n_anchor, o0 = p->n_out;
+    size_t s0 = p->n_streams, x0 = p->n_sections, t0 = p->n_tables, c0_ = p->n_cum, u0 = p->n_lut, k0 = p->n_scales,
+           r0_ = p->n_rope;
+    uint64_t a0 = p->n_anchor, o0 = p->n_out, q0 = p->n_rot;
     kvl_status st = KVL_OK;
+    /* one cos/sin table for the chunk's key sections when its profile rotates keys */
+    int rotk = h.info.uses_profile && profile->key_rot;
+    uint32_t rope_off = (uint32_t)p->n_rope;
+    if (rotk) {
+        size_t nr = (size_t)h.info.shape.n_tokens * (size_t)h.info.shape.head_dim;
+        if (plan_grow((void **)&p->rope, &p->cap_rope, p->n_rope + nr, sizeof *p->rope)) return KVL_ERR_NOMEM;
+        kvlc_rope_table(profile->rope_theta, h.info.shape.head_dim, h.info.shape.n_tokens, p->rope + p->n_rope);
+        p->n_rope += nr;
+    }
     /* the level's store offsets of the profile tables: table index order is kept by the store */
     const kvlc_plevel *pl = h.info.uses_profile ? &profile->lv[h.info.level] : NULL;
     for (int32_t i = 0; i < 2 * n_layers && st == KVL_OK; i++) {
@@ -933,8 +940,10 @@ kvl_status kvl_codec_plan_add(kvl_codec_plan *p, const uint8_t *buf, size_t size
         p->sections[sec] = (kvl_codec_plan_section){
             .T = sp.T, .C = sp.C, .Q = sp.Q, .sm = sp.sm, .delta_group = h.delta_group,
             .ctx_mode = sp.m.mode == KVLC_TABLES_CHUNK_LAYER ? 1 : 0, .tab_base = (uint32_t)p->n_tables,
-            .scale_base = (uint32_t)p->n_scales, .chunk = p->n_chunks,
-            .out = place->out + (uint64_t)(rel * (int64_t)out_dtype_size), .ld = place->token_stride};
+            .scale_base = (uint32_t)p->n_scales, .chunk = p->n_chunks, .rot = (rotk && kv == 0) ? profile->key_rot : 0,
+            .out = place->out + (uint64_t)(rel * (int64_t)out_dtype_size), .ld = place->token_stride,
+            .rot_off = (rotk && kv == 0) ? p->n_rot : 0, .D = h.info.shape.head_dim, .rope_off = rope_off};
+        if (rotk && kv == 0) p->n_rot += (uint64_t)sp.T * (uint64_t)sp.C;
         memcpy(p->scales + p->n_scales, sp.scale, (size_t)sp.n_sc * sizeof *p->scales);
         p->n_scales += (size_t)sp.n_sc;
         for (int32_t x = 0; x < sp.n_ctx; x++) {
@@ -969,12 +978,12 @@ kvl_status kvl_codec_plan_add(kvl_codec_plan *p, const uint8_t *buf, size_t size
         p->n_out += (uint64_t)sp.T * (uint64_t)sp.C;
         sec_parsed_free(&sp);
         if (p->n_anchor > 0xffffffffu || p->n_cum > 0xffffffffu || p->n_lut > 0xffffffffu || p->n_scales > 0xffffffffu ||
-            p->n_tables > 0xffffffffu)
+            p->n_tables > 0xffffffffu || p->n_rope > 0xffffffffu)
             st = kvl_errorf(KVL_ERR_LIMIT, "decode plan exceeds 32-bit indices");
     }
     if (st != KVL_OK) {
         p->n_streams = s0; p->n_sections = x0; p->n_tables = t0; p->n_cum = c0_; p->n_lut = u0; p->n_scales = k0;
-        p->n_anchor = a0; p->n_out = o0;
+        p->n_anchor = a0; p->n_out = o0; p->n_rope = r0_; p->n_rot = q0;
         return st;
     }
     if (pl) p->profile = profile;
@@ -991,11 +1000,13 @@ kvl_status kvl_codec_plan_append(kvl_codec_plan *d, const kvl_codec_plan *s) {
         plan_grow((void **)&d->tables, &d->cap_tables, d->n_tables + s->n_tables, sizeof *d->tables) ||
         plan_grow((void **)&d->cum, &d->cap_cum, d->n_cum + s->n_cum, sizeof *d->cum) ||
         plan_grow((void **)&d->lut, &d->cap_lut, d->n_lut + s->n_lut, sizeof *d->lut) ||
-        plan_grow((void **)&d->scales, &d->cap_scales, d->n_scales + s->n_scales, sizeof *d->scales))
+        plan_grow((void **)&d->scales, &d->cap_scales, d->n_scales + s->n_scales, sizeof *d->scales) ||
+        plan_grow((void **)&d->rope, &d->cap_rope, d->n_rope + s->n_rope, sizeof *d->rope))
         return KVL_ERR_NOMEM;
     if (d->n_sections + s->n_sections > 0xffffffffu || d->n_tables + s->n_tables > 0xffffffffu ||
         d->n_cum + s->n_cum > 0xffffffffu || d->n_lut + s->n_lut > 0xffffffffu ||
-        d->n_scales + s->n_scales > 0xffffffffu || d->n_anchor + s->n_anchor > 0xffffffffu)
+        d->n_scales + s->n_scales > 0xffffffffu || d->n_anchor + s->n_anchor > 0xffffffffu ||
+        d->n_rope + s->n_rope > 0xffffffffu)
         return kvl_errorf(KVL_ERR_LIMIT, "decode plan exceeds 32-bit indices");
     for (size_t i = 0; i < s->n_streams; i++) {
         kvl_codec_plan_stream x = s->streams[i];
@@ -1009,6 +1020,10 @@ kvl_status kvl_codec_plan_append(kvl_codec_plan *d, const kvl_codec_plan *s) {
         x.tab_base += (uint32_t)d->n_tables;
         x.scale_base += (uint32_t)d->n_scales;
         x.chunk += d->n_chunks;
+        if (x.rot) {
+            x.rot_off += d->n_rot;
+            x.rope_off += (uint32_t)d->n_rope;
+        }
         d->sections[d->n_sections + i] = x;
     }
     for (size_t i = 0; i < s->n_tables; i++) {
@@ -1022,12 +1037,15 @@ kvl_status kvl_codec_plan_append(kvl_codec_plan *d, const kvl_codec_plan *s) {
     if (s->n_cum) memcpy(d->cum + d->n_cum, s->cum, s->n_cum * sizeof *d->cum);
     if (s->n_lut) memcpy(d->lut + d->n_lut, s->lut, s->n_lut * sizeof *d->lut);
     if (s->n_scales) memcpy(d->scales + d->n_scales, s->scales, s->n_scales * sizeof *d->scales);
+    if (s->n_rope) memcpy(d->rope + d->n_rope, s->rope, s->n_rope * sizeof *d->rope);
     d->n_streams += s->n_streams;
     d->n_sections += s->n_sections;
     d->n_tables += s->n_tables;
     d->n_cum += s->n_cum;
     d->n_lut += s->n_lut;
     d->n_scales += s->n_scales;
+    d->n_rope += s->n_rope;
+    d->n_rot += s->n_rot;
     d->n_bytes += s->n_bytes;
     d->n_anchor += s->n_anchor;
     d->n_out += s->n_out;

@@ -29,6 +29,8 @@ struct kvl_codec_gpu {
     kvl_codec_plan wplan[KVL_GPU_PLAN_THREADS]; /* per planning thread */
     int16_t *d_anchor;
     size_t anchor_cap;
+    float *d_rot;     /* float32 scratch of rotated key sections */
+    size_t rot_cap;
     uint32_t *d_err, *h_err;
     void *h_tmp;      /* pinned: lossless decode target */
     size_t tmp_cap;
@@ -103,6 +105,7 @@ void kvl_codec_gpu_free(kvl_codec_gpu *g) {
     cudaFreeHost(g->h_stage);
     cudaFree(g->d_buf);
     cudaFree(g->d_anchor);
+    cudaFree(g->d_rot);
     cudaFree(g->d_err);
     cudaFreeHost(g->h_err);
     cudaFreeHost(g->h_tmp);
@@ -292,12 +295,14 @@ kvl_status kvl_codec_gpu_decode(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chu
     /* the plan arrays in a second pinned blob, each 256-byte aligned */
     size_t o_str = 0, o_sec = o_str + al256(p->n_streams * sizeof *p->streams),
            o_tab = o_sec + al256(p->n_sections * sizeof *p->sections), o_cum = o_tab + al256(p->n_tables * sizeof *p->tables),
-           o_lut = o_cum + al256(p->n_cum * 4), o_sc = o_lut + al256(p->n_lut * 2), total = o_sc + al256(p->n_scales * 4);
+           o_lut = o_cum + al256(p->n_cum * 4), o_sc = o_lut + al256(p->n_lut * 2), o_rope = o_sc + al256(p->n_scales * 4),
+           total = o_rope + al256(p->n_rope * 4);
     {
         st = grow_host((void **)&g->h_plan, &g->hp_cap, total);
         if (st == KVL_OK) st = grow_dev((void **)&g->d_buf, &g->d_cap, p->n_bytes);
         if (st == KVL_OK) st = grow_dev((void **)&g->d_plan, &g->dp_cap, total);
         if (st == KVL_OK) st = grow_dev((void **)&g->d_anchor, &g->anchor_cap, p->n_anchor * 2 + 2);
+        if (st == KVL_OK && p->n_rot) st = grow_dev((void **)&g->d_rot, &g->rot_cap, p->n_rot * 4);
         if (st != KVL_OK) goto done;
         memcpy(g->h_plan + o_str, p->streams, p->n_streams * sizeof *p->streams);
         memcpy(g->h_plan + o_sec, p->sections, p->n_sections * sizeof *p->sections);
@@ -305,6 +310,7 @@ kvl_status kvl_codec_gpu_decode(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chu
         if (p->n_cum) memcpy(g->h_plan + o_cum, p->cum, p->n_cum * 4);
         if (p->n_lut) memcpy(g->h_plan + o_lut, p->lut, p->n_lut * 2);
         memcpy(g->h_plan + o_sc, p->scales, p->n_scales * 4);
+        if (p->n_rope) memcpy(g->h_plan + o_rope, p->rope, p->n_rope * 4);
         stats.plan_ms = now_ms() - t0;
         kvl_cu_codec_args a = {0};
         a.bytes = g->d_buf;
@@ -319,7 +325,10 @@ kvl_status kvl_codec_gpu_decode(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chu
         }
         a.scales = (const float *)(g->d_plan + o_sc);
         a.anchor = g->d_anchor;
+        a.rot = p->n_rot ? g->d_rot : NULL;
+        a.rope = (const float *)(g->d_plan + o_rope);
         a.n_streams = (uint32_t)p->n_streams;
+        a.n_sections = (uint32_t)p->n_sections;
         a.err = g->d_err;
         cudaError_t e = cudaEventRecord(g->ev[0], g->st);
         if (e == cudaSuccess) e = cudaMemcpyAsync(g->d_buf, g->h_stage, p->n_bytes, cudaMemcpyHostToDevice, g->st);

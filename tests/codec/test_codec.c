@@ -370,7 +370,7 @@ static kvl_codec_profile *rot_profile(const kvl_codec_shape *sh, int style, cons
 }
 
 /* profiles that rotate keys back to position 0: round trips of both pair layouts, rotated keys
- * cost fewer bits than unrotated ones, bad settings refused, decode plans (GPU) refuse them */
+ * cost fewer bits than unrotated ones, bad settings refused, decode plans (GPU) carry them */
 static void test_key_rotation(const kvl_codec_profile *synth) {
     float theta = 0;
     CHECK(kvl_codec_profile_key_rotation(synth, &theta) == KVL_CODEC_KEYROT_INTERLEAVED && theta == 10000.0f);
@@ -393,13 +393,26 @@ static void test_key_rotation(const kvl_codec_profile *synth) {
             o.profile = p0;
             CHECK_OK(kvl_codec_encode(&sh, KVL_CODEC_F32, x, &o, &e0, &ne0));
             CHECK_MSG(ne < ne0, "rotated %zu bytes, unrotated %zu", ne, ne0);
-            /* the decode-plan path (the GPU decoder) does not implement the rotation: refused */
-            kvl_codec_plan pl;
+            /* decode plans (the GPU decoder): the key sections of a rotating chunk carry the rotation,
+             * one cos/sin table per chunk, float32 scratch per key section; appending shifts them */
+            kvl_codec_plan pl, p2;
             kvl_codec_plan_init(&pl);
-            kvl_codec_place place = {0, (int64_t)(2 * n / 2), (int64_t)(n / 4), 32};
-            CHECK_ST(kvl_codec_plan_add(&pl, e, ne, p, 0, 0, &place, 4), KVL_ERR_UNSUPPORTED);
+            kvl_codec_plan_init(&p2);
+            kvl_codec_place place = {0, (int64_t)(n / 2), (int64_t)(n / 4), 32};
             CHECK_OK(kvl_codec_plan_add(&pl, e0, ne0, p0, 0, 0, &place, 4));
+            CHECK(pl.n_rot == 0 && pl.n_rope == 0);
+            CHECK_OK(kvl_codec_plan_add(&p2, e, ne, p, 0, 0, &place, 4));
+            size_t TC = (size_t)sh.n_tokens * sh.n_kv_heads * sh.head_dim;
+            CHECK(p2.n_rot == 2 * TC && p2.n_rope == (size_t)sh.n_tokens * sh.head_dim);
+            for (size_t k = 0; k < p2.n_sections; k++)
+                CHECK(p2.sections[k].rot == (k % 2 == 0 ? style : 0) && (k % 2 || p2.sections[k].rot_off == k / 2 * TC));
+            kvl_codec_plan_reset(&pl);
+            CHECK_OK(kvl_codec_plan_append(&pl, &p2));
+            CHECK_OK(kvl_codec_plan_append(&pl, &p2));
+            CHECK(pl.n_rot == 4 * TC && pl.n_rope == 2 * p2.n_rope && pl.sections[4].rot_off == 2 * TC &&
+                  pl.sections[4].rope_off == p2.n_rope && memcmp(pl.rope, pl.rope + p2.n_rope, p2.n_rope * 4) == 0);
             kvl_codec_plan_free(&pl);
+            kvl_codec_plan_free(&p2);
             free(e);
             free(e0);
             kvl_codec_profile_free(p0);
