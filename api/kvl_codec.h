@@ -54,6 +54,17 @@ typedef struct kvl_codec_shape {
     int32_t head_dim;
 } kvl_codec_shape;
 
+/* How a profile's chunks transform keys before quantising (docs/codec-format.md, "Key rotation").
+ * Keys in a KV cache are RoPE-rotated by their position, which spreads each channel over its whole
+ * range; rotated back to position 0 (by the token's index in the chunk) they cluster, and cost
+ * about 0.15-0.75 fewer bits per key element at the same step on the shared models. The decoder
+ * rotates them forward again, so the output is the cache's own layout. */
+typedef enum kvl_codec_key_rotation {
+    KVL_CODEC_KEYROT_NONE = 0,
+    KVL_CODEC_KEYROT_HALF = 1,        /* RoPE pairs (i, i + head_dim/2): Hugging Face rotate-half */
+    KVL_CODEC_KEYROT_INTERLEAVED = 2  /* RoPE pairs (2i, 2i + 1): llama2.c / Meta */
+} kvl_codec_key_rotation;
+
 typedef struct kvl_codec_profile kvl_codec_profile;                 /* opaque, immutable */
 typedef struct kvl_codec_profile_builder kvl_codec_profile_builder; /* opaque */
 
@@ -111,9 +122,10 @@ kvl_status kvl_codec_decode(const uint8_t *buf, size_t size, const kvl_codec_pro
 
 /* Largest absolute error a lossy level guarantees for one element, relative to the largest
  * absolute value of the scale group it belongs to (its token row / channel / whole (layer, k|v),
- * whichever the level's scale granularity for that layer and k|v is): 0.5 / Q (1.5 / Q where keys
- * carry an integer offset per channel), with a margin for the bfloat16 rounding of scales. Used by
- * tests; returns 0 for level 0. */
+ * whichever the level's scale granularity for that layer and k|v is): 0.5 / Q; where keys carry
+ * a per-channel scale and integer offset, 1.5 / Q relative to the largest |value| of the whole
+ * (layer, k|v) (the steps of narrow channels follow the widest channel, docs/codec-format.md);
+ * with a margin for the bfloat16 rounding of scales. Used by tests; returns 0 for level 0. */
 double kvl_codec_level_error_bound(int32_t level, int32_t scheme, int32_t n_layers, int32_t layer,
                                    int32_t kv);
 
@@ -126,6 +138,12 @@ kvl_status kvl_codec_profile_builder_create(const kvl_codec_shape *shape,
                                             const uint8_t fingerprint[32],
                                             kvl_codec_profile_builder **out);
 void kvl_codec_profile_builder_free(kvl_codec_profile_builder *b);
+
+/* Makes every level of the profile rotate keys (kvl_codec_key_rotation; rope_theta: the model's
+ * RoPE base, finite and > 0; head_dim must be even). Call before any chunk is added.
+ * Errors: KVL_ERR_INVALID_ARG. */
+kvl_status kvl_codec_profile_builder_set_key_rotation(kvl_codec_profile_builder *b, int32_t rotation,
+                                                      float rope_theta);
 
 /* Adds one calibration chunk (float32, [n_layers][2][n_tokens][heads][dim], borrowed): it is
  * quantised exactly as the encoder would quantise a chunk of that size, and its symbols counted. */
@@ -171,6 +189,16 @@ const uint16_t *kvl_codec_profile_bins(const kvl_codec_profile *p, int32_t level
 /* The built-in bins of a level/scheme for n_layers into bins[n_layers][2]. */
 kvl_status kvl_codec_level_bins(int32_t level, int32_t scheme, int32_t n_layers, uint16_t *bins);
 uint64_t kvl_codec_profile_calib_tokens(const kvl_codec_profile *p);
+/* kvl_codec_key_rotation of the profile; *rope_theta (may be NULL) its RoPE base (0 without). */
+int32_t kvl_codec_profile_key_rotation(const kvl_codec_profile *p, float *rope_theta);
+
+/* The float32 KV a decoder returns for `kv` (float32, shape) encoded at lossy `level` of the
+ * KVLOOM scheme with bins[n_layers][2] (NULL: the level's) and a profile of this key rotation /
+ * RoPE base, without entropy coding: the same quantiser, reconstruction and rotation, bit for bit
+ * (for calibration searches that only need the decoded values). out: n_elements floats.
+ * Errors: KVL_ERR_INVALID_ARG, KVL_ERR_CODEC_LEVEL, KVL_ERR_RANGE (non-finite input). */
+kvl_status kvl_codec_simulate(const kvl_codec_shape *shape, const float *kv, int32_t level, const uint16_t *bins,
+                              int32_t key_rotation, float rope_theta, float *out);
 
 #ifdef __cplusplus
 }

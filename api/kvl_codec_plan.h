@@ -48,9 +48,15 @@ typedef struct kvl_codec_plan_section {
     uint32_t tab_base;   /* index of context 0 in tables */
     uint32_t scale_base; /* index of the first scale in scales (mode 3: C scales then C offsets) */
     uint32_t chunk;      /* index of the chunk (order of kvl_codec_plan_add calls) */
-    uint32_t pad;
+    int32_t rot;         /* kvl_codec_key_rotation of this (key) section, 0: none */
     uint64_t out;        /* output address (a device pointer as an integer) of element (t 0, c 0) */
     int64_t ld;          /* elements between tokens */
+    /* rot != 0: the streams write float32 values to rot_scratch[rot_off + t * C + c]; a second pass
+     * rotates the pairs forward with the cos/sin table rope[rope_off ..] (kvlc_rope_table layout: T *
+     * D/2 cosines then T * D/2 sines) and stores them at out (docs/codec-format.md, "Key rotation") */
+    uint64_t rot_off;
+    int32_t D;           /* head_dim (rot != 0) */
+    uint32_t rope_off;
 } kvl_codec_plan_section;
 
 typedef struct kvl_codec_plan_table {
@@ -69,8 +75,10 @@ typedef struct kvl_codec_plan {
     uint32_t *cum;       /* chunk tables' cumulative frequencies */
     uint16_t *lut;       /* chunk tables' 256-entry lookups */
     float *scales;       /* bf16 scales as float32; channel offsets as exact float32 integers */
-    size_t n_streams, n_sections, n_tables, n_cum, n_lut, n_scales;
-    size_t cap_streams, cap_sections, cap_tables, cap_cum, cap_lut, cap_scales;
+    float *rope;         /* cos/sin tables of chunks whose profile rotates keys (one per chunk) */
+    size_t n_streams, n_sections, n_tables, n_cum, n_lut, n_scales, n_rope;
+    size_t cap_streams, cap_sections, cap_tables, cap_cum, cap_lut, cap_scales, cap_rope;
+    uint64_t n_rot;      /* float32 scratch elements of rotated sections */
     uint64_t n_bytes;    /* bytes of all chunks added (the byte buffer they are concatenated into) */
     uint64_t n_anchor;   /* int16 of anchor scratch */
     uint64_t n_out;      /* output elements written */

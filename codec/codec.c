@@ -74,6 +74,7 @@ typedef struct sec_job {
     const kvl_codec_shape *shape;
     int dtype;
     const void *kv;
+    const float *rope_cs; /* kvlc_rope_table of the chunk when the profile rotates keys, else NULL */
     /* per section results */
     kvlc_buf *out; /* [2L] */
     kvl_status *st;
@@ -190,6 +191,7 @@ static kvl_status encode_quant_section(const sec_job *j, int l, int kv, kvlc_buf
     }
     size_t base = ((size_t)l * 2 + kv) * n;
     for (size_t i = 0; i < n; i++) x[i] = load_elem(j->kv, j->dtype, base + i);
+    if (kv == 0 && j->rope_cs) kvlc_rotate_keys(x, T, j->shape->n_kv_heads, j->shape->head_dim, j->prof->key_rot, j->rope_cs, 1);
     if (kvlc_quantize_section(x, T, C, sm, Q, p->deadzone, sc, q) != 0) {
         st = kvl_errorf(KVL_ERR_RANGE, "layer %d %s: a value is not finite or its scale overflows", l, kv ? "v" : "k");
         goto done;
@@ -362,10 +364,12 @@ kvl_status kvl_codec_encode(const kvl_codec_shape *shape, kvl_codec_dtype dtype,
     }
     int L = shape->n_layers, n_sec = 2 * L;
     int32_t C = shape->n_kv_heads * shape->head_dim;
-    sec_job j = {&p, prof, shape, dtype, kv, calloc((size_t)n_sec, sizeof(kvlc_buf)),
+    float *cs = prof && prof->key_rot ? malloc((size_t)shape->n_tokens * shape->head_dim * sizeof *cs) : NULL;
+    if (cs) kvlc_rope_table(prof->rope_theta, shape->head_dim, shape->n_tokens, cs);
+    sec_job j = {&p, prof, shape, dtype, kv, cs, calloc((size_t)n_sec, sizeof(kvlc_buf)),
                  calloc((size_t)n_sec, sizeof(kvl_status)), calloc((size_t)n_sec, 256)};
     kvl_status st = KVL_OK;
-    if (!j.out || !j.st || !j.msg) { st = KVL_ERR_NOMEM; goto done; }
+    if (!j.out || !j.st || !j.msg || (prof && prof->key_rot && !cs)) { st = KVL_ERR_NOMEM; goto done; }
     int nt = clamp_threads(o.n_threads);
     if (nt > n_sec) nt = n_sec;
     worker w[64];
@@ -419,7 +423,7 @@ kvl_status kvl_codec_encode(const kvl_codec_shape *shape, kvl_codec_dtype dtype,
 done:
     if (j.out)
         for (int i = 0; i < n_sec; i++) free(j.out[i].p);
-    free(j.out); free(j.st); free(j.msg);
+    free(j.out); free(j.st); free(j.msg); free(cs);
     kvlc_params_free(&p);
     return st;
 }
@@ -528,6 +532,7 @@ static int get_varint(const uint8_t **p, const uint8_t *end, uint32_t *v) {
 typedef struct dec_ctx {
     const hdr *h;
     const kvl_codec_profile *prof;
+    const float *rope_cs; /* kvlc_rope_table of the chunk when its profile rotates keys, else NULL */
 } dec_ctx;
 
 static kvl_status decode_lossless_section(const hdr *h, const uint8_t *s, size_t len, int out_dtype, void *out,
@@ -682,7 +687,9 @@ static kvl_status decode_quant_section(const dec_ctx *d, int l, int kv, const ui
     const float *scale = sp.scale;
     kvl_status st = KVL_OK;
     int32_t *anchor = malloc((size_t)cg * sizeof *anchor);
-    if (!anchor) { st = KVL_ERR_NOMEM; goto done; }
+    /* rotated keys: the float32 values first, rotated forward, then stored in the output dtype */
+    float *rot = kv == 0 && d->rope_cs ? malloc((size_t)T * C * sizeof *rot) : NULL;
+    if (!anchor || (kv == 0 && d->rope_cs && !rot)) { st = KVL_ERR_NOMEM; goto done; }
     const uint8_t *p = sp.data;
     for (int32_t g = 0; g < sp.n_streams; g++) {
         size_t slen = kvlc_get32(sp.sizes + 4 * (size_t)g);
@@ -716,13 +723,19 @@ static kvl_status decode_quant_section(const dec_ctx *d, int l, int kv, const ui
                 /* one multiply, no FMA: the GPU decoder reproduces this bit for bit */
                 if (sm == KVLC_SCALE_CHANNEL_OFFSET) val = (float)(qv + (int32_t)scale[C + c]) * scale[c];
                 else val = (float)qv * scale[sm == KVLC_SCALE_TOKEN ? t : sm == KVLC_SCALE_CHANNEL ? c : 0];
-                store_elem(out, out_dtype, out_base + (size_t)t * C + c, val);
+                if (rot) rot[(size_t)t * C + c] = val;
+                else store_elem(out, out_dtype, out_base + (size_t)t * C + c, val);
             }
         }
         if (x != KVLC_RANS_L || sp_ != se) { st = bad("stream does not end in the initial coder state"); goto done; }
     }
+    if (rot) {
+        kvlc_rotate_keys(rot, T, h->info.shape.n_kv_heads, h->info.shape.head_dim, d->prof->key_rot, d->rope_cs, 0);
+        for (size_t i = 0; i < (size_t)T * C; i++) store_elem(out, out_dtype, out_base + i, rot[i]);
+    }
 done:
     free(anchor);
+    free(rot);
     sec_parsed_free(&sp);
     return st;
 }
@@ -733,7 +746,7 @@ static void *decode_worker(void *arg) {
     const hdr *h = (const hdr *)j->kv; /* decode passes the parsed header through kv */
     int32_t C = h->info.shape.n_kv_heads * h->info.shape.head_dim;
     size_t n = (size_t)h->info.shape.n_tokens * C;
-    dec_ctx d = {h, j->prof};
+    dec_ctx d = {h, j->prof, j->rope_cs};
     int n_sec = 2 * w->n_layers;
     for (int i = w->tid; i < n_sec; i += w->nt) {
         kvl_clear_error();
@@ -793,10 +806,13 @@ kvl_status kvl_codec_decode(const uint8_t *buf, size_t size, const kvl_codec_pro
     if (out_cap < need) return kvl_errorf(KVL_ERR_INVALID_ARG, "output buffer of %zu bytes, %zu needed", out_cap, need);
     KVL_TRY(check_profile(&h, buf, profile));
     int n_sec = 2 * n_layers;
+    int rotk = h.info.uses_profile && profile->key_rot;
+    float *cs = rotk ? malloc((size_t)h.info.shape.n_tokens * h.info.shape.head_dim * sizeof *cs) : NULL;
+    if (cs) kvlc_rope_table(profile->rope_theta, h.info.shape.head_dim, h.info.shape.n_tokens, cs);
     uint32_t *off = malloc(((size_t)2 * L + 1) * sizeof *off);
-    sec_job j = {NULL, profile, NULL, 0, &h, NULL, calloc((size_t)n_sec, sizeof(kvl_status)), calloc((size_t)n_sec, 256)};
+    sec_job j = {NULL, profile, NULL, 0, &h, cs, NULL, calloc((size_t)n_sec, sizeof(kvl_status)), calloc((size_t)n_sec, 256)};
     kvl_status st = KVL_OK;
-    if (!off || !j.st || !j.msg) { st = KVL_ERR_NOMEM; goto done; }
+    if (!off || !j.st || !j.msg || (rotk && !cs)) { st = KVL_ERR_NOMEM; goto done; }
     for (int32_t i = 0; i <= 2 * L; i++) off[i] = kvlc_get32(buf + KVLC_HDR_FIXED + 4 * (size_t)L + 4 * (size_t)i);
     int nt = clamp_threads(n_threads);
     if (nt > n_sec) nt = n_sec;
@@ -806,7 +822,7 @@ kvl_status kvl_codec_decode(const uint8_t *buf, size_t size, const kvl_codec_pro
                         .n_layers = n_layers, .out_dtype = out_dtype, .out = out};
     st = run_workers(w, nt, decode_worker, n_sec, &j);
 done:
-    free(off); free(j.st); free(j.msg);
+    free(off); free(j.st); free(j.msg); free(cs);
     return st;
 }
 
@@ -815,15 +831,15 @@ done:
 void kvl_codec_plan_init(kvl_codec_plan *p) { memset(p, 0, sizeof *p); }
 
 void kvl_codec_plan_reset(kvl_codec_plan *p) {
-    p->n_streams = p->n_sections = p->n_tables = p->n_cum = p->n_lut = p->n_scales = 0;
-    p->n_bytes = p->n_anchor = p->n_out = 0;
+    p->n_streams = p->n_sections = p->n_tables = p->n_cum = p->n_lut = p->n_scales = p->n_rope = 0;
+    p->n_bytes = p->n_anchor = p->n_out = p->n_rot = 0;
     p->n_chunks = 0;
     p->profile = NULL;
 }
 
 void kvl_codec_plan_free(kvl_codec_plan *p) {
     if (!p) return;
-    free(p->streams); free(p->sections); free(p->tables); free(p->cum); free(p->lut); free(p->scales);
+    free(p->streams); free(p->sections); free(p->tables); free(p->cum); free(p->lut); free(p->scales); free(p->rope);
     memset(p, 0, sizeof *p);
 }
 
@@ -877,14 +893,24 @@ kvl_status kvl_codec_plan_add(kvl_codec_plan *p, const uint8_t *buf, size_t size
     if (h.info.uses_profile && p->profile && p->profile != profile)
         return kvl_errorf(KVL_ERR_INVALID_ARG, "a plan refers to one profile at most");
     const uint8_t *dir = buf + KVLC_HDR_FIXED;
-    dec_ctx d = {&h, profile};
+    dec_ctx d = {&h, profile, NULL};
     /* only the bytes of the requested sections travel: [a0, a1) of the chunk */
     uint64_t r0 = kvlc_get32(dir + 4 * (size_t)L + 4 * (size_t)(2 * layer0));
     uint64_t r1 = kvlc_get32(dir + 4 * (size_t)L + 4 * (size_t)(2 * (layer0 + n_layers)));
     /* state to roll back to on error */
-    size_t s0 = p->n_streams, x0 = p->n_sections, t0 = p->n_tables, c0_ = p->n_cum, u0 = p->n_lut, k0 = p->n_scales;
-    uint64_t a0 = p->n_anchor, o0 = p->n_out;
+    size_t s0 = p->n_streams, x0 = p->n_sections, t0 = p->n_tables, c0_ = p->n_cum, u0 = p->n_lut, k0 = p->n_scales,
+           r0_ = p->n_rope;
+    uint64_t a0 = p->n_anchor, o0 = p->n_out, q0 = p->n_rot;
     kvl_status st = KVL_OK;
+    /* one cos/sin table for the chunk's key sections when its profile rotates keys */
+    int rotk = h.info.uses_profile && profile->key_rot;
+    uint32_t rope_off = (uint32_t)p->n_rope;
+    if (rotk) {
+        size_t nr = (size_t)h.info.shape.n_tokens * (size_t)h.info.shape.head_dim;
+        if (plan_grow((void **)&p->rope, &p->cap_rope, p->n_rope + nr, sizeof *p->rope)) return KVL_ERR_NOMEM;
+        kvlc_rope_table(profile->rope_theta, h.info.shape.head_dim, h.info.shape.n_tokens, p->rope + p->n_rope);
+        p->n_rope += nr;
+    }
     /* the level's store offsets of the profile tables: table index order is kept by the store */
     const kvlc_plevel *pl = h.info.uses_profile ? &profile->lv[h.info.level] : NULL;
     for (int32_t i = 0; i < 2 * n_layers && st == KVL_OK; i++) {
@@ -914,8 +940,10 @@ kvl_status kvl_codec_plan_add(kvl_codec_plan *p, const uint8_t *buf, size_t size
         p->sections[sec] = (kvl_codec_plan_section){
             .T = sp.T, .C = sp.C, .Q = sp.Q, .sm = sp.sm, .delta_group = h.delta_group,
             .ctx_mode = sp.m.mode == KVLC_TABLES_CHUNK_LAYER ? 1 : 0, .tab_base = (uint32_t)p->n_tables,
-            .scale_base = (uint32_t)p->n_scales, .chunk = p->n_chunks,
-            .out = place->out + (uint64_t)(rel * (int64_t)out_dtype_size), .ld = place->token_stride};
+            .scale_base = (uint32_t)p->n_scales, .chunk = p->n_chunks, .rot = (rotk && kv == 0) ? profile->key_rot : 0,
+            .out = place->out + (uint64_t)(rel * (int64_t)out_dtype_size), .ld = place->token_stride,
+            .rot_off = (rotk && kv == 0) ? p->n_rot : 0, .D = h.info.shape.head_dim, .rope_off = rope_off};
+        if (rotk && kv == 0) p->n_rot += (uint64_t)sp.T * (uint64_t)sp.C;
         memcpy(p->scales + p->n_scales, sp.scale, (size_t)sp.n_sc * sizeof *p->scales);
         p->n_scales += (size_t)sp.n_sc;
         for (int32_t x = 0; x < sp.n_ctx; x++) {
@@ -950,12 +978,12 @@ kvl_status kvl_codec_plan_add(kvl_codec_plan *p, const uint8_t *buf, size_t size
         p->n_out += (uint64_t)sp.T * (uint64_t)sp.C;
         sec_parsed_free(&sp);
         if (p->n_anchor > 0xffffffffu || p->n_cum > 0xffffffffu || p->n_lut > 0xffffffffu || p->n_scales > 0xffffffffu ||
-            p->n_tables > 0xffffffffu)
+            p->n_tables > 0xffffffffu || p->n_rope > 0xffffffffu)
             st = kvl_errorf(KVL_ERR_LIMIT, "decode plan exceeds 32-bit indices");
     }
     if (st != KVL_OK) {
         p->n_streams = s0; p->n_sections = x0; p->n_tables = t0; p->n_cum = c0_; p->n_lut = u0; p->n_scales = k0;
-        p->n_anchor = a0; p->n_out = o0;
+        p->n_anchor = a0; p->n_out = o0; p->n_rope = r0_; p->n_rot = q0;
         return st;
     }
     if (pl) p->profile = profile;
@@ -972,11 +1000,13 @@ kvl_status kvl_codec_plan_append(kvl_codec_plan *d, const kvl_codec_plan *s) {
         plan_grow((void **)&d->tables, &d->cap_tables, d->n_tables + s->n_tables, sizeof *d->tables) ||
         plan_grow((void **)&d->cum, &d->cap_cum, d->n_cum + s->n_cum, sizeof *d->cum) ||
         plan_grow((void **)&d->lut, &d->cap_lut, d->n_lut + s->n_lut, sizeof *d->lut) ||
-        plan_grow((void **)&d->scales, &d->cap_scales, d->n_scales + s->n_scales, sizeof *d->scales))
+        plan_grow((void **)&d->scales, &d->cap_scales, d->n_scales + s->n_scales, sizeof *d->scales) ||
+        plan_grow((void **)&d->rope, &d->cap_rope, d->n_rope + s->n_rope, sizeof *d->rope))
         return KVL_ERR_NOMEM;
     if (d->n_sections + s->n_sections > 0xffffffffu || d->n_tables + s->n_tables > 0xffffffffu ||
         d->n_cum + s->n_cum > 0xffffffffu || d->n_lut + s->n_lut > 0xffffffffu ||
-        d->n_scales + s->n_scales > 0xffffffffu || d->n_anchor + s->n_anchor > 0xffffffffu)
+        d->n_scales + s->n_scales > 0xffffffffu || d->n_anchor + s->n_anchor > 0xffffffffu ||
+        d->n_rope + s->n_rope > 0xffffffffu)
         return kvl_errorf(KVL_ERR_LIMIT, "decode plan exceeds 32-bit indices");
     for (size_t i = 0; i < s->n_streams; i++) {
         kvl_codec_plan_stream x = s->streams[i];
@@ -990,6 +1020,10 @@ kvl_status kvl_codec_plan_append(kvl_codec_plan *d, const kvl_codec_plan *s) {
         x.tab_base += (uint32_t)d->n_tables;
         x.scale_base += (uint32_t)d->n_scales;
         x.chunk += d->n_chunks;
+        if (x.rot) {
+            x.rot_off += d->n_rot;
+            x.rope_off += (uint32_t)d->n_rope;
+        }
         d->sections[d->n_sections + i] = x;
     }
     for (size_t i = 0; i < s->n_tables; i++) {
@@ -1003,12 +1037,15 @@ kvl_status kvl_codec_plan_append(kvl_codec_plan *d, const kvl_codec_plan *s) {
     if (s->n_cum) memcpy(d->cum + d->n_cum, s->cum, s->n_cum * sizeof *d->cum);
     if (s->n_lut) memcpy(d->lut + d->n_lut, s->lut, s->n_lut * sizeof *d->lut);
     if (s->n_scales) memcpy(d->scales + d->n_scales, s->scales, s->n_scales * sizeof *d->scales);
+    if (s->n_rope) memcpy(d->rope + d->n_rope, s->rope, s->n_rope * sizeof *d->rope);
     d->n_streams += s->n_streams;
     d->n_sections += s->n_sections;
     d->n_tables += s->n_tables;
     d->n_cum += s->n_cum;
     d->n_lut += s->n_lut;
     d->n_scales += s->n_scales;
+    d->n_rope += s->n_rope;
+    d->n_rot += s->n_rot;
     d->n_bytes += s->n_bytes;
     d->n_anchor += s->n_anchor;
     d->n_out += s->n_out;
@@ -1030,4 +1067,53 @@ kvl_status kvl_codec_plan_range(const uint8_t *buf, size_t size, int32_t layer0,
     *off = kvlc_get32(offs + 4 * (size_t)(2 * layer0));
     *len = kvlc_get32(offs + 4 * (size_t)(2 * (layer0 + n_layers))) - *off;
     return KVL_OK;
+}
+
+kvl_status kvl_codec_simulate(const kvl_codec_shape *shape, const float *kv, int32_t level, const uint16_t *bins,
+                              int32_t key_rotation, float rope_theta, float *out) {
+    if (!kv || !out) return kvl_errorf(KVL_ERR_INVALID_ARG, "kv and out must not be NULL");
+    KVL_TRY(check_shape(shape));
+    if (level < 1 || level > KVL_CODEC_MAX_LEVEL) return kvl_errorf(KVL_ERR_CODEC_LEVEL, "level %d is not a lossy level", level);
+    if (key_rotation < KVL_CODEC_KEYROT_NONE || key_rotation > KVL_CODEC_KEYROT_INTERLEAVED ||
+        (key_rotation && (!(rope_theta > 0) || !isfinite(rope_theta) || shape->head_dim % 2 != 0)))
+        return kvl_errorf(KVL_ERR_INVALID_ARG, "bad key rotation %d (RoPE base %g, head_dim %d)", key_rotation,
+                          (double)rope_theta, shape->head_dim);
+    kvlc_params p;
+    KVL_TRY(kvlc_params_get(level, KVL_CODEC_SCHEME_KVLOOM, shape->n_layers, &p));
+    int32_t L = shape->n_layers, T = shape->n_tokens, H = shape->n_kv_heads, D = shape->head_dim, C = H * D;
+    size_t n = (size_t)T * C;
+    kvl_status st = KVL_OK;
+    for (int32_t i = 0; i < 2 * L && bins; i++)
+        if (bins[i] < 1 || bins[i] > KVLC_MAX_Q) st = kvl_errorf(KVL_ERR_INVALID_ARG, "bins[%d] = %u outside [1, %d]", i, bins[i], KVLC_MAX_Q);
+    if (st == KVL_OK && bins) memcpy(p.q, bins, (size_t)2 * L * sizeof *p.q);
+    int16_t *q = malloc(n * sizeof *q);
+    uint16_t *sc = malloc((size_t)(T > 2 * C ? T : 2 * C) * sizeof *sc);
+    float *cs = key_rotation ? malloc((size_t)T * D * sizeof *cs) : NULL;
+    if (st == KVL_OK && (!q || !sc || (key_rotation && !cs))) st = KVL_ERR_NOMEM;
+    if (st == KVL_OK && cs) kvlc_rope_table(rope_theta, D, T, cs);
+    for (int32_t i = 0; st == KVL_OK && i < 2 * L; i++) {
+        int kvi = i % 2, sm = kvlc_scale_of(p.scale_mode, kvi);
+        float *x = out + (size_t)i * n;
+        memcpy(x, kv + (size_t)i * n, n * sizeof *x);
+        if (kvi == 0 && cs) kvlc_rotate_keys(x, T, H, D, key_rotation, cs, 1);
+        if (kvlc_quantize_section(x, T, C, sm, p.q[i], p.deadzone, sc, q) != 0) {
+            st = kvl_errorf(KVL_ERR_RANGE, "layer %d %s: a value is not finite or its scale overflows", i / 2, kvi ? "v" : "k");
+            break;
+        }
+        /* the decoder's reconstruction (decode_quant_section), value for value */
+        for (int32_t t = 0; t < T; t++)
+            for (int32_t c = 0; c < C; c++) {
+                size_t k = (size_t)t * C + c;
+                if (sm == KVLC_SCALE_CHANNEL_OFFSET)
+                    x[k] = (float)(q[k] + (int32_t)(int16_t)sc[C + c]) * kvl_bf16_to_f32(sc[c]);
+                else
+                    x[k] = (float)q[k] * kvl_bf16_to_f32(sc[sm == KVLC_SCALE_TOKEN ? t : sm == KVLC_SCALE_CHANNEL ? c : 0]);
+            }
+        if (kvi == 0 && cs) kvlc_rotate_keys(x, T, H, D, key_rotation, cs, 0);
+    }
+    free(q);
+    free(sc);
+    free(cs);
+    kvlc_params_free(&p);
+    return st;
 }

@@ -15,8 +15,9 @@
 #define KVLC_VERSION 1
 #define KVLC_HDR_FIXED 64
 #define KVLP_MAGIC "KVLP"
-#define KVLP_VERSION 1
+#define KVLP_VERSION 2
 #define KVLP_HDR 88
+#define KVLP_BODY_PREFIX 8 /* u8 key rotation, u8 0, u16 0, f32 rope theta */
 
 #define KVLC_MAX_LAYERS 4096
 #define KVLC_MAX_TOKENS (1 << 20)
@@ -103,6 +104,8 @@ struct kvl_codec_profile {
     uint8_t fingerprint[32];
     uint8_t id[16];
     int32_t n_layers, n_kv_heads, head_dim;
+    int32_t key_rot;   /* kvl_codec_key_rotation of every level's keys */
+    float rope_theta;  /* > 0 with a rotation, else 0 */
     uint64_t calib_tokens;
     kvlc_plevel lv[KVL_CODEC_MAX_LEVEL + 1]; /* index 0 unused */
 };
@@ -129,6 +132,17 @@ static inline int32_t kvlc_n_scales(int scale_mode, int32_t T, int32_t C) {
 static inline int kvlc_is_delta(int delta_group, int32_t t) {
     return delta_group > 1 && (t % delta_group) != 0;
 }
+
+/* ---------------------------------------------------------------- key rotation (profiles v2) */
+/* cs[t][i] (cos) and cs[T * D/2 + t * D/2 + i] (sin) of the angle t * theta^(-2i / D), t in [0, T),
+ * i in [0, D/2): computed in double and rounded to float once, so that every decoder that takes
+ * this table (a GPU one uploads it) rotates identically. cs holds T * D floats. */
+void kvlc_rope_table(float theta, int32_t D, int32_t T, float *cs);
+/* Rotates the RoPE pairs of every head of x[T][H][D] by -angle(t) (inverse = 1, the encoder: back
+ * to position 0) or +angle(t) (inverse = 0, the decoder). Pairs: (2i, 2i+1) for
+ * KVL_CODEC_KEYROT_INTERLEAVED, (i, i + D/2) for KVL_CODEC_KEYROT_HALF. Each output is
+ * fl(fl(a * b) -/+ fl(c * d)) with no fused multiply-add (the codec is built -ffp-contract=off). */
+void kvlc_rotate_keys(float *x, int32_t T, int32_t H, int32_t D, int style, const float *cs, int inverse);
 
 /* ---------------------------------------------------------------- bytes and floats */
 static inline void kvlc_put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }

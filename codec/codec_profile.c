@@ -1,6 +1,7 @@
 /* codec_profile.c - per-model probability profiles: building from calibration KV, the KVLP file
  * format (docs/codec-format.md), parsing with full validation. */
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +25,8 @@ static size_t level_entries(int32_t L, int32_t C, const uint16_t *q, int has_del
 
 struct kvl_codec_profile_builder {
     int32_t L, H, D, C;
+    int32_t key_rot;
+    float rope_theta;
     uint8_t fp[32];
     uint64_t tokens;
     kvlc_params p[KVL_CODEC_MAX_LEVEL + 1];
@@ -100,16 +103,41 @@ kvl_status kvl_codec_profile_builder_set_bins(kvl_codec_profile_builder *b, int3
     return KVL_OK;
 }
 
-kvl_status kvl_codec_profile_builder_add(kvl_codec_profile_builder *b, const float *kv, int32_t T) {
-    if (!b || !kv) return kvl_errorf(KVL_ERR_INVALID_ARG, "NULL argument");
+kvl_status kvl_codec_profile_builder_set_key_rotation(kvl_codec_profile_builder *b, int32_t rotation, float rope_theta) {
+    if (!b) return kvl_errorf(KVL_ERR_INVALID_ARG, "NULL argument");
+    if (b->tokens) return kvl_errorf(KVL_ERR_INVALID_ARG, "the key rotation must be set before calibration chunks are added");
+    if (rotation < KVL_CODEC_KEYROT_NONE || rotation > KVL_CODEC_KEYROT_INTERLEAVED)
+        return kvl_errorf(KVL_ERR_INVALID_ARG, "unknown key rotation %d", rotation);
+    if (rotation != KVL_CODEC_KEYROT_NONE && (!(rope_theta > 0) || !isfinite(rope_theta) || b->D % 2 != 0))
+        return kvl_errorf(KVL_ERR_INVALID_ARG, "key rotation needs a finite RoPE base > 0 and an even head_dim (got %g, %d)",
+                          (double)rope_theta, b->D);
+    b->key_rot = rotation;
+    b->rope_theta = rotation == KVL_CODEC_KEYROT_NONE ? 0.0f : rope_theta;
+    return KVL_OK;
+}
+
+kvl_status kvl_codec_profile_builder_add(kvl_codec_profile_builder *b, const float *kv_in, int32_t T) {
+    if (!b || !kv_in) return kvl_errorf(KVL_ERR_INVALID_ARG, "NULL argument");
     if (T < 1 || T > KVLC_MAX_TOKENS) return kvl_errorf(KVL_ERR_INVALID_ARG, "%d calibration tokens", T);
     size_t n = (size_t)T * b->C;
     int16_t *q = malloc(n * sizeof *q);
     uint16_t *sc = malloc((size_t)(T > 2 * b->C ? T : 2 * b->C) * sizeof *sc);
-    if (!q || !sc) {
+    /* with a key rotation the keys are counted as the encoder quantises them: rotated back */
+    float *rot = b->key_rot ? malloc((size_t)b->L * 2 * n * sizeof *rot) : NULL;
+    float *cs = b->key_rot ? malloc((size_t)T * b->D * sizeof *cs) : NULL;
+    if (!q || !sc || (b->key_rot && (!rot || !cs))) {
         free(q);
         free(sc);
+        free(rot);
+        free(cs);
         return KVL_ERR_NOMEM;
+    }
+    const float *kv = kv_in;
+    if (b->key_rot) {
+        memcpy(rot, kv_in, (size_t)b->L * 2 * n * sizeof *rot);
+        kvlc_rope_table(b->rope_theta, b->D, T, cs);
+        for (int32_t l = 0; l < b->L; l++) kvlc_rotate_keys(rot + (size_t)l * 2 * n, T, b->H, b->D, b->key_rot, cs, 1);
+        kv = rot;
     }
     kvl_status st = KVL_OK;
     for (int lv = 1; lv <= KVL_CODEC_MAX_LEVEL && st == KVL_OK; lv++) {
@@ -136,6 +164,8 @@ kvl_status kvl_codec_profile_builder_add(kvl_codec_profile_builder *b, const flo
     }
     free(q);
     free(sc);
+    free(rot);
+    free(cs);
     if (st == KVL_OK) b->tokens += (uint64_t)T;
     return st;
 }
@@ -189,6 +219,11 @@ static void set_cum(kvlc_plevel *pl, kvlc_table *t, const uint32_t *freq) {
 /* the raw (uncompressed) body of the KVLP format */
 static kvl_status body_serialize(const kvl_codec_profile *p, kvlc_buf *out) {
     int32_t L = p->n_layers, C = p->n_kv_heads * p->head_dim;
+    uint8_t pre[KVLP_BODY_PREFIX] = {(uint8_t)p->key_rot, 0, 0, 0};
+    uint32_t tb;
+    memcpy(&tb, &p->rope_theta, 4);
+    kvlc_put32(pre + 4, tb);
+    if (kvlc_buf_put(out, pre, sizeof pre)) return KVL_ERR_NOMEM;
     for (int lv = 1; lv <= KVL_CODEC_MAX_LEVEL; lv++) {
         const kvlc_plevel *pl = &p->lv[lv];
         if (!pl->present) continue;
@@ -231,6 +266,8 @@ kvl_status kvl_codec_profile_builder_finish(kvl_codec_profile_builder *b, kvl_co
     p->n_layers = b->L;
     p->n_kv_heads = b->H;
     p->head_dim = b->D;
+    p->key_rot = b->key_rot;
+    p->rope_theta = b->rope_theta;
     p->calib_tokens = b->tokens;
     kvl_status st = KVL_OK;
     uint32_t *freq = malloc((4 * KVLC_MAX_Q + 1) * sizeof *freq);
@@ -368,7 +405,18 @@ kvl_status kvl_codec_profile_parse(const uint8_t *buf, size_t size, const uint8_
     p->n_kv_heads = H;
     p->head_dim = D;
     p->calib_tokens = kvlc_get64(buf + 48);
-    size_t at = 0;
+    if (raw_n < KVLP_BODY_PREFIX) { st = pbad("body too short for its key-rotation block"); goto fail; }
+    {
+        uint32_t tb = kvlc_get32(raw + 4);
+        memcpy(&p->rope_theta, &tb, 4);
+        p->key_rot = raw[0];
+        if (raw[1] || kvlc_get16(raw + 2) || p->key_rot > KVL_CODEC_KEYROT_INTERLEAVED ||
+            (p->key_rot ? !(p->rope_theta > 0) || !isfinite(p->rope_theta) || D % 2 != 0 : tb != 0)) {
+            st = pbad("key rotation out of range");
+            goto fail;
+        }
+    }
+    size_t at = KVLP_BODY_PREFIX;
     for (int k = 0; k < n_levels; k++) {
         if (raw_n - at < 8 + 4 * (size_t)L) { st = pbad("level header truncated"); goto fail; }
         const uint8_t *h = raw + at;
@@ -503,3 +551,8 @@ kvl_status kvl_codec_level_bins(int32_t level, int32_t scheme, int32_t n_layers,
 }
 
 uint64_t kvl_codec_profile_calib_tokens(const kvl_codec_profile *p) { return p->calib_tokens; }
+
+int32_t kvl_codec_profile_key_rotation(const kvl_codec_profile *p, float *rope_theta) {
+    if (rope_theta) *rope_theta = p->rope_theta;
+    return p->key_rot;
+}

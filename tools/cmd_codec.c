@@ -44,8 +44,14 @@ typedef struct calib_opts {
     int search;     /* search per-model bins (else the built-in level bins) */
     int search_seqs;
     float temp;     /* sampling temperature of the generated calibration text */
+    int key_rot;    /* rotate keys back to position 0 before quantising (kvl_codec_key_rotation) */
     double default_kl; /* the default level's KL target on the calibration text */
 } calib_opts;
+
+/* the codec's key rotation for the model's RoPE layout */
+static int32_t model_key_rotation(const kvl_model *m) {
+    return kvl_model_get_config(m)->rope_style == KVL_ROPE_INTERLEAVED ? KVL_CODEC_KEYROT_INTERLEAVED : KVL_CODEC_KEYROT_HALF;
+}
 
 static kvl_codec_shape model_shape(const kvl_model *m, int32_t T) {
     const kvl_model_config *c = kvl_model_get_config(m);
@@ -95,6 +101,8 @@ typedef struct search_seq {
 typedef struct searcher {
     kvl_model *m;
     int chunk;
+    int32_t key_rot;
+    float rope_theta;
     search_seq s[SEARCH_SEQS_MAX];
     int ns;
     float *dec, *lg;
@@ -119,6 +127,8 @@ static kvl_status searcher_init(searcher *S, kvl_model *m, const calib_opts *co)
     memset(S, 0, sizeof *S);
     S->m = m;
     S->chunk = co->chunk;
+    S->key_rot = co->key_rot ? model_key_rotation(m) : KVL_CODEC_KEYROT_NONE;
+    S->rope_theta = co->key_rot ? c->rope_theta : 0.0f;
     /* a full default chunk of context before the 64 scored tokens: the KL of a continuation
      * shrinks as the context grows, so shorter calibration contexts would over-provision bins */
     int32_t len = c->max_seq < co->chunk + SUFFIX ? c->max_seq : co->chunk + SUFFIX;
@@ -172,12 +182,33 @@ static kvl_status searcher_init(searcher *S, kvl_model *m, const calib_opts *co)
     return KVL_OK;
 }
 
-/* mean KL and bits/element of level with bins over the search sequences */
-static kvl_status search_eval(searcher *S, int level, const uint16_t *bins, double *kl, double *bits) {
+/* mean KL of level with bins over the search sequences: the decoded KV comes from
+ * kvl_codec_simulate (what a profile with these bins and the key rotation decodes to, bit for bit,
+ * without the entropy coder: the KL does not depend on the tables) */
+static kvl_status search_eval(searcher *S, int level, const uint16_t *bins, double *kl) {
+    const kvl_model_config *c = kvl_model_get_config(S->m);
+    size_t per_tok = (size_t)c->n_layers * 2 * c->n_kv_heads * c->head_dim;
+    *kl = 0;
+    for (int i = 0; i < S->ns; i++) {
+        search_seq *q = &S->s[i];
+        for (int32_t c0 = 0; c0 < q->P; c0 += S->chunk) {
+            int32_t l = q->P - c0 < S->chunk ? q->P - c0 : S->chunk;
+            kvl_codec_shape sh = model_shape(S->m, l);
+            KVL_TRY(kvl_codec_simulate(&sh, q->kv_exact + per_tok * (size_t)c0, level, bins, S->key_rot, S->rope_theta, S->dec));
+            KVL_TRY(kvl_kv_write(q->kv, 0, c->n_layers, c0, l, S->dec));
+        }
+        KVL_TRY(suffix_logits(S->m, q->kv, q->ids, q->n, q->P, S->lg));
+        *kl += compare(q->logits, S->lg, SUFFIX, c->vocab_size).kl / S->ns;
+    }
+    S->evals++;
+    return KVL_OK;
+}
+
+/* bits/element of the search sequences encoded at level with the finished profile */
+static kvl_status search_bits(searcher *S, int level, const kvl_codec_profile *prof, double *bits) {
     const kvl_model_config *c = kvl_model_get_config(S->m);
     size_t per_tok = (size_t)c->n_layers * 2 * c->n_kv_heads * c->head_dim, bytes = 0, elems = 0;
-    kvl_codec_opts o = {level, KVL_CODEC_SCHEME_KVLOOM, NULL, 1, bins};
-    *kl = 0;
+    kvl_codec_opts o = {level, KVL_CODEC_SCHEME_KVLOOM, prof, 1, NULL};
     for (int i = 0; i < S->ns; i++) {
         search_seq *q = &S->s[i];
         for (int32_t c0 = 0; c0 < q->P; c0 += S->chunk) {
@@ -186,18 +217,12 @@ static kvl_status search_eval(searcher *S, int level, const uint16_t *bins, doub
             uint8_t *e = NULL;
             size_t ne = 0;
             KVL_TRY(kvl_codec_encode(&sh, KVL_CODEC_F32, q->kv_exact + per_tok * (size_t)c0, &o, &e, &ne));
-            kvl_status s = kvl_codec_decode(e, ne, NULL, 0, 0, KVL_CODEC_F32, S->dec, per_tok * (size_t)l * 4, 1);
             free(e);
-            KVL_TRY(s);
-            KVL_TRY(kvl_kv_write(q->kv, 0, c->n_layers, c0, l, S->dec));
             bytes += ne;
             elems += per_tok * (size_t)l;
         }
-        KVL_TRY(suffix_logits(S->m, q->kv, q->ids, q->n, q->P, S->lg));
-        *kl += compare(q->logits, S->lg, SUFFIX, c->vocab_size).kl / S->ns;
     }
     *bits = 8.0 * bytes / elems;
-    S->evals++;
     return KVL_OK;
 }
 
@@ -218,9 +243,9 @@ static void alloc_bins(int32_t L, const double *sens, double alpha, uint16_t *bi
  * coordinate descent from the largest sections down then takes away about 1/8 of a section's bins
  * wherever the KL target still holds, in up to REFINE_PASSES passes over the sections (a pass that
  * changes nothing ends it). bins meet tau on entry and on return; *bits follows them. */
-static kvl_status refine_bins(searcher *S, int level, double tau, uint16_t *bins, double *bits) {
+static kvl_status refine_bins(searcher *S, int level, double tau, uint16_t *bins, double *kl_out) {
     int32_t L = kvl_model_get_config(S->m)->n_layers;
-    double kl, b;
+    double kl;
     for (int pass = 0, accepted = 1; pass < REFINE_PASSES && accepted; pass++) {
         accepted = 0;
         memset(S->tried, 0, (size_t)L * 2);
@@ -232,9 +257,9 @@ static kvl_status refine_bins(searcher *S, int level, double tau, uint16_t *bins
             S->tried[best] = 1;
             uint16_t keep = bins[best];
             bins[best] = (uint16_t)(keep - (keep / 8 > 1 ? keep / 8 : 1));
-            KVL_TRY(search_eval(S, level, bins, &kl, &b));
+            KVL_TRY(search_eval(S, level, bins, &kl));
             if (kl <= tau) {
-                *bits = b;
+                *kl_out = kl;
                 accepted = 1;
             } else bins[best] = keep;
         }
@@ -242,60 +267,57 @@ static kvl_status refine_bins(searcher *S, int level, double tau, uint16_t *bins
     return KVL_OK;
 }
 
-/* the smallest alpha whose bins meet the level's KL target; the bins in bins, their bits in *bits */
-static kvl_status search_level(searcher *S, int level, double tau, const double *sens, uint16_t *bins, double *bits) {
+/* the smallest alpha whose bins meet the level's KL target; the bins in bins, their calibration
+ * KL in *kl_out */
+static kvl_status search_level(searcher *S, int level, double tau, const double *sens, uint16_t *bins, double *kl_out) {
     int32_t L = kvl_model_get_config(S->m)->n_layers;
-    double kl, b, hi_bits = 0;
+    double kl, hi_kl = 0;
     int lo = 0, hi = ALPHA_STEPS;
     alloc_bins(L, sens, exp2(hi / 8.0), bins);
-    KVL_TRY(search_eval(S, level, bins, &kl, &hi_bits));
+    KVL_TRY(search_eval(S, level, bins, &hi_kl));
     while (hi > lo) { /* invariant: hi meets the target (or is the cap) */
         int mid = (lo + hi) / 2;
         alloc_bins(L, sens, exp2(mid / 8.0), bins);
-        KVL_TRY(search_eval(S, level, bins, &kl, &b));
+        KVL_TRY(search_eval(S, level, bins, &kl));
         if (kl <= tau) {
             hi = mid;
-            hi_bits = b;
+            hi_kl = kl;
         } else lo = mid + 1;
     }
     alloc_bins(L, sens, exp2(hi / 8.0), bins);
-    KVL_TRY(refine_bins(S, level, tau, bins, &hi_bits));
-    *bits = hi_bits;
+    KVL_TRY(refine_bins(S, level, tau, bins, &hi_kl));
+    *kl_out = hi_kl;
     return KVL_OK;
 }
 
-static kvl_status search_bins(kvl_model *m, const calib_opts *co, kvl_codec_profile_builder *b) {
-    int32_t L = kvl_model_get_config(m)->n_layers;
-    searcher S;
-    kvl_status s = searcher_init(&S, m, co);
+static kvl_status search_bins(searcher *S, const calib_opts *co, kvl_codec_profile_builder *b) {
+    int32_t L = kvl_model_get_config(S->m)->n_layers;
     uint16_t *bins = malloc((size_t)L * 2 * sizeof *bins);
-    double *sens = malloc((size_t)L * 2 * sizeof *sens), base = 0, bits = 0, mx = 0;
-    if (s == KVL_OK && (!bins || !sens)) s = KVL_ERR_NOMEM;
+    double *sens = malloc((size_t)L * 2 * sizeof *sens), base = 0, kl = 0, mx = 0;
+    kvl_status s = (!bins || !sens) ? KVL_ERR_NOMEM : KVL_OK;
     /* sensitivity of each (layer, k|v): KL when it alone is coarse (4) and the rest fine (64) */
     for (int32_t i = 0; s == KVL_OK && i < 2 * L; i++) bins[i] = 64;
-    if (s == KVL_OK) s = search_eval(&S, KVL_CODEC_LEVEL_DEFAULT, bins, &base, &bits);
+    if (s == KVL_OK) s = search_eval(S, KVL_CODEC_LEVEL_DEFAULT, bins, &base);
     for (int32_t i = 0; s == KVL_OK && i < 2 * L; i++) {
-        double kl;
         bins[i] = 4;
-        s = search_eval(&S, KVL_CODEC_LEVEL_DEFAULT, bins, &kl, &bits);
+        s = search_eval(S, KVL_CODEC_LEVEL_DEFAULT, bins, &kl);
         bins[i] = 64;
         sens[i] = sqrt(fmax(kl - base, 1e-9));
         mx = fmax(mx, sens[i]);
     }
     for (int32_t i = 0; s == KVL_OK && i < 2 * L; i++) sens[i] /= mx;
     for (int lv = 1; s == KVL_OK && lv <= KVL_CODEC_MAX_LEVEL; lv++) {
-        s = search_level(&S, lv, lv == KVL_CODEC_LEVEL_DEFAULT ? co->default_kl : LEVEL_KL_TARGET[lv], sens, bins, &bits);
+        s = search_level(S, lv, lv == KVL_CODEC_LEVEL_DEFAULT ? co->default_kl : LEVEL_KL_TARGET[lv], sens, bins, &kl);
         if (s == KVL_OK) s = kvl_codec_profile_builder_set_bins(b, lv, bins);
         if (s == KVL_OK) {
             fprintf(stderr, "kvloom: level %d bins (k,v per layer):", lv);
             for (int32_t l = 0; l < L; l++) fprintf(stderr, " %u,%u", bins[2 * l], bins[2 * l + 1]);
-            fprintf(stderr, " (%.3f bits/element on calibration)\n", bits);
+            fprintf(stderr, " (calibration KL %.5f)\n", kl);
         }
     }
-    if (s == KVL_OK) fprintf(stderr, "kvloom: bin search: %d evaluations on %d sequences\n", S.evals, S.ns);
+    if (s == KVL_OK) fprintf(stderr, "kvloom: bin search: %d evaluations on %d sequences\n", S->evals, S->ns);
     free(bins);
     free(sens);
-    searcher_free(&S);
     return s;
 }
 
@@ -303,8 +325,12 @@ static kvl_status build_profile(kvl_model *m, const calib_opts *co, kvl_codec_pr
     const kvl_model_config *c = kvl_model_get_config(m);
     kvl_codec_shape shape = model_shape(m, 0);
     kvl_codec_profile_builder *b = NULL;
+    searcher S;
+    memset(&S, 0, sizeof S);
     KVL_TRY(kvl_codec_profile_builder_create(&shape, kvl_model_fingerprint(m), &b));
-    kvl_status s = co->search ? search_bins(m, co, b) : KVL_OK;
+    kvl_status s = co->key_rot ? kvl_codec_profile_builder_set_key_rotation(b, model_key_rotation(m), c->rope_theta) : KVL_OK;
+    if (s == KVL_OK && co->search) s = searcher_init(&S, m, co);
+    if (s == KVL_OK && co->search) s = search_bins(&S, co, b);
     if (co->n_files > 0) {
         for (int i = 0; s == KVL_OK && i < co->n_files; i++) {
             int32_t *ids = NULL, n = 0;
@@ -330,16 +356,25 @@ static kvl_status build_profile(kvl_model *m, const calib_opts *co, kvl_codec_pr
     }
     if (s == KVL_OK) s = kvl_codec_profile_builder_finish(b, out);
     kvl_codec_profile_builder_free(b);
+    /* what the profile costs on the search sequences (its tables come from the other calibration text) */
+    for (int lv = 1; s == KVL_OK && co->search && lv <= KVL_CODEC_MAX_LEVEL; lv++) {
+        double bits = 0;
+        s = search_bits(&S, lv, *out, &bits);
+        if (s == KVL_OK) fprintf(stderr, "kvloom: level %d: %.3f bits/element on the search sequences\n", lv, bits);
+    }
+    searcher_free(&S);
     return s;
 }
 
 static const char *PROFILE_USAGE =
     "kvloom codec-profile --model PATH [--calib TOKENS.i32 ...] [--seqs N --len N --seed S] [--chunk 256]\n"
-    "                     [--search-seqs N | --builtin-bins] [--temp T] [--default-kl KL] --out FILE\n"
+    "                     [--search-seqs N | --builtin-bins] [--temp T] [--default-kl KL] [--no-key-rotation]\n"
+    "                     --out FILE\n"
     "  --calib: calibration token files (one per flag; the first max_seq tokens of each) used for the\n"
     "  tables and the bin search; without them the model samples its own (--seqs sequences of --len\n"
     "  tokens for the tables, --search-seqs more for the bin search, temperature --temp (default 1),\n"
-    "  seeds from --seed); --default-kl: the default level's KL target on the calibration text";
+    "  seeds from --seed); --default-kl: the default level's KL target on the calibration text;\n"
+    "  --no-key-rotation: quantise keys as cached (RoPE-rotated) instead of rotated back to position 0";
 
 static int parse_calib_arg(const char *cmd, const char *usage, int argc, char **argv, int *i, calib_opts *co) {
     long v;
@@ -384,7 +419,7 @@ static int parse_calib_arg(const char *cmd, const char *usage, int argc, char **
 }
 
 static calib_opts calib_defaults(const char **files) {
-    calib_opts co = {files, 0, 16, 256, 1000, 256, 1, SEARCH_SEQS, 1.0f, 0};
+    calib_opts co = {files, 0, 16, 256, 1000, 256, 1, SEARCH_SEQS, 1.0f, 1, 0};
     co.default_kl = LEVEL_KL_TARGET[KVL_CODEC_LEVEL_DEFAULT];
     return co;
 }
@@ -401,6 +436,7 @@ int kvl_cmd_codec_profile(int argc, char **argv) {
         if (i + 1 < argc && !strcmp(argv[i], "--model")) model = argv[++i];
         else if (i + 1 < argc && !strcmp(argv[i], "--out")) outp = argv[++i];
         else if (!strcmp(argv[i], "--builtin-bins")) co.search = 0;
+        else if (!strcmp(argv[i], "--no-key-rotation")) co.key_rot = 0;
         else {
             free(files);
             return kvl_cli_usage("codec-profile", PROFILE_USAGE, "unknown or incomplete argument '%s'", argv[i]);
@@ -447,10 +483,14 @@ static kvl_status stored_profile(kvl_model *m, kvl_codec_profile **out) {
     kvl_codec_shape shape = model_shape(m, 0);
     if (s == KVL_OK) {
         for (int lv = 1; lv <= KVL_CODEC_MAX_LEVEL && s == KVL_OK; lv++) s = kvl_codec_profile_check(*out, &shape, lv);
+        if (s == KVL_OK && kvl_codec_profile_key_rotation(*out, NULL) != model_key_rotation(m))
+            s = kvl_errorf(KVL_ERR_CODEC_PROFILE, "built without this build's key rotation");
         if (s == KVL_OK) return KVL_OK;
         fprintf(stderr, "kvloom: stored profile %s is stale (%s); rebuilding\n", path, kvl_last_error());
         kvl_codec_profile_free(*out);
         *out = NULL;
+    } else if (s == KVL_ERR_VERSION) { /* a profile of an older format */
+        fprintf(stderr, "kvloom: stored profile %s is stale (%s); rebuilding\n", path, kvl_last_error());
     } else if (s != KVL_ERR_NOT_FOUND) {
         return s;
     }

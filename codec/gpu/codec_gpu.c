@@ -29,6 +29,8 @@ struct kvl_codec_gpu {
     kvl_codec_plan wplan[KVL_GPU_PLAN_THREADS]; /* per planning thread */
     int16_t *d_anchor;
     size_t anchor_cap;
+    float *d_rot;     /* float32 scratch of rotated key sections */
+    size_t rot_cap;
     uint32_t *d_err, *h_err;
     void *h_tmp;      /* pinned: lossless decode target */
     size_t tmp_cap;
@@ -107,6 +109,7 @@ void kvl_codec_gpu_free(kvl_codec_gpu *g) {
     cudaFreeHost(g->h_stage);
     cudaFree(g->d_buf);
     cudaFree(g->d_anchor);
+    cudaFree(g->d_rot);
     cudaFree(g->d_err);
     cudaFreeHost(g->h_err);
     cudaFreeHost(g->h_tmp);
@@ -227,10 +230,11 @@ static void *plan_run(void *arg) {
 
 /* The host half shared by kvl_codec_gpu_decode and kvl_codec_gpu_stage: validates and plans the
  * lossy chunks of chunks[0..n) on worker threads, stages their bytes in h_stage and the plan arrays
- * in h_plan (laid out at off[0..5]: streams, sections, tables, cum, lut, scales; *total bytes).
+ * in h_plan (laid out at off[0..6]: streams, sections, tables, cum, lut, scales, rope tables;
+ * *total bytes).
  * lossy[0..*n_lossy) = the caller's index of each planned chunk. */
 static kvl_status host_plan(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chunks, int32_t n, const kvl_codec_profile *profile,
-                            size_t es, int32_t *lossy, int32_t *n_lossy_out, size_t off[6], size_t *total) {
+                            size_t es, int32_t *lossy, int32_t *n_lossy_out, size_t off[7], size_t *total) {
     kvl_codec_plan *p = &g->plan;
     kvl_codec_plan_reset(p);
     *n_lossy_out = 0;
@@ -296,7 +300,8 @@ static kvl_status host_plan(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chunks,
     off[3] = off[2] + al256(p->n_tables * sizeof *p->tables);
     off[4] = off[3] + al256(p->n_cum * 4);
     off[5] = off[4] + al256(p->n_lut * 2);
-    *total = off[5] + al256(p->n_scales * 4);
+    off[6] = off[5] + al256(p->n_scales * 4);
+    *total = off[6] + al256(p->n_rope * 4);
     st = grow_host((void **)&g->h_plan, &g->hp_cap, *total);
     if (st != KVL_OK) goto out;
     memcpy(g->h_plan + off[0], p->streams, p->n_streams * sizeof *p->streams);
@@ -305,6 +310,7 @@ static kvl_status host_plan(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chunks,
     if (p->n_cum) memcpy(g->h_plan + off[3], p->cum, p->n_cum * 4);
     if (p->n_lut) memcpy(g->h_plan + off[4], p->lut, p->n_lut * 2);
     memcpy(g->h_plan + off[5], p->scales, p->n_scales * 4);
+    if (p->n_rope) memcpy(g->h_plan + off[6], p->rope, p->n_rope * 4);
     *n_lossy_out = n_lossy;
 out:
     free(boff);
@@ -313,8 +319,8 @@ out:
 }
 
 /* kernel arguments for a plan whose bytes sit at d_bytes and arrays at d_plan (offsets off) */
-static kvl_cu_codec_args make_args(const kvl_codec_gpu *g, const uint8_t *d_bytes, const uint8_t *d_plan, const size_t off[6],
-                                   int16_t *d_anchor, uint32_t *d_err) {
+static kvl_cu_codec_args make_args(const kvl_codec_gpu *g, const uint8_t *d_bytes, const uint8_t *d_plan, const size_t off[7],
+                                   int16_t *d_anchor, float *d_rot, uint32_t *d_err) {
     kvl_cu_codec_args a = {0};
     a.bytes = d_bytes;
     a.streams = (const kvl_codec_plan_stream *)(d_plan + off[0]);
@@ -328,7 +334,10 @@ static kvl_cu_codec_args make_args(const kvl_codec_gpu *g, const uint8_t *d_byte
     }
     a.scales = (const float *)(d_plan + off[5]);
     a.anchor = d_anchor;
+    a.rot = g->plan.n_rot ? d_rot : NULL;
+    a.rope = (const float *)(d_plan + off[6]);
     a.n_streams = (uint32_t)g->plan.n_streams;
+    a.n_sections = (uint32_t)g->plan.n_sections;
     a.err = d_err;
     return a;
 }
@@ -360,16 +369,17 @@ kvl_status kvl_codec_gpu_decode(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chu
     int32_t *lossy = malloc((size_t)(n ? n : 1) * sizeof *lossy); /* plan chunk index -> caller's */
     if (!lossy) return KVL_ERR_NOMEM;
     int32_t n_lossy = 0;
-    size_t off[6] = {0}, total = 0;
+    size_t off[7] = {0}, total = 0;
     kvl_status st = host_plan(g, chunks, n, profile, es, lossy, &n_lossy, off, &total);
     if (st != KVL_OK || n_lossy == 0) goto lossless;
     st = grow_dev((void **)&g->d_buf, &g->d_cap, p->n_bytes);
     if (st == KVL_OK) st = grow_dev((void **)&g->d_plan, &g->dp_cap, total);
     if (st == KVL_OK) st = grow_dev((void **)&g->d_anchor, &g->anchor_cap, p->n_anchor * 2 + 2);
+    if (st == KVL_OK && p->n_rot) st = grow_dev((void **)&g->d_rot, &g->rot_cap, p->n_rot * 4);
     if (st != KVL_OK) goto done;
     stats.plan_ms = now_ms() - t0;
     {
-        kvl_cu_codec_args a = make_args(g, g->d_buf, g->d_plan, off, g->d_anchor, g->d_err);
+        kvl_cu_codec_args a = make_args(g, g->d_buf, g->d_plan, off, g->d_anchor, g->d_rot, g->d_err);
         cudaError_t e = cudaEventRecord(g->ev[0], g->st);
         if (e == cudaSuccess) e = cudaMemcpyAsync(g->d_buf, g->h_stage, p->n_bytes, cudaMemcpyHostToDevice, g->st);
         if (e == cudaSuccess) e = cudaMemcpyAsync(g->d_plan, g->h_plan, total, cudaMemcpyHostToDevice, g->st);
@@ -417,10 +427,10 @@ done:
 
 struct kvl_codec_gpu_batch {
     kvl_codec_gpu *g;
-    uint8_t *d_blob;       /* bytes | plan arrays | anchor | err, stream-ordered allocation */
-    size_t off[6];
+    uint8_t *d_blob;       /* bytes | plan arrays | anchor | rotation scratch | err, stream-ordered */
+    size_t off[7];
     uint64_t n_bytes, n_streams;
-    size_t o_plan, o_anchor, o_err;
+    size_t o_plan, o_anchor, o_rot, o_err;
     cudaEvent_t copied;    /* the H2D copies are done (recorded on the decoder's stream) */
     cudaStream_t launched; /* the stream the kernel went to (NULL: not launched) */
     int dtype;             /* kvl_cu_dtype */
@@ -464,7 +474,8 @@ kvl_status kvl_codec_gpu_stage(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chun
         b->n_streams = p->n_streams;
         b->o_plan = al256(p->n_bytes);
         b->o_anchor = b->o_plan + al256(total);
-        b->o_err = b->o_anchor + al256(p->n_anchor * 2 + 2);
+        b->o_rot = b->o_anchor + al256(p->n_anchor * 2 + 2);
+        b->o_err = b->o_rot + al256(p->n_rot * 4);
         e = cudaMallocAsync((void **)&b->d_blob, b->o_err + 256, g->st);
         if (e == cudaSuccess) e = cudaEventCreateWithFlags(&b->copied, cudaEventDisableTiming);
         if (e == cudaSuccess) e = cudaMemcpyAsync(b->d_blob, g->h_stage, p->n_bytes, cudaMemcpyHostToDevice, g->st);
@@ -476,7 +487,7 @@ kvl_status kvl_codec_gpu_stage(kvl_codec_gpu *g, const kvl_codec_gpu_chunk *chun
     }
     if (st == KVL_OK)
         b->args = make_args(g, b->d_blob, b->d_blob + b->o_plan, b->off, (int16_t *)(b->d_blob + b->o_anchor),
-                            (uint32_t *)(b->d_blob + b->o_err));
+                            (float *)(b->d_blob + b->o_rot), (uint32_t *)(b->d_blob + b->o_err));
     if (st != KVL_OK) {
         kvl_codec_gpu_batch_free(b);
         return st;

@@ -143,7 +143,14 @@ __device__ __forceinline__ void decode_narrow(const kvl_cu_codec_args &a, uint32
                 else v[k] = __fmul_rn((float)q, sm == 0 ? tsc : scl[k]);
             }
         }
-        store8<BF16>(row, c0, n, v);
+        if (se.rot) { // float32 first: the rotation pass stores the output
+            float *r = a.rot + se.rot_off + (size_t)t * C + c0;
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                if (k < n) r[k] = v[k];
+        } else {
+            store8<BF16>(row, c0, n, v);
+        }
     }
     if (x != RANS_L || sp != se_end) fail(a.err, i, KVL_CU_DEC_STATE);
 }
@@ -227,10 +234,46 @@ __global__ void __launch_bounds__(128) decode_kernel(const kvl_cu_codec_args a) 
                     else v[k] = __fmul_rn((float)q, sm == 1 ? sc[c] : tsc);
                 }
             }
-            store8<BF16>(row, cb, n, v);
+            if (se.rot) { // float32 first: the rotation pass stores the output
+                float *r = a.rot + se.rot_off + (size_t)t * C + cb;
+#pragma unroll
+                for (int k = 0; k < 8; k++)
+                    if (k < n) r[k] = v[k];
+            } else {
+                store8<BF16>(row, cb, n, v);
+            }
         }
     }
     if (x != RANS_L || sp != se_end) fail(a.err, i, KVL_CU_DEC_STATE);
+}
+
+// Forward RoPE rotation of a decoded key section (docs/codec-format.md, "Key rotation"): every
+// product and the sum/difference rounded on their own (no FMA), as the CPU decoder does.
+// blockIdx.x: section; blockIdx.y and the threads stride over its (token, head, pair) triples.
+template <bool BF16>
+__global__ void __launch_bounds__(128) rotate_kernel(const kvl_cu_codec_args a) {
+    const kvl_codec_plan_section se = a.sections[blockIdx.x];
+    if (!se.rot) return;
+    const int32_t D = se.D, half = D / 2, H = se.C / D, T = se.T;
+    const int64_t total = (int64_t)T * H * half;
+    const float *y = a.rot + se.rot_off, *cs = a.rope + se.rope_off, *sn = cs + (size_t)T * half;
+    const size_t esz = BF16 ? 2 : 4;
+    for (int64_t k = (int64_t)blockIdx.y * blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.y * blockDim.x) {
+        const int32_t i = (int32_t)(k % half), h = (int32_t)((k / half) % H), t = (int32_t)(k / ((int64_t)half * H));
+        const int32_t ca = h * D + (se.rot == 2 ? 2 * i : i), cb = h * D + (se.rot == 2 ? 2 * i + 1 : i + half);
+        const float ya = y[(size_t)t * se.C + ca], yb = y[(size_t)t * se.C + cb];
+        const float c = __ldg(cs + (size_t)t * half + i), s = __ldg(sn + (size_t)t * half + i);
+        const float oa = __fsub_rn(__fmul_rn(ya, c), __fmul_rn(yb, s));
+        const float ob = __fadd_rn(__fmul_rn(ya, s), __fmul_rn(yb, c));
+        uint8_t *row = reinterpret_cast<uint8_t *>(se.out) + (size_t)((int64_t)t * se.ld) * esz;
+        if (BF16) {
+            reinterpret_cast<uint16_t *>(row)[ca] = f32_to_bf16(oa);
+            reinterpret_cast<uint16_t *>(row)[cb] = f32_to_bf16(ob);
+        } else {
+            reinterpret_cast<float *>(row)[ca] = oa;
+            reinterpret_cast<float *>(row)[cb] = ob;
+        }
+    }
 }
 
 } // namespace
@@ -240,6 +283,11 @@ extern "C" cudaError_t kvl_cu_codec_decode(const kvl_cu_codec_args *a, kvl_cu_dt
     const unsigned block = 128, grid = (a->n_streams + block - 1) / block;
     if (out_t == KVL_CU_BF16) decode_kernel<true><<<grid, block, 0, stream>>>(*a);
     else decode_kernel<false><<<grid, block, 0, stream>>>(*a);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess || !a->rot || a->n_sections == 0) return e;
+    const dim3 rgrid(a->n_sections, 16);
+    if (out_t == KVL_CU_BF16) rotate_kernel<true><<<rgrid, block, 0, stream>>>(*a);
+    else rotate_kernel<false><<<rgrid, block, 0, stream>>>(*a);
     return cudaGetLastError();
 }
 

@@ -38,7 +38,10 @@ typedef struct kvl_cu_codec_args {
     const uint16_t *plut[5];                /* 64 entries per table: table k at k * 64 */
     const float *scales;
     int16_t *anchor;                        /* plan n_anchor int16 of scratch */
+    float *rot;                             /* plan n_rot float32 of scratch (rotated key sections) */
+    const float *rope;                      /* the plan's cos/sin tables */
     uint32_t n_streams;
+    uint32_t n_sections;
     uint32_t *err;                          /* [2]; set to {0xffffffff, 0} before the launch */
 } kvl_cu_codec_args;
 
@@ -49,7 +52,8 @@ typedef struct kvl_cu_codec_args {
 void kvl_cu_codec_compact_profile(const uint32_t *cum, size_t n_cum, const uint16_t *lut, size_t n_lut, uint16_t *cum16,
                                   uint16_t *lut64);
 
-/* Decodes every stream of the plan into the sections' output addresses as out_t. Errors found in
+/* Decodes every stream of the plan into the sections' output addresses as out_t (sections with a key
+ * rotation go through a->rot and a second kernel that rotates them forward, as the CPU does). Errors found in
  * the streams (see KVL_CU_DEC_*) are reported through a->err: err[0] is the smallest failing stream
  * index (0xffffffff if none), err[1] the reason of some failing stream; the outputs of failing
  * streams are then partial. Returns the launch status. */

@@ -38,12 +38,14 @@ static inline float *kvl_synth_kv(const kvl_codec_shape *sh, uint64_t seed) {
     return x;
 }
 
-/* the fixed profile the decode fuzzer and its corpus generator share: 2 layers, 2 heads of 8 */
+/* the fixed profile the decode fuzzer and its corpus generator share: 2 layers, 2 heads of 8,
+ * keys rotated (interleaved RoPE pairs, base 10000) so that the fuzzer reaches the rotation too */
 static inline kvl_status kvl_synth_profile(kvl_codec_profile **out) {
     static const uint8_t fp[32] = {1, 2, 3};
     kvl_codec_shape sh = {2, 64, 2, 8};
     kvl_codec_profile_builder *b = NULL;
     kvl_status st = kvl_codec_profile_builder_create(&sh, fp, &b);
+    if (st == KVL_OK) st = kvl_codec_profile_builder_set_key_rotation(b, KVL_CODEC_KEYROT_INTERLEAVED, 10000.0f);
     for (uint64_t k = 0; st == KVL_OK && k < 4; k++) {
         float *x = kvl_synth_kv(&sh, 100 + k);
         st = x ? kvl_codec_profile_builder_add(b, x, sh.n_tokens) : KVL_ERR_NOMEM;

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "codec_impl.h"
+#include "kvl_codec_plan.h"
 #include "codec_synth.h"
 #include "kvl_engine.h"
 #include "kvl_test.h"
@@ -17,9 +18,10 @@ static size_t n_elems(const kvl_codec_shape *s) {
 }
 
 /* checks dec against x under the stated bound for the bins the chunk was coded with (the level's
- * built-in bins unless a profile or opts.bins chose others); returns the worst error / bound */
+ * built-in bins unless a profile or opts.bins chose others); rot: the chunk's profile rotates keys
+ * (their bound doubles: a pair's two errors mix). Returns the worst error / bound */
 static double check_bound(const kvl_codec_shape *sh, const float *x, const float *dec, int level, int scheme,
-                          const uint8_t *chunk) {
+                          const uint8_t *chunk, int rot) {
     int32_t T = sh->n_tokens, C = sh->n_kv_heads * sh->head_dim;
     kvlc_params p;
     CHECK_OK(kvlc_params_get(level, scheme, sh->n_layers, &p));
@@ -31,6 +33,7 @@ static double check_bound(const kvl_codec_shape *sh, const float *x, const float
             int Q = kvlc_get16(chunk + KVLC_HDR_FIXED + 4 * (size_t)l + 2 * (size_t)kv);
             double rb = (sm == KVLC_SCALE_CHANNEL_OFFSET ? 1.5 : 0.5) / Q * (1.0 + 1.0 / 64) + 1e-6;
             if (Q == p.q[2 * l + kv]) CHECK(rb == kvl_codec_level_error_bound(level, scheme, sh->n_layers, l, kv));
+            if (rot && kv == 0) rb = 3.0 / Q * (1.0 + 1.0 / 64) + 1e-6;
             /* largest |x| of each token row, each channel and the whole section */
             float *rowm = calloc((size_t)T, sizeof *rowm), *colm = calloc((size_t)C, sizeof *colm), all = 0;
             for (int32_t t = 0; t < T; t++)
@@ -43,7 +46,7 @@ static double check_bound(const kvl_codec_shape *sh, const float *x, const float
             for (int32_t t = 0; t < T; t++)
                 for (int32_t c = 0; c < C; c++) {
                     size_t i = (size_t)t * C + c;
-                    float g = sm == KVLC_SCALE_TOKEN ? rowm[t] : sm == KVLC_SCALE_LAYER ? all : colm[c];
+                    float g = rot && kv == 0 ? all : sm == KVLC_SCALE_TOKEN ? rowm[t] : sm == KVLC_SCALE_CHANNEL ? colm[c] : all;
                     double e = fabs((double)xs[i] - ds[i]), b = rb * g + 1e-30;
                     if (e / b > worst) worst = e / b;
                 }
@@ -76,10 +79,19 @@ static void roundtrip_all(const kvl_codec_shape *sh, const float *x, const kvl_c
                 if (level == 0) {
                     CHECK_MSG(memcmp(dec, x, n * 4) == 0, "%s: lossless not exact", what);
                 } else {
-                    double w = check_bound(sh, x, dec, level, scheme, a);
+                    int rot = use_prof ? kvl_codec_profile_key_rotation(prof, NULL) : 0;
+                    double w = check_bound(sh, x, dec, level, scheme, a, rot);
                     CHECK_MSG(w <= 1.0, "%s: level %d scheme %d profile %d: error %.3f x its bound", what, level, scheme, use_prof, w);
                     printf("%-10s scheme %d level %d profile %d: %6.3f bits/element, worst error %.2f of bound\n", what, scheme,
                            level, use_prof, 8.0 * na / n, w);
+                    if (use_prof) { /* kvl_codec_simulate is the decoder without the coder, bit for bit */
+                        float theta = 0;
+                        float *sim = malloc(n * 4);
+                        int kr = kvl_codec_profile_key_rotation(prof, &theta);
+                        CHECK_OK(kvl_codec_simulate(sh, x, level, kvl_codec_profile_bins(prof, level), kr, theta, sim));
+                        CHECK_MSG(memcmp(sim, dec, n * 4) == 0, "%s: level %d: simulate differs from decode", what, level);
+                        free(sim);
+                    }
                 }
                 /* layer subset decodes the same values as the full decode */
                 if (sh->n_layers > 1) {
@@ -138,7 +150,7 @@ static void test_dtypes(void) {
     for (size_t i = 0; i < n; i++) xf[i] = kvl_f16_to_f32(h16[i]);
     CHECK_OK(kvl_codec_encode(&sh, KVL_CODEC_F16, h16, &o, &e, &ne));
     CHECK_OK(kvl_codec_decode(e, ne, NULL, 0, 0, KVL_CODEC_F32, dec, n * 4, 1));
-    CHECK(check_bound(&sh, xf, dec, 2, 0, e) <= 1.0);
+    CHECK(check_bound(&sh, xf, dec, 2, 0, e, 0) <= 1.0);
     free(e);
     /* f16 conversion agrees with the compiler's for a sweep of values */
     size_t mism = 0;
@@ -309,14 +321,14 @@ static void test_profile(const kvl_codec_profile *prof) {
         CHECK_OK(kvl_codec_encode(&sh, KVL_CODEC_F32, x, &o, &e, &ne));
         d = malloc(n_elems(&sh) * 4);
         CHECK_OK(kvl_codec_decode(e, ne, q, 0, 0, KVL_CODEC_F32, d, n_elems(&sh) * 4, 1));
-        CHECK(e && kvlc_get16(e + KVLC_HDR_FIXED + 4) == 7 && check_bound(&sh, x, d, 2, 0, e) <= 1.0);
+        CHECK(e && kvlc_get16(e + KVLC_HDR_FIXED + 4) == 7 && check_bound(&sh, x, d, 2, 0, e, 0) <= 1.0);
         free(e);
         o.bins = other_bins;
         CHECK_ST(kvl_codec_encode(&sh, KVL_CODEC_F32, x, &o, &e, &ne), KVL_ERR_CODEC_PROFILE);
         o.profile = NULL; /* without a profile any valid bins go */
         CHECK_OK(kvl_codec_encode(&sh, KVL_CODEC_F32, x, &o, &e, &ne));
         CHECK_OK(kvl_codec_decode(e, ne, NULL, 0, 0, KVL_CODEC_F32, d, n_elems(&sh) * 4, 1));
-        CHECK(check_bound(&sh, x, d, 2, 0, e) <= 1.0);
+        CHECK(check_bound(&sh, x, d, 2, 0, e, 0) <= 1.0);
         free(e);
         other_bins[0] = 0;
         CHECK_ST(kvl_codec_encode(&sh, KVL_CODEC_F32, x, &o, &e, &ne), KVL_ERR_INVALID_ARG);
@@ -324,6 +336,110 @@ static void test_profile(const kvl_codec_profile *prof) {
     }
     kvl_codec_profile_free(q);
     free(x);
+}
+
+/* synthetic keys the way a RoPE cache holds them: per-channel means plus noise, rotated by the
+ * token's position (pairs of `style`, base 10000); values as kvl_synth_kv */
+static float *rope_kv(const kvl_codec_shape *sh, int style, uint64_t seed) {
+    float *x = kvl_synth_kv(sh, seed);
+    int32_t T = sh->n_tokens, D = sh->head_dim, C = sh->n_kv_heads * D;
+    for (int32_t l = 0; l < sh->n_layers; l++)
+        for (int32_t t = 0; t < T; t++)
+            for (int32_t h = 0; h < sh->n_kv_heads; h++)
+                for (int32_t i = 0; i < D / 2; i++) {
+                    float *r = x + ((size_t)l * 2 * T + t) * C + (size_t)h * D;
+                    int32_t a = style == KVL_CODEC_KEYROT_INTERLEAVED ? 2 * i : i;
+                    int32_t b = style == KVL_CODEC_KEYROT_INTERLEAVED ? 2 * i + 1 : i + D / 2;
+                    double ang = t * pow(10000.0, -2.0 * i / D), u = r[a], v = r[b];
+                    r[a] = (float)(u * cos(ang) - v * sin(ang));
+                    r[b] = (float)(u * sin(ang) + v * cos(ang));
+                }
+    return x;
+}
+
+static kvl_codec_profile *rot_profile(const kvl_codec_shape *sh, int style, const float *x) {
+    static const uint8_t fp[32] = {5};
+    kvl_codec_profile_builder *b = NULL;
+    kvl_codec_profile *p = NULL;
+    CHECK_OK(kvl_codec_profile_builder_create(sh, fp, &b));
+    CHECK_OK(kvl_codec_profile_builder_set_key_rotation(b, style, 10000.0f));
+    CHECK_OK(kvl_codec_profile_builder_add(b, x, sh->n_tokens));
+    CHECK_OK(kvl_codec_profile_builder_finish(b, &p));
+    kvl_codec_profile_builder_free(b);
+    return p;
+}
+
+/* profiles that rotate keys back to position 0: round trips of both pair layouts, rotated keys
+ * cost fewer bits than unrotated ones, bad settings refused, decode plans (GPU) carry them */
+static void test_key_rotation(const kvl_codec_profile *synth) {
+    float theta = 0;
+    CHECK(kvl_codec_profile_key_rotation(synth, &theta) == KVL_CODEC_KEYROT_INTERLEAVED && theta == 10000.0f);
+    kvl_codec_shape sh = {2, 96, 2, 16};
+    size_t n = n_elems(&sh);
+    for (int style = KVL_CODEC_KEYROT_NONE; style <= KVL_CODEC_KEYROT_INTERLEAVED; style++) {
+        float *x = rope_kv(&sh, style ? style : KVL_CODEC_KEYROT_INTERLEAVED, 40 + (uint64_t)style);
+        kvl_codec_profile *p = rot_profile(&sh, style, x);
+        if (!p) { free(x); continue; }
+        CHECK(kvl_codec_profile_key_rotation(p, &theta) == style && theta == (style ? 10000.0f : 0.0f));
+        roundtrip_all(&sh, x, p, style == KVL_CODEC_KEYROT_HALF ? "rope-half" : style ? "rope-il" : "rope-none");
+        /* the rotation pays on rotated keys: compare with the same data under no rotation */
+        if (style) {
+            kvl_codec_profile *p0 = rot_profile(&sh, KVL_CODEC_KEYROT_NONE, x);
+            kvl_codec_opts o = kvl_codec_opts_default();
+            uint8_t *e = NULL, *e0 = NULL;
+            size_t ne = 0, ne0 = 0;
+            o.profile = p;
+            CHECK_OK(kvl_codec_encode(&sh, KVL_CODEC_F32, x, &o, &e, &ne));
+            o.profile = p0;
+            CHECK_OK(kvl_codec_encode(&sh, KVL_CODEC_F32, x, &o, &e0, &ne0));
+            CHECK_MSG(ne < ne0, "rotated %zu bytes, unrotated %zu", ne, ne0);
+            /* decode plans (the GPU decoder): the key sections of a rotating chunk carry the rotation,
+             * one cos/sin table per chunk, float32 scratch per key section; appending shifts them */
+            kvl_codec_plan pl, p2;
+            kvl_codec_plan_init(&pl);
+            kvl_codec_plan_init(&p2);
+            kvl_codec_place place = {0, (int64_t)(n / 2), (int64_t)(n / 4), 32};
+            CHECK_OK(kvl_codec_plan_add(&pl, e0, ne0, p0, 0, 0, &place, 4));
+            CHECK(pl.n_rot == 0 && pl.n_rope == 0);
+            CHECK_OK(kvl_codec_plan_add(&p2, e, ne, p, 0, 0, &place, 4));
+            size_t TC = (size_t)sh.n_tokens * sh.n_kv_heads * sh.head_dim;
+            CHECK(p2.n_rot == 2 * TC && p2.n_rope == (size_t)sh.n_tokens * sh.head_dim);
+            for (size_t k = 0; k < p2.n_sections; k++)
+                CHECK(p2.sections[k].rot == (k % 2 == 0 ? style : 0) && (k % 2 || p2.sections[k].rot_off == k / 2 * TC));
+            kvl_codec_plan_reset(&pl);
+            CHECK_OK(kvl_codec_plan_append(&pl, &p2));
+            CHECK_OK(kvl_codec_plan_append(&pl, &p2));
+            CHECK(pl.n_rot == 4 * TC && pl.n_rope == 2 * p2.n_rope && pl.sections[4].rot_off == 2 * TC &&
+                  pl.sections[4].rope_off == p2.n_rope && memcmp(pl.rope, pl.rope + p2.n_rope, p2.n_rope * 4) == 0);
+            kvl_codec_plan_free(&pl);
+            kvl_codec_plan_free(&p2);
+            free(e);
+            free(e0);
+            kvl_codec_profile_free(p0);
+        }
+        kvl_codec_profile_free(p);
+        free(x);
+    }
+    /* bad settings */
+    static const uint8_t fp[32] = {5};
+    kvl_codec_profile_builder *b = NULL;
+    kvl_codec_shape odd = {1, 8, 2, 5};
+    CHECK_OK(kvl_codec_profile_builder_create(&odd, fp, &b));
+    CHECK_ST(kvl_codec_profile_builder_set_key_rotation(b, KVL_CODEC_KEYROT_HALF, 10000.0f), KVL_ERR_INVALID_ARG);
+    kvl_codec_profile_builder_free(b);
+    CHECK_OK(kvl_codec_profile_builder_create(&sh, fp, &b));
+    CHECK_ST(kvl_codec_profile_builder_set_key_rotation(b, 3, 10000.0f), KVL_ERR_INVALID_ARG);
+    CHECK_ST(kvl_codec_profile_builder_set_key_rotation(b, KVL_CODEC_KEYROT_HALF, 0.0f), KVL_ERR_INVALID_ARG);
+    CHECK_ST(kvl_codec_profile_builder_set_key_rotation(b, KVL_CODEC_KEYROT_HALF, NAN), KVL_ERR_INVALID_ARG);
+    float *x = kvl_synth_kv(&sh, 3), *out = malloc(n * 4);
+    CHECK_OK(kvl_codec_profile_builder_add(b, x, sh.n_tokens));
+    CHECK_ST(kvl_codec_profile_builder_set_key_rotation(b, KVL_CODEC_KEYROT_HALF, 10000.0f), KVL_ERR_INVALID_ARG);
+    kvl_codec_profile_builder_free(b);
+    CHECK_ST(kvl_codec_simulate(&sh, x, 2, NULL, 3, 10000.0f, out), KVL_ERR_INVALID_ARG);
+    CHECK_ST(kvl_codec_simulate(&sh, x, 0, NULL, 0, 0, out), KVL_ERR_CODEC_LEVEL);
+    CHECK_ST(kvl_codec_simulate(&odd, x, 2, NULL, KVL_CODEC_KEYROT_HALF, 10000.0f, out), KVL_ERR_INVALID_ARG);
+    free(x);
+    free(out);
 }
 
 /* real KV of a model (prefill of a token sequence) through every level */
@@ -412,6 +528,7 @@ int main(int argc, char **argv) {
     test_bad_args();
     test_malformed(prof);
     test_profile(prof);
+    test_key_rotation(prof);
     if (argc > 1) test_real(argv[1]);
     kvl_codec_profile_free(prof);
     KVL_TEST_END();

@@ -1,6 +1,7 @@
 /* test_codec_gpu.c - the GPU KVLC decoder against the CPU decoder: bit-identical output on every
  * level/scheme/table mode, on real KV (stories260K, facts13M) and synthetic Llama-3-8B-shaped
- * chunks, placed in the codec layout and in an engine-like KV layout; malformed chunks get the
+ * chunks, placed in the codec layout and in an engine-like KV layout, with profiles that rotate
+ * keys and ones that do not; malformed chunks get the
  * CPU decoder's status. Exits 77 without a GPU.
  * KVL_GPU_CODEC_BENCH=N: throughput of N Llama-3-8B-shaped 512-token chunks per level instead. */
 #include <cuda_runtime_api.h>
@@ -79,10 +80,12 @@ static void compare_all(const kvl_codec_shape *sh, const float *x, const kvl_cod
             }
 }
 
-static kvl_codec_profile *make_profile(const kvl_codec_shape *sh, const float *x, const uint8_t *fp) {
+/* a profile calibrated on x; rot (kvl_codec_key_rotation) with RoPE base theta: keys rotated back */
+static kvl_codec_profile *make_profile(const kvl_codec_shape *sh, const float *x, const uint8_t *fp, int rot, float theta) {
     kvl_codec_profile_builder *b = NULL;
     kvl_codec_profile *p = NULL;
     CHECK_OK(kvl_codec_profile_builder_create(sh, fp, &b));
+    if (rot) CHECK_OK(kvl_codec_profile_builder_set_key_rotation(b, rot, theta));
     CHECK_OK(kvl_codec_profile_builder_add(b, x, sh->n_tokens));
     CHECK_OK(kvl_codec_profile_builder_finish(b, &p));
     kvl_codec_profile_builder_free(b);
@@ -108,7 +111,10 @@ static void test_real(const char *model) {
     kvl_codec_shape sh = {c->n_layers, T, c->n_kv_heads, c->head_dim};
     float *x = malloc(n_elems(&sh) * 4);
     CHECK_OK(kvl_kv_read(kv, 0, c->n_layers, 0, T, x));
-    kvl_codec_profile *p = make_profile(&sh, x, kvl_model_fingerprint(m));
+    /* profile keys rotated as the model's RoPE (kvloom codec-profile's default) */
+    kvl_codec_profile *p = make_profile(&sh, x, kvl_model_fingerprint(m),
+                                        c->rope_style == KVL_ROPE_INTERLEAVED ? KVL_CODEC_KEYROT_INTERLEAVED : KVL_CODEC_KEYROT_HALF,
+                                        c->rope_theta);
     compare_all(&sh, x, p, model);
     kvl_codec_profile_free(p);
     kvl_kv_free(kv);
@@ -121,7 +127,7 @@ static void test_batch(void) {
     kvl_codec_shape sh = {4, 40, 2, 64};
     static const uint8_t fp[32] = {7};
     float *x = kvl_synth_kv(&sh, 5);
-    kvl_codec_profile *p = make_profile(&sh, x, fp);
+    kvl_codec_profile *p = make_profile(&sh, x, fp, KVL_CODEC_KEYROT_INTERLEAVED, 10000.0f);
     size_t C = 128, n = n_elems(&sh);
     uint8_t *e[5];
     size_t ne[5];
@@ -177,7 +183,7 @@ static void test_malformed(void) {
     kvl_codec_shape sh = {2, 24, 2, 8};
     static const uint8_t fp[32] = {9};
     float *x = kvl_synth_kv(&sh, 11);
-    kvl_codec_profile *p = make_profile(&sh, x, fp);
+    kvl_codec_profile *p = make_profile(&sh, x, fp, KVL_CODEC_KEYROT_INTERLEAVED, 10000.0f);
     size_t n = n_elems(&sh);
     float *dec = malloc(n * 4);
     void *d = NULL;
@@ -226,7 +232,7 @@ static int bench(int N) {
     static const uint8_t fp[32] = {3};
     size_t n = n_elems(&sh);
     float *x = kvl_synth_kv(&sh, 1);
-    kvl_codec_profile *p = make_profile(&sh, x, fp);
+    kvl_codec_profile *p = make_profile(&sh, x, fp, 0, 0);
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     void *d = NULL;
     if (cudaMalloc(&d, (size_t)N * n * 2) != cudaSuccess) return 1;
@@ -292,8 +298,12 @@ int main(int argc, char **argv) {
     static const uint8_t fp[32] = {1};
     kvl_codec_shape sh8b = {32, 64, 8, 128}; /* Llama-3-8B KV shape, short chunk */
     float *x = kvl_synth_kv(&sh8b, 3);
-    kvl_codec_profile *p = make_profile(&sh8b, x, fp);
+    kvl_codec_profile *p = make_profile(&sh8b, x, fp, 0, 0);
     compare_all(&sh8b, x, p, "llama3-8b-shape");
+    kvl_codec_profile_free(p);
+    /* keys rotated back (rotate-half pairs span two channel groups at head_dim 128) */
+    p = make_profile(&sh8b, x, fp, KVL_CODEC_KEYROT_HALF, 500000.0f);
+    compare_all(&sh8b, x, p, "llama3-8b-shape rot");
     kvl_codec_profile_free(p);
     free(x);
     for (int i = 1; i < argc; i++) test_real(argv[i]);
@@ -306,7 +316,7 @@ int main(int argc, char **argv) {
         test_malformed();
         kvl_codec_shape shn = {4, 48, 8, 128};
         float *xn = kvl_synth_kv(&shn, 13);
-        kvl_codec_profile *pn = make_profile(&shn, xn, fp);
+        kvl_codec_profile *pn = make_profile(&shn, xn, fp, KVL_CODEC_KEYROT_HALF, 500000.0f);
         compare_all(&shn, xn, pn, narrow[k]);
         kvl_codec_profile_free(pn);
         free(xn);
