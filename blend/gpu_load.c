@@ -242,6 +242,7 @@ typedef struct lp_state {
     size_t *lend;         /* [nc][L + 1]: bytes of a chunk's value that its layers [0, l) need */
     uint8_t *lossless;    /* [nc] the chunk is a lossless (level 0) cache */
     lp_step *steps;       /* [L] the decoder's steps; [0, n_steps) announced */
+    int32_t *ld;          /* [nc] the request's index of each chunk loaded (the others are recomputed) */
     int32_t n_steps;
     int32_t ready_layers; /* layers [0, ready_layers) are decoded and rotated; -1: failed */
     kvl_status st;
@@ -249,6 +250,8 @@ typedef struct lp_state {
     double decode_ms, kernel_ms, wait_bytes_ms, first_layer_ms;
     double t0;
 } lp_state;
+
+static const kvl_gpu_load_chunk *lp_chunk(const lp_state *s, int32_t k) { return &s->r->load.chunks[s->ld[k]]; }
 
 static void lp_on_bytes(void *ctx, size_t i, const uint8_t *data, size_t ready, size_t total) {
     lp_state *s = ctx;
@@ -273,7 +276,7 @@ static void *lp_reader(void *arg) {
     if (!keys) {
         st = kvl_errorf(KVL_ERR_NOMEM, "read keys");
     } else {
-        for (int32_t i = 0; i < s->nc; i++) keys[i] = lr->chunks[i].key;
+        for (int32_t i = 0; i < s->nc; i++) keys[i] = lp_chunk(s, i)->key;
         st = kvl_store_get_batch_stream(lr->store, (size_t)s->nc, keys, lr->fingerprint, s->vals, s->sts, lp_on_bytes, s);
     }
     free(keys);
@@ -293,9 +296,9 @@ static const uint8_t *lp_wait_bytes(lp_state *s, int32_t k, size_t need, kvl_sta
     while (!(s->data[k] && s->ready[k] >= need) && !s->reads_done) pthread_cond_wait(&s->cv, &s->mu);
     if (s->data[k] && s->ready[k] >= need) return s->data[k];
     if (s->read_st != KVL_OK) *st = kvl_errorf(s->read_st, "store read: %s", s->read_msg);
-    else if (s->sts[k] != KVL_OK) *st = kvl_errorf(s->sts[k], "chunk at slot %d: store read failed", s->r->load.chunks[k].slot0);
+    else if (s->sts[k] != KVL_OK) *st = kvl_errorf(s->sts[k], "chunk at slot %d: store read failed", (*lp_chunk(s, k)).slot0);
     else *st = kvl_errorf(KVL_ERR_CODEC, "chunk at slot %d: cache of %zu bytes, its layers need %zu",
-                          s->r->load.chunks[k].slot0, s->ready[k], need);
+                          (*lp_chunk(s, k)).slot0, s->ready[k], need);
     return NULL;
 }
 
@@ -303,7 +306,7 @@ static const uint8_t *lp_wait_bytes(lp_state *s, int32_t k, size_t need, kvl_sta
  * value (the bytes layers [0, l) need), checked against the kv's shape. Called with mu held;
  * returns with mu held. */
 static kvl_status lp_prepare(lp_state *s, int32_t k) {
-    const kvl_gpu_load_chunk *c = &s->r->load.chunks[k];
+    const kvl_gpu_load_chunk *c = &(*lp_chunk(s, k));
     size_t C = (size_t)s->v->n_channels, T = (size_t)c->n_tokens, L = (size_t)s->L, *e = s->lend + (size_t)k * (L + 1);
     kvl_status st = KVL_OK;
     if (c->raw) { /* codec off: [L][2][T][C] bf16 */
@@ -335,7 +338,7 @@ static kvl_status lp_prepare(lp_state *s, int32_t k) {
 
 /* codec off: layers [l, l + nl) of a raw bf16 chunk copied into its slots */
 static kvl_status lp_copy_raw(lp_state *s, int32_t k, const uint8_t *b, int32_t l, int32_t nl, cudaStream_t rs) {
-    const kvl_gpu_load_chunk *c = &s->r->load.chunks[k];
+    const kvl_gpu_load_chunk *c = &(*lp_chunk(s, k));
     size_t C = (size_t)s->v->n_channels, T = (size_t)c->n_tokens;
     if (s->v->dtype != 1) return kvl_errorf(KVL_ERR_INVALID_ARG, "raw bf16 chunks need a bf16 kv");
     if (s->total[k] != (size_t)s->v->n_layers * 2 * T * C * 2)
@@ -392,7 +395,7 @@ static void *lp_decoder(void *arg) {
         if (!sp->gc) st = KVL_ERR_NOMEM;
         int32_t n_lossy = 0, n_lossless = 0;
         for (int32_t k = 0; k < s->nc && st == KVL_OK; k++) {
-            const kvl_gpu_load_chunk *ch = &lr->chunks[k];
+            const kvl_gpu_load_chunk *ch = lp_chunk(s, k);
             if (ch->raw) {
                 st = lp_copy_raw(s, k, s->data[k], l, nl, rs);
                 continue;
@@ -443,7 +446,7 @@ static kvl_status lp_launch_step(lp_state *s, lp_step *sp) {
         return kvl_errorf(KVL_ERR_CUDA, "step events");
     if (sp->batch) KVL_TRY(kvl_codec_gpu_launch(sp->batch, cs));
     for (int32_t k = 0; k < s->nc; k++) {
-        const kvl_gpu_load_chunk *ch = &lr->chunks[k];
+        const kvl_gpu_load_chunk *ch = lp_chunk(s, k);
         if (lr->no_rerotate || ch->position == 0) continue;
         void *base = (uint8_t *)s->v->data + ((size_t)sp->l * 2 * s->v->capacity + (size_t)ch->slot0) * s->v->n_channels * es;
         cudaError_t e = kvl_cu_rerotate(base, s->v->dtype == 1 ? KVL_CU_BF16 : KVL_CU_F32, sp->nl,
@@ -465,15 +468,37 @@ kvl_status kvl_gpu_blend(const kvl_gpu_blend_req *r, kvl_gpu_load_stats *stats) 
     kvl_gpu_load_stats s = {0};
     kvl_cuda_kv_view v;
     KVL_TRY(kvl_cuda_kv_view_get(lr->kv, &v));
-    int32_t nc = lr->n_chunks;
-    for (int32_t i = 0; i < nc; i++) {
+    /* chunks to recompute (the controller found loading them slower) are computed in the pass like
+     * uncached tokens: every one of their slots must be in idx */
+    uint8_t *in_idx = calloc((size_t)r->n > 0 ? (size_t)r->n : 1, 1);
+    int32_t *ld = malloc((size_t)lr->n_chunks * sizeof *ld), nc = 0;
+    if (!in_idx || !ld) {
+        free(in_idx);
+        free(ld);
+        return KVL_ERR_NOMEM;
+    }
+    for (int32_t i = 0; i < r->n_idx; i++)
+        if (r->idx[i] >= 0 && r->idx[i] < r->n) in_idx[r->idx[i]] = 1;
+    kvl_status vst = KVL_OK;
+    for (int32_t i = 0; i < lr->n_chunks && vst == KVL_OK; i++) {
         const kvl_gpu_load_chunk *c = &lr->chunks[i];
-        if (c->action != KVL_LOAD_FROM_STORE) return kvl_errorf(KVL_ERR_INVALID_ARG, "chunk %d: blend loads every chunk", i);
         if (c->n_tokens < 1 || c->slot0 < 0 || c->slot0 > v.capacity - c->n_tokens || c->slot0 + c->n_tokens > r->n)
-            return kvl_errorf(KVL_ERR_INVALID_ARG, "chunk %d: slots [%d, +%d) outside the pass", i, c->slot0, c->n_tokens);
+            vst = kvl_errorf(KVL_ERR_INVALID_ARG, "chunk %d: slots [%d, +%d) outside the pass", i, c->slot0, c->n_tokens);
+        else if (c->action == KVL_LOAD_FROM_STORE) ld[nc++] = i;
+        else if (c->action != KVL_LOAD_RECOMPUTE) vst = kvl_errorf(KVL_ERR_INVALID_ARG, "chunk %d: unknown action %d", i, c->action);
+        else
+            for (int32_t t = 0; t < c->n_tokens && vst == KVL_OK; t++)
+                if (!in_idx[c->slot0 + t])
+                    vst = kvl_errorf(KVL_ERR_INVALID_ARG, "chunk %d is recomputed: its slot %d must be computed (in idx)", i,
+                                     c->slot0 + t);
+    }
+    free(in_idx);
+    if (vst != KVL_OK || nc == 0) {
+        free(ld);
+        return vst != KVL_OK ? vst : kvl_errorf(KVL_ERR_INVALID_ARG, "no chunk to load: use kvl_forward");
     }
     lp_state ls = {.r = r, .v = &v, .nc = nc, .L = v.n_layers, .group = r->layer_group > 0 ? r->layer_group : 8,
-                   .ready_layers = 0, .st = KVL_OK, .t0 = t0};
+                   .ready_layers = 0, .st = KVL_OK, .t0 = t0, .ld = ld};
     ls.gc = calloc((size_t)nc, sizeof *ls.gc);
     ls.data = calloc((size_t)nc, sizeof *ls.data);
     ls.ready = calloc((size_t)nc, sizeof *ls.ready);
@@ -493,7 +518,8 @@ kvl_status kvl_gpu_blend(const kvl_gpu_blend_req *r, kvl_gpu_load_stats *stats) 
         st = KVL_ERR_NOMEM;
         goto out;
     }
-    for (int32_t i = 0; i < nc && st == KVL_OK; i++) st = kvl_kv_set_valid(lr->kv, lr->chunks[i].slot0, lr->chunks[i].n_tokens, 1);
+    for (int32_t i = 0; i < lr->n_chunks && st == KVL_OK; i++)
+        st = kvl_kv_set_valid(lr->kv, lr->chunks[i].slot0, lr->chunks[i].n_tokens, 1);
     if (st == KVL_OK) st = kvl_fwd_begin(lr->model, lr->kv, r->n, r->tokens, r->positions, &f);
     if (st != KVL_OK) goto out;
     rstarted = pthread_create(&rth, NULL, lp_reader, &ls) == 0;
@@ -525,7 +551,7 @@ kvl_status kvl_gpu_blend(const kvl_gpu_blend_req *r, kvl_gpu_load_stats *stats) 
         rstarted = 0;
         if (ls.read_st != KVL_OK) st = kvl_errorf(ls.read_st, "store read: %s", ls.read_msg);
         for (int32_t i = 0; i < nc && st == KVL_OK; i++)
-            if (ls.sts[i] != KVL_OK) st = kvl_errorf(ls.sts[i], "chunk at slot %d: store read failed", lr->chunks[i].slot0);
+            if (ls.sts[i] != KVL_OK) st = kvl_errorf(ls.sts[i], "chunk at slot %d: store read failed", lp_chunk(&ls, i)->slot0);
     }
     if (st == KVL_OK) {
         pthread_join(dth, NULL);
@@ -567,12 +593,13 @@ out:
     s.first_layer_ms = ls.first_layer_ms;
     for (int32_t i = 0; i < nc && ls.total; i++) s.bytes_read += ls.total[i];
     s.n_loaded = st == KVL_OK ? nc : 0;
+    s.n_recomputed = st == KVL_OK ? lr->n_chunks - nc : 0;
     kvl_fwd_free(f);
     for (int32_t i = 0; ls.vals && i < nc; i++) kvl_store_value_free(ls.vals[i]);
     pthread_mutex_destroy(&ls.mu);
     pthread_cond_destroy(&ls.cv);
     free(ls.gc); free(ls.data); free(ls.ready); free(ls.total); free(ls.vals); free(ls.sts); free(ls.lend);
-    free(ls.lossless); free(ls.steps);
+    free(ls.lossless); free(ls.steps); free(ld);
     s.total_ms = now_ms() - t0;
     if (stats) *stats = s;
     return st;

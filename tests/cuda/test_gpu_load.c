@@ -264,6 +264,39 @@ static int load_test(const char *model) {
                 CHECK_ST(kvl_gpu_load(&r3, &ls), KVL_ERR_CODEC);
                 free(raw);
             }
+            /* a chunk the controller recomputes instead of loading: computed in the pass at every
+             * layer (its slots join idx), the others loaded; equal to loading the others and
+             * running the same pass */
+            {
+                int32_t idx2[112], n2 = 0;
+                for (int32_t s2 = 0; s2 < NP; s2++) {
+                    int in1 = s2 >= bc[1].slot0 && s2 < bc[1].slot0 + T, picked = 0;
+                    for (int32_t q = 0; q < n_idx; q++) picked |= idx[q] == s2;
+                    if (picked || in1) idx2[n2++] = s2;
+                }
+                kvl_gpu_load_chunk rc[3] = {bc[0], bc[1], bc[2]}, ref2[2] = {bc[0], bc[2]};
+                rc[1].action = KVL_LOAD_RECOMPUTE;
+                float *lg2 = malloc((size_t)c->vocab_size * 4);
+                kvl_kv_clear(want_kv);
+                kvl_gpu_load_req r4 = {st, kvl_model_fingerprint(m), m, want_kv, dec, NULL, ref2, 2, 2, 0};
+                CHECK_OK(kvl_gpu_load(&r4, &ls));
+                kvl_fwd *f2 = NULL;
+                CHECK_OK(kvl_fwd_begin(m, want_kv, NP, ptok, ppos, &f2));
+                for (int32_t l = 0; l < c->n_layers; l++) CHECK_OK(kvl_fwd_layer(f2, l, idx2, n2));
+                CHECK_OK(kvl_fwd_logits(f2, &lslot, 1, lg2));
+                kvl_fwd_free(f2);
+                kvl_kv_clear(kv);
+                kvl_gpu_blend_req br = {{st, kvl_model_fingerprint(m), m, kv, dec, NULL, rc, NC, 0, 0}, NP, ptok, ppos,
+                                        idx2, n2, 2, lslot, lg};
+                CHECK_OK(kvl_gpu_blend(&br, &ls));
+                CHECK(ls.n_loaded == 2 && ls.n_recomputed == 1);
+                CHECK_MSG(memcmp(lg, lg2, (size_t)c->vocab_size * 4) == 0, "w%d: blend with a recomputed chunk differs", w);
+                /* its slots must be computed: without them in idx the request is refused */
+                br.idx = idx;
+                br.n_idx = n_idx;
+                CHECK_ST(kvl_gpu_blend(&br, &ls), KVL_ERR_INVALID_ARG);
+                free(lg2);
+            }
             /* errors of the pipelined blend: a missing chunk, a cache of another shape, a corrupt one */
             {
                 kvl_gpu_load_chunk ec[3] = {bc[0], bc[1], bc[2]};
@@ -570,6 +603,7 @@ static int ttft(const char *list) {
                "through the layer-step API %.1f ms\n", N, NC, full, recomp, recomp_ls);
         kvl_gpu_load_chunk *ch = malloc((size_t)NC * sizeof *ch);
         int printed_raw = 0;
+        double disk_gbps = 0;
         for (const char *lp = lv_list; lp && *lp;) {
             int raw = strncmp(lp, "raw", 3) == 0, level = raw ? -1 : atoi(lp);
             lp = strchr(lp, ',');
@@ -585,13 +619,14 @@ static int ttft(const char *list) {
                 CHECK_OK(kvl_codec_encode(&sh, KVL_CODEC_BF16, xb, &o, &e, &ne));
                 if (!e) return 1;
             }
-            if (!printed_raw && !raw) {
+            if (!printed_raw) {
                 uint64_t rb = (uint64_t)NC * ne < (1ull << 30) ? (1ull << 30) : (uint64_t)NC * ne;
-                double g = raw_read_gbps(rb);
+                double g = disk_gbps = raw_read_gbps(rb);
                 printf("raw O_DIRECT read (%d threads x 1 MiB, %.2f GiB file on the store's disk): %.2f GB/s\n", RAW_THREADS,
                        (double)rb / (1 << 30), g);
-                printf("read-time floor of level %d: %.1f MB / %.2f GB/s = %.1f ms\n", level, (double)NC * ne / 1e6, g,
-                       g > 0 ? (double)NC * ne / g / 1e6 : 0.0);
+                if (!raw)
+                    printf("read-time floor of level %d: %.1f MB / %.2f GB/s = %.1f ms\n", level, (double)NC * ne / 1e6, g,
+                           g > 0 ? (double)NC * ne / g / 1e6 : 0.0);
                 printed_raw = 1;
             }
             uint64_t need = (uint64_t)NC * (ne + (1u << 20)) + (64u << 20);
@@ -611,7 +646,9 @@ static int ttft(const char *list) {
             const char *name = raw ? "raw bf16 (codec off)" : "level";
             printf("-- %s%s%.0d: %.2f MiB/chunk, %.1f MB in all\n", name, raw ? "" : " ", raw ? 0 : level,
                    ne / 1048576.0, (double)NC * ne / 1e6);
-            for (int dram = 0; dram < 2; dram++) {
+            double s_dram_gbps = 0; /* decoded bytes per second of the serial DRAM load (the controller's decode rate) */
+            for (int pass = 0; pass < 2; pass++) {
+                int dram = pass == 0; /* DRAM first: its serial load gives the decode rate the cold controller uses */
                 /* serial: load, then the masked forward (breakdown) */
                 kvl_store_close(st);
                 st = open_store(need, dram ? need : 0);
@@ -638,6 +675,7 @@ static int ttft(const char *list) {
                 t0 = now_ms();
                 CHECK_OK(kvl_forward(m, kv, total, tok, pos, blend, 1, &last, logits));
                 double rc = now_ms() - t0;
+                if (dram) s_dram_gbps = (double)NC * n * 2 / load / 1e6;
                 printf("%s serial: load %.1f (read %.1f, of it not hidden %.1f; decode/copy %.1f, kernels %.1f; rerotate %.1f) "
                        "+ recompute %.1f = TTFT %.1f\n",
                        dram ? "DRAM" : "cold", load, s.read_ms, s.read_wait_ms, s.decode_ms, s.kernel_ms, s.rerotate_ms, rc,
@@ -668,6 +706,58 @@ static int ttft(const char *list) {
                        "load hidden under recompute: %.0f%%\n",
                        dram ? "DRAM" : "cold", tt[mi], tt[0], tt[1], tt[2], rd[mi], fb[mi], fl[mi], dc[mi], kn[mi], wt[mi],
                        100.0 * (load + rc - tt[mi]) / load);
+                if (!dram) {
+                    /* the controller (CacheBlend/CacheGen style) on measured costs: a chunk whose load
+                     * (read at the disk's raw rate, decode/copy at the serial DRAM load's rate) is slower
+                     * than prefilling it is recomputed in the pass; the recompute ratio is what fits
+                     * under the context's load time (at least 15%) */
+                    kvl_load_costs lc = {disk_gbps, s_dram_gbps > 0 ? s_dram_gbps : 50.0, 1000.0 * total / full, 0.1};
+                    double lms = 0;
+                    int32_t n_rec = 0;
+                    kvl_gpu_load_chunk *cc = malloc((size_t)NC * sizeof *cc);
+                    for (int32_t i = 0; i < NC; i++) {
+                        double one = 0;
+                        cc[i] = ch[i];
+                        cc[i].tokens = tok + (size_t)i * T;
+                        if (kvl_load_decide(&lc, ne, n * 2, T, &one, NULL)) {
+                            cc[i].action = KVL_LOAD_RECOMPUTE;
+                            n_rec++;
+                        } else {
+                            lms += one;
+                        }
+                    }
+                    double ratio = kvl_load_recompute_ratio(lms, full, 0.15, 0.5);
+                    int32_t *cidx = malloc((size_t)total * 4), ncx = 0;
+                    for (int32_t i = 0; i < total; i++) {
+                        int rec = i < N && cc[i / T].action == KVL_LOAD_RECOMPUTE;
+                        if (i >= N || rec || (i >= T && (i % 100) < (int32_t)(ratio * 100 + 0.5))) cidx[ncx++] = i;
+                    }
+                    double ct = 0;
+                    if (n_rec == NC) { /* nothing worth loading: a full prefill */
+                        kvl_kv_clear(kv);
+                        t0 = now_ms();
+                        CHECK_OK(kvl_forward(m, kv, total, tok, pos, NULL, 1, &last, logits));
+                        ct = now_ms() - t0;
+                    } else {
+                        double cts[3];
+                        for (int rep = 0; rep < 3; rep++) {
+                            kvl_kv_clear(kv);
+                            kvl_gpu_load_req cr = r;
+                            cr.chunks = cc;
+                            kvl_gpu_blend_req br = {cr, total, tok, pos, cidx, ncx, lgroup, last, logits};
+                            t0 = now_ms();
+                            CHECK_OK(kvl_gpu_blend(&br, &s));
+                            cts[rep] = now_ms() - t0;
+                        }
+                        qsort(cts, 3, sizeof *cts, cmp_d);
+                        ct = cts[1];
+                    }
+                    printf("cold with the controller (read %.2f GB/s, decode/copy %.1f GB/s, prefill %.0f tok/s): %d of %d chunks "
+                           "recomputed, ratio %.2f (estimated load %.1f ms): TTFT %.1f\n",
+                           lc.read_gbps, lc.decode_gbps, lc.prefill_tok_s, n_rec, NC, ratio, lms, ct);
+                    free(cc);
+                    free(cidx);
+                }
                 if (dram) {
                     kvl_kv_clear(kv);
                     kvl_gpu_blend_req br = {r, total, tok, pos, qidx, nq, lgroup, last, logits};
