@@ -191,33 +191,10 @@ __global__ void __launch_bounds__(128) decode_kernel(const kvl_cu_codec_args a) 
                         fail(a.err, i, KVL_CU_DEC_EMPTY_CTX);
                         return;
                     }
-                    const uint32_t slot = x & ((1u << tb.pb) - 1);
-                    int32_t s;
-                    uint32_t start, hi;
-                    if (tb.src) { // compact profile table (pb 16, every frequency >= 1)
-                        const uint16_t *cum = a.pcum[tb.src] + tb.cum_off;
-                        s = __ldg(a.plut[tb.src] + (tb.lut_off >> 2) + (slot >> (16 - KVL_CU_PLUT_BITS)));
-                        hi = __ldg(cum + s + 1);
-                        hi = hi ? hi : 65536u;
-                        while (hi <= slot) {
-                            hi = __ldg(cum + ++s + 1);
-                            hi = hi ? hi : 65536u;
-                        }
-                        start = __ldg(cum + s);
-                    } else {
-                        const uint32_t *cum = a.cum + tb.cum_off;
-                        s = __ldg(a.lut + tb.lut_off + (slot >> (tb.pb - 8)));
-                        hi = __ldg(cum + s + 1);
-                        while (hi <= slot) hi = __ldg(cum + ++s + 1);
-                        start = __ldg(cum + s);
-                    }
-                    x = (hi - start) * (x >> tb.pb) + slot - start;
-                    while (x < RANS_L) {
-                        if (sp >= se_end) {
-                            fail(a.err, i, KVL_CU_DEC_SHORT);
-                            return;
-                        }
-                        x = (x << 8) | *sp++;
+                    const int32_t s = rans_step(a, tb, x, sp, se_end);
+                    if (s < 0) {
+                        fail(a.err, i, KVL_CU_DEC_SHORT);
+                        return;
                     }
                     int32_t q = s - tb.amax;
                     if (isd) {

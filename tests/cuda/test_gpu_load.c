@@ -80,6 +80,17 @@ static kvl_store *open_store(uint64_t bytes, uint64_t cache) {
 
 static size_t sz_of(const kvl_codec_shape *s) { return (size_t)s->n_layers * 2 * s->n_tokens * s->n_kv_heads * s->head_dim; }
 
+/* the layer-step forward pass computing idx at every layer, logits of one slot: the reference a
+ * pipelined blend must equal */
+static void layer_pass(kvl_model *m, kvl_kv *kv, int32_t n, const int32_t *tok, const int32_t *pos, const int32_t *idx,
+                       int32_t n_idx, int32_t lslot, float *logits) {
+    kvl_fwd *f = NULL;
+    CHECK_OK(kvl_fwd_begin(m, kv, n, tok, pos, &f));
+    for (int32_t l = 0; f && l < kvl_model_get_config(m)->n_layers; l++) CHECK_OK(kvl_fwd_layer(f, l, idx, n_idx));
+    if (f) CHECK_OK(kvl_fwd_logits(f, &lslot, 1, logits));
+    kvl_fwd_free(f);
+}
+
 static int load_test(const char *model) {
     kvl_model_opts mo = kvl_model_opts_default();
     mo.backend = KVL_BACKEND_CUDA;
@@ -209,11 +220,7 @@ static int load_test(const char *model) {
             kvl_kv_clear(want_kv);
             kvl_gpu_load_req r2 = {st, kvl_model_fingerprint(m), m, want_kv, dec, NULL, bc, NC, 2, 0};
             CHECK_OK(kvl_gpu_load(&r2, &ls));
-            kvl_fwd *f = NULL;
-            CHECK_OK(kvl_fwd_begin(m, want_kv, NP, ptok, ppos, &f));
-            for (int32_t l = 0; l < c->n_layers; l++) CHECK_OK(kvl_fwd_layer(f, l, idx, n_idx));
-            CHECK_OK(kvl_fwd_logits(f, &lslot, 1, lg_ref));
-            kvl_fwd_free(f);
+            layer_pass(m, want_kv, NP, ptok, ppos, idx, n_idx, lslot, lg_ref);
             for (int group = 1; group <= 4; group += 3) {
                 kvl_kv_clear(kv);
                 kvl_gpu_blend_req br = {{st, kvl_model_fingerprint(m), m, kv, dec, NULL, bc, NC, 0, 0}, NP, ptok, ppos,
@@ -280,11 +287,7 @@ static int load_test(const char *model) {
                 kvl_kv_clear(want_kv);
                 kvl_gpu_load_req r4 = {st, kvl_model_fingerprint(m), m, want_kv, dec, NULL, ref2, 2, 2, 0};
                 CHECK_OK(kvl_gpu_load(&r4, &ls));
-                kvl_fwd *f2 = NULL;
-                CHECK_OK(kvl_fwd_begin(m, want_kv, NP, ptok, ppos, &f2));
-                for (int32_t l = 0; l < c->n_layers; l++) CHECK_OK(kvl_fwd_layer(f2, l, idx2, n2));
-                CHECK_OK(kvl_fwd_logits(f2, &lslot, 1, lg2));
-                kvl_fwd_free(f2);
+                layer_pass(m, want_kv, NP, ptok, ppos, idx2, n2, lslot, lg2);
                 kvl_kv_clear(kv);
                 kvl_gpu_blend_req br = {{st, kvl_model_fingerprint(m), m, kv, dec, NULL, rc, NC, 0, 0}, NP, ptok, ppos,
                                         idx2, n2, 2, lslot, lg};
