@@ -52,6 +52,21 @@ __device__ __forceinline__ void store8(uint8_t *row, int32_t c, int n, const flo
     }
 }
 
+// Channels [c, c + n) of token row t of a section: to the output, or (keys rotated back by the
+// encoder) float32 into the rotation scratch, which the rotation pass then stores.
+template <bool BF16>
+__device__ __forceinline__ void emit8(const kvl_cu_codec_args &a, const kvl_codec_plan_section &se, uint8_t *row, int32_t t,
+                                      int32_t c, int n, const float (&v)[8]) {
+    if (se.rot) {
+        float *r = a.rot + se.rot_off + (size_t)t * se.C + c;
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            if (k < n) r[k] = v[k];
+    } else {
+        store8<BF16>(row, c, n, v);
+    }
+}
+
 // Decodes one symbol with table tb (the CPU decoder's rANS step); returns the symbol index, or -1
 // when the stream runs out of bytes.
 __device__ __forceinline__ int32_t rans_step(const kvl_cu_codec_args &a, const kvl_codec_plan_table &tb, uint32_t &x,
@@ -143,14 +158,7 @@ __device__ __forceinline__ void decode_narrow(const kvl_cu_codec_args &a, uint32
                 else v[k] = __fmul_rn((float)q, sm == 0 ? tsc : scl[k]);
             }
         }
-        if (se.rot) { // float32 first: the rotation pass stores the output
-            float *r = a.rot + se.rot_off + (size_t)t * C + c0;
-#pragma unroll
-            for (int k = 0; k < 8; k++)
-                if (k < n) r[k] = v[k];
-        } else {
-            store8<BF16>(row, c0, n, v);
-        }
+        emit8<BF16>(a, se, row, t, c0, n, v);
     }
     if (x != RANS_L || sp != se_end) fail(a.err, i, KVL_CU_DEC_STATE);
 }
@@ -211,14 +219,7 @@ __global__ void __launch_bounds__(128) decode_kernel(const kvl_cu_codec_args a) 
                     else v[k] = __fmul_rn((float)q, sm == 1 ? sc[c] : tsc);
                 }
             }
-            if (se.rot) { // float32 first: the rotation pass stores the output
-                float *r = a.rot + se.rot_off + (size_t)t * C + cb;
-#pragma unroll
-                for (int k = 0; k < 8; k++)
-                    if (k < n) r[k] = v[k];
-            } else {
-                store8<BF16>(row, cb, n, v);
-            }
+            emit8<BF16>(a, se, row, t, cb, n, v);
         }
     }
     if (x != RANS_L || sp != se_end) fail(a.err, i, KVL_CU_DEC_STATE);
