@@ -432,6 +432,7 @@ static void test_stream(void) {
     }
     /* a flipped byte in value 1's payload: its status says so, the buffer stays with the caller */
     CHECK_OK(kvl_store_test_flip(st, &k[1], 4096 + 100000));
+    free(lg.want[1]);
     lg.want[1] = NULL; /* its bytes now differ */
     memset(lg.last, 0, sizeof lg.last);
     free(lg.want[0]);
