@@ -115,7 +115,7 @@ kvl_status kvl_gpu_load(const kvl_gpu_load_req *req, kvl_gpu_load_stats *stats);
  * (kvl_store_get_batch_stream: every chunk's prefix grows together, DRAM-tier hits at once), a
  * decoder thread decodes layer group by layer group as soon as every chunk's bytes of the group
  * have landed (every chunk's layers [l, l + k) in one launch, k = the layers whose bytes are all
- * there, 1 <= k <= layer_group, the first step one layer; keys
+ * there, 1 <= k <= layer_group, steps growing 1, 4, 16, ...; keys
  * re-rotated to the chunks' positions on the GPU; raw chunks copied), and the calling thread runs
  * the layer-step forward pass (kvl_fwd_layer) over slots [0, n) computing the slots idx at every
  * layer, each layer as soon as its K/V is in place: reading, decoding and recomputing overlap.
@@ -130,7 +130,7 @@ typedef struct kvl_gpu_blend_req {
     const int32_t *tokens, *positions; /* [n] */
     const int32_t *idx;                /* [n_idx] slots computed at every layer (recompute + query) */
     int32_t n_idx;
-    int32_t layer_group;               /* most layers per decode step; <= 0: 8 */
+    int32_t layer_group;               /* most layers per decode step; <= 0: no limit */
     int32_t logit_slot;
     float *logits;
 } kvl_gpu_blend_req;

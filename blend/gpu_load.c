@@ -243,6 +243,7 @@ typedef struct lp_state {
     uint8_t *lossless;    /* [nc] the chunk is a lossless (level 0) cache */
     lp_step *steps;       /* [L] the decoder's steps; [0, n_steps) announced */
     int32_t *ld;          /* [nc] the request's index of each chunk loaded (the others are recomputed) */
+    int32_t growth_log2;  /* steps grow by 2^growth_log2 (2: 1, 4, 16, ...) */
     int32_t n_steps;
     int32_t ready_layers; /* layers [0, ready_layers) are decoded and rotated; -1: failed */
     kvl_status st;
@@ -365,7 +366,9 @@ static void *lp_decoder(void *arg) {
         st = kvl_errorf(KVL_ERR_CUDA, "decoder stream");
     /* Each step takes the layers whose bytes have landed in every chunk, at least one and at most
      * s->group: from the DRAM tier that is whole groups at once; from disk the steps follow the
-     * reads. Steps grow 1, 2, 4, ... so that the forward pass starts early. A step's lossy chunks
+     * reads. Steps grow 1, 4, 16, ...: the forward pass starts early and there are few launches
+     * (a decode launch costs ~1-2 ms whatever its size, each thread decoding a whole sub-stream
+     * serially; at 8k tokens from DRAM growth x2 gave 55.9 ms, x4 53.2, x8 53.3). A step's lossy chunks
      * are only staged here (validated, planned, copied to the device): the forward pass queues
      * their decode kernel on its own stream right before the step's first layer. Raw and lossless
      * chunks are copied in place here, before the step is announced. */
@@ -374,7 +377,7 @@ static void *lp_decoder(void *arg) {
     for (int32_t k = 0; k < s->nc && st == KVL_OK; k++) st = lp_prepare(s, k);
     pthread_mutex_unlock(&s->mu);
     for (int32_t l = 0, g = 0; l < s->L && st == KVL_OK; g++) {
-        int32_t cap = g < 16 && (1 << g) < s->group ? 1 << g : s->group, nl = 1;
+        int32_t sh = g * s->growth_log2, cap = sh < 16 && (1 << sh) < s->group ? 1 << sh : s->group, nl = 1;
         double tw = now_ms();
         pthread_mutex_lock(&s->mu);
         for (int32_t k = 0; k < s->nc && st == KVL_OK; k++)
@@ -497,8 +500,8 @@ kvl_status kvl_gpu_blend(const kvl_gpu_blend_req *r, kvl_gpu_load_stats *stats) 
         free(ld);
         return vst != KVL_OK ? vst : kvl_errorf(KVL_ERR_INVALID_ARG, "no chunk to load: use kvl_forward");
     }
-    lp_state ls = {.r = r, .v = &v, .nc = nc, .L = v.n_layers, .group = r->layer_group > 0 ? r->layer_group : 8,
-                   .ready_layers = 0, .st = KVL_OK, .t0 = t0, .ld = ld};
+    lp_state ls = {.r = r, .v = &v, .nc = nc, .L = v.n_layers, .group = r->layer_group > 0 ? r->layer_group : v.n_layers,
+                   .ready_layers = 0, .st = KVL_OK, .t0 = t0, .ld = ld, .growth_log2 = 2};
     ls.gc = calloc((size_t)nc, sizeof *ls.gc);
     ls.data = calloc((size_t)nc, sizeof *ls.data);
     ls.ready = calloc((size_t)nc, sizeof *ls.ready);
