@@ -50,6 +50,10 @@ typedef struct kvl_chunk_cache {
     int32_t *ctx;              /* [n_ctx] those tokens (BOS, a system prefix); their K/V is not kept */
     float *kv;                 /* [n_layers][k|v][n_tokens][n_kv_heads][head_dim] float32 (the codec
                                 * layout); keys rotated for positions n_ctx .. n_ctx + n_tokens - 1 */
+    const uint8_t *enc;        /* or, with kv NULL: the cache still encoded (KVLC bytes, borrowed, not
+                                * freed with the cache), for a loader that decodes it in place (the
+                                * GPU path, kvl_gpu_blend_load); kvl_blend_load refuses such caches */
+    size_t enc_size;
 } kvl_chunk_cache;
 
 /* Prefills ctx[0..n_ctx) + tokens[0..n) at positions 0.. on model m and keeps the K/V of tokens
@@ -64,6 +68,14 @@ kvl_status kvl_chunk_cache_prefill(kvl_model *m, const int32_t *tokens, int32_t 
 kvl_status kvl_chunk_cache_create(const uint8_t fingerprint[32], int32_t n_layers, int32_t n_kv_heads,
                                   int32_t head_dim, const int32_t *tokens, int32_t n, const int32_t *ctx,
                                   int32_t n_ctx, const float *kv, kvl_chunk_cache **out);
+
+/* A cache that stays encoded: enc[0..enc_size) (borrowed: must outlive the cache's use) holds the
+ * KVLC chunk of n tokens; kv is NULL. Its shape is checked against the chunk's header. Errors: as
+ * kvl_chunk_cache_create, KVL_ERR_SHAPE (the chunk holds another shape or token count), the
+ * codec's header errors. */
+kvl_status kvl_chunk_cache_create_encoded(const uint8_t fingerprint[32], int32_t n_layers, int32_t n_kv_heads,
+                                          int32_t head_dim, const int32_t *tokens, int32_t n, const int32_t *ctx,
+                                          int32_t n_ctx, const uint8_t *enc, size_t enc_size, kvl_chunk_cache **out);
 
 /* Number of floats of cc->kv. */
 size_t kvl_chunk_cache_floats(const kvl_chunk_cache *cc);
@@ -231,6 +243,12 @@ kvl_blend_cost kvl_blend_plan_cost(const kvl_blend_plan *p);
  * loader writes layer l of every cached slot with kvl_kv_write before layer l runs, following the
  * same plan. */
 kvl_status kvl_blend_load(kvl_model *m, const kvl_blend_plan *p, const kvl_blend_segment *segs, kvl_kv *kv);
+
+/* kvl_blend_load for the segments s with !placed[s] (placed may be NULL): a loader that put some
+ * segments' K/V into kv itself (decoded on a GPU, keys re-rotated, slots valid) passes them as
+ * placed. An encoded cache (kv NULL) must be placed. Errors: as kvl_blend_load. */
+kvl_status kvl_blend_load_rest(kvl_model *m, const kvl_blend_plan *p, const kvl_blend_segment *segs, kvl_kv *kv,
+                               const uint8_t *placed);
 
 /* Runs plan p over kv (loaded by kvl_blend_load): every layer in order, ranking candidates at
  * selection layers (filling p->layers[l].slots with the kept slots first), and writes the logits of

@@ -18,6 +18,7 @@
 
 #include <stdint.h>
 
+#include "kvl_blend.h"
 #include "kvl_codec.h"
 #include "kvl_engine.h"
 #include "kvl_status.h"
@@ -135,6 +136,15 @@ typedef struct kvl_gpu_blend_req {
     float *logits;
 } kvl_gpu_blend_req;
 kvl_status kvl_gpu_blend(const kvl_gpu_blend_req *r, kvl_gpu_load_stats *stats);
+
+/* kvl_blend_load on the GPU, for a CacheBlend plan over a CUDA kv: the segments whose chunk cache
+ * is still encoded (kvl_chunk_cache_create_encoded) are decoded by dec straight into their slots
+ * (all in one launch), their keys re-rotated by the plan's rot_delta and their slots marked valid;
+ * the other segments are loaded by kvl_blend_load_rest. Then kvl_blend_run runs the plan as usual.
+ * profile: the one the encoded caches need, or NULL. Errors: those of kvl_blend_load, of
+ * kvl_codec_gpu_decode (malformed or mismatched chunks), KVL_ERR_INVALID_ARG (not a CUDA kv). */
+kvl_status kvl_gpu_blend_load(kvl_model *m, const kvl_blend_plan *p, const kvl_blend_segment *segs, kvl_kv *kv,
+                              kvl_codec_gpu *dec, const kvl_codec_profile *profile);
 
 #ifdef __cplusplus
 }

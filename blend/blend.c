@@ -26,7 +26,7 @@ void kvl_chunk_cache_free(kvl_chunk_cache *cc) {
 
 /* allocates a cache with copies of tokens/ctx and an uninitialised kv */
 static kvl_status cc_alloc(const uint8_t fp[32], int32_t L, int32_t kvh, int32_t hd, const int32_t *tokens, int32_t n,
-                           const int32_t *ctx, int32_t n_ctx, kvl_chunk_cache **out) {
+                           const int32_t *ctx, int32_t n_ctx, int with_kv, kvl_chunk_cache **out) {
     *out = NULL;
     if (!fp || !tokens || (n_ctx > 0 && !ctx)) return kvl_errorf(KVL_ERR_INVALID_ARG, "chunk cache: NULL argument");
     if (n <= 0) return kvl_errorf(KVL_ERR_RANGE, "chunk cache of %d tokens: need at least one", n);
@@ -42,8 +42,8 @@ static kvl_status cc_alloc(const uint8_t fp[32], int32_t L, int32_t kvh, int32_t
     cc->n_ctx = n_ctx;
     cc->tokens = malloc((size_t)n * sizeof(int32_t));
     cc->ctx = malloc((size_t)(n_ctx ? n_ctx : 1) * sizeof(int32_t));
-    cc->kv = malloc(cc_floats(L, kvh, hd, n) * sizeof(float));
-    if (!cc->tokens || !cc->ctx || !cc->kv) {
+    cc->kv = with_kv ? malloc(cc_floats(L, kvh, hd, n) * sizeof(float)) : NULL;
+    if (!cc->tokens || !cc->ctx || (with_kv && !cc->kv)) {
         kvl_chunk_cache_free(cc);
         return kvl_errorf(KVL_ERR_NOMEM, "cannot allocate a chunk cache of %d tokens", n);
     }
@@ -57,8 +57,25 @@ kvl_status kvl_chunk_cache_create(const uint8_t fingerprint[32], int32_t L, int3
                                   int32_t n, const int32_t *ctx, int32_t n_ctx, const float *kv, kvl_chunk_cache **out) {
     if (!out) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_chunk_cache_create: NULL out");
     if (!kv) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_chunk_cache_create: NULL kv");
-    KVL_TRY(cc_alloc(fingerprint, L, kvh, hd, tokens, n, ctx, n_ctx, out));
+    KVL_TRY(cc_alloc(fingerprint, L, kvh, hd, tokens, n, ctx, n_ctx, 1, out));
     memcpy((*out)->kv, kv, kvl_chunk_cache_floats(*out) * sizeof(float));
+    return KVL_OK;
+}
+
+kvl_status kvl_chunk_cache_create_encoded(const uint8_t fingerprint[32], int32_t L, int32_t kvh, int32_t hd,
+                                          const int32_t *tokens, int32_t n, const int32_t *ctx, int32_t n_ctx,
+                                          const uint8_t *enc, size_t enc_size, kvl_chunk_cache **out) {
+    if (!out) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_chunk_cache_create_encoded: NULL out");
+    if (!enc) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_chunk_cache_create_encoded: NULL bytes");
+    *out = NULL;
+    kvl_codec_info in;
+    KVL_TRY(kvl_codec_info_get(enc, enc_size, &in));
+    if (in.shape.n_layers != L || in.shape.n_kv_heads != kvh || in.shape.head_dim != hd || in.shape.n_tokens != n)
+        return kvl_errorf(KVL_ERR_SHAPE, "encoded cache of %d layers x %d tokens x %d x %d, expected %d x %d x %d x %d",
+                          in.shape.n_layers, in.shape.n_tokens, in.shape.n_kv_heads, in.shape.head_dim, L, n, kvh, hd);
+    KVL_TRY(cc_alloc(fingerprint, L, kvh, hd, tokens, n, ctx, n_ctx, 0, out));
+    (*out)->enc = enc;
+    (*out)->enc_size = enc_size;
     return KVL_OK;
 }
 
@@ -71,7 +88,7 @@ kvl_status kvl_chunk_cache_prefill(kvl_model *m, const int32_t *tokens, int32_t 
         return kvl_errorf(KVL_ERR_POSITION_RANGE, "chunk of %d tokens behind %d context tokens exceeds the model's context of %d",
                           n, n_ctx, c->max_seq);
     kvl_chunk_cache *cc;
-    KVL_TRY(cc_alloc(kvl_model_fingerprint(m), c->n_layers, c->n_kv_heads, c->head_dim, tokens, n, ctx, n_ctx, &cc));
+    KVL_TRY(cc_alloc(kvl_model_fingerprint(m), c->n_layers, c->n_kv_heads, c->head_dim, tokens, n, ctx, n_ctx, 1, &cc));
     int32_t tot = n_ctx + n;
     int32_t *tok = malloc((size_t)tot * sizeof *tok), *pos = malloc((size_t)tot * sizeof *pos);
     kvl_kv *kv = NULL;
@@ -291,7 +308,7 @@ kvl_status kvl_blend_plan_build(kvl_model *m, const kvl_blend_segment *segs, int
             if (cc->n_layers != c->n_layers || cc->n_kv_heads != c->n_kv_heads || cc->head_dim != c->head_dim)
                 return kvl_errorf(KVL_ERR_SHAPE, "segment %d: cache shape %d layers x %d kv heads x %d dims, model has %dx%dx%d", s,
                                   cc->n_layers, cc->n_kv_heads, cc->head_dim, c->n_layers, c->n_kv_heads, c->head_dim);
-            if (cc->n_tokens <= 0 || !cc->tokens || !cc->kv || cc->n_ctx < 0 || (cc->n_ctx > 0 && !cc->ctx))
+            if (cc->n_tokens <= 0 || !cc->tokens || (!cc->kv && !cc->enc) || cc->n_ctx < 0 || (cc->n_ctx > 0 && !cc->ctx))
                 return kvl_errorf(KVL_ERR_INVALID_ARG, "segment %d: malformed chunk cache", s);
             total += cc->n_tokens;
         } else {
@@ -412,6 +429,11 @@ kvl_blend_cost kvl_blend_plan_cost(const kvl_blend_plan *p) {
 /* ---------------------------------------------------------------- load and run */
 
 kvl_status kvl_blend_load(kvl_model *m, const kvl_blend_plan *p, const kvl_blend_segment *segs, kvl_kv *kv) {
+    return kvl_blend_load_rest(m, p, segs, kv, NULL);
+}
+
+kvl_status kvl_blend_load_rest(kvl_model *m, const kvl_blend_plan *p, const kvl_blend_segment *segs, kvl_kv *kv,
+                               const uint8_t *placed) {
     if (!m || !p || !segs || !kv) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_blend_load: NULL argument");
     if (kvl_kv_capacity(kv) < p->n_slots)
         return kvl_errorf(KVL_ERR_CONTEXT_FULL, "the kv cache has %d slots, the plan needs %d", kvl_kv_capacity(kv), p->n_slots);
@@ -426,6 +448,11 @@ kvl_status kvl_blend_load(kvl_model *m, const kvl_blend_plan *p, const kvl_blend
             return kvl_errorf(KVL_ERR_BLEND_PLAN, "segment %d has %d tokens, the plan placed %d", s, cc ? cc->n_tokens : segs[s].n_tokens, len);
         }
         kvl_status st = KVL_OK;
+        if (placed && placed[s]) continue;
+        if (cc && !cc->kv && p->mode != KVL_BLEND_FULL) {
+            free(zeros);
+            return kvl_errorf(KVL_ERR_INVALID_ARG, "segment %d: an encoded cache must be decoded by its loader (kvl_gpu_blend_load)", s);
+        }
         if (cc && p->mode != KVL_BLEND_FULL) {
             st = kvl_kv_write(kv, 0, c->n_layers, s0, len, cc->kv);
             if (st == KVL_OK) st = kvl_kv_rerotate(kv, s0, len, p->rot_delta[s0]);

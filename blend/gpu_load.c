@@ -607,3 +607,43 @@ out:
     if (stats) *stats = s;
     return st;
 }
+
+/* ---------------------------------------------------------------- CacheBlend plans on the GPU */
+
+kvl_status kvl_gpu_blend_load(kvl_model *m, const kvl_blend_plan *p, const kvl_blend_segment *segs, kvl_kv *kv,
+                              kvl_codec_gpu *dec, const kvl_codec_profile *profile) {
+    if (!m || !p || !segs || !kv || !dec) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_gpu_blend_load: NULL argument");
+    if (kvl_kv_capacity(kv) < p->n_slots)
+        return kvl_errorf(KVL_ERR_CONTEXT_FULL, "the kv cache has %d slots, the plan needs %d", kvl_kv_capacity(kv), p->n_slots);
+    kvl_cuda_kv_view v;
+    KVL_TRY(kvl_cuda_kv_view_get(kv, &v));
+    size_t es = v.dtype == 1 ? 2 : 4;
+    uint8_t *placed = calloc((size_t)p->n_segments + 1, 1);
+    kvl_codec_gpu_chunk *gc = calloc((size_t)p->n_segments + 1, sizeof *gc);
+    int32_t *gseg = malloc(((size_t)p->n_segments + 1) * sizeof *gseg), n = 0;
+    kvl_status st = placed && gc && gseg ? KVL_OK : KVL_ERR_NOMEM;
+    for (int32_t s = 0; s < p->n_segments && st == KVL_OK; s++) {
+        const kvl_chunk_cache *cc = segs[s].cache;
+        if (!cc || cc->kv || !cc->enc || p->mode == KVL_BLEND_FULL) continue; /* kvl_blend_load_rest's */
+        int32_t s0 = p->seg_slot0[s], len = (s + 1 < p->n_segments ? p->seg_slot0[s + 1] : p->n_slots) - s0;
+        if (cc->n_tokens != len) {
+            st = kvl_errorf(KVL_ERR_BLEND_PLAN, "segment %d has %d tokens, the plan placed %d", s, cc->n_tokens, len);
+            break;
+        }
+        gc[n] = (kvl_codec_gpu_chunk){cc->enc, cc->enc_size, 0, 0, (uint8_t *)v.data + (size_t)s0 * v.n_channels * es,
+                                      2 * (int64_t)v.capacity * v.n_channels, (int64_t)v.capacity * v.n_channels, v.n_channels};
+        gseg[n++] = s;
+    }
+    if (st == KVL_OK && n > 0) st = kvl_codec_gpu_decode(dec, gc, n, profile, v.dtype == 1 ? KVL_CODEC_BF16 : KVL_CODEC_F32);
+    for (int32_t k = 0; k < n && st == KVL_OK; k++) {
+        int32_t s = gseg[k], s0 = p->seg_slot0[s], len = segs[s].cache->n_tokens;
+        st = kvl_kv_set_valid(kv, s0, len, 1);
+        if (st == KVL_OK) st = kvl_kv_rerotate(kv, s0, len, p->rot_delta[s0]);
+        placed[s] = 1;
+    }
+    if (st == KVL_OK) st = kvl_blend_load_rest(m, p, segs, kv, placed);
+    free(placed);
+    free(gc);
+    free(gseg);
+    return st;
+}

@@ -320,6 +320,55 @@ static int load_test(const char *model) {
             }
             free(lg_ref); free(lg);
         }
+        /* 5: a CacheBlend plan whose chunk caches stay encoded and are decoded on the GPU
+         * (kvl_gpu_blend_load) gives the same logits as the plan over the CPU decoder's floats */
+        {
+            kvl_chunk_cache *fc[3] = {0}, *ecc[3] = {0};
+            int32_t bos = c->bos_id, qtok[5] = {3, 17, 29, 41, 53};
+            kvl_blend_segment sf[5], se[5];
+            sf[0] = se[0] = (kvl_blend_segment){NULL, &bos, 1};
+            for (int i = 0; i < NC; i++) {
+                CHECK_OK(kvl_chunk_cache_create(kvl_model_fingerprint(m), c->n_layers, c->n_kv_heads, c->head_dim, tok[i], T,
+                                                NULL, 0, ref[i], &fc[i]));
+                CHECK_OK(kvl_chunk_cache_create_encoded(kvl_model_fingerprint(m), c->n_layers, c->n_kv_heads, c->head_dim,
+                                                        tok[i], T, NULL, 0, enc[i], ne[i], &ecc[i]));
+                sf[1 + i] = (kvl_blend_segment){fc[i], NULL, 0};
+                se[1 + i] = (kvl_blend_segment){ecc[i], NULL, 0};
+            }
+            sf[4] = se[4] = (kvl_blend_segment){NULL, qtok, 5};
+            kvl_chunk_cache *wrong = NULL; /* an encoded cache must match its declared shape */
+            CHECK_ST(kvl_chunk_cache_create_encoded(kvl_model_fingerprint(m), c->n_layers, c->n_kv_heads, c->head_dim, tok[0],
+                                                    T - 1, NULL, 0, enc[0], ne[0], &wrong),
+                     KVL_ERR_SHAPE);
+            int32_t last = 1 + NC * T + 5 - 1;
+            float *la = malloc((size_t)c->vocab_size * 4), *lb = malloc((size_t)c->vocab_size * 4);
+            static const int modes[3] = {KVL_BLEND_BLEND, KVL_BLEND_NAIVE, KVL_BLEND_FULL};
+            for (int mi = 0; mi < 3; mi++) {
+                kvl_blend_opts o = kvl_blend_opts_default();
+                o.mode = modes[mi];
+                kvl_blend_plan *pa = NULL, *pb = NULL;
+                CHECK_OK(kvl_blend_plan_build(m, sf, 5, &last, 1, &o, &pa));
+                CHECK_OK(kvl_blend_plan_build(m, se, 5, &last, 1, &o, &pb));
+                if (!pa || !pb) break;
+                kvl_kv_clear(kv);
+                CHECK_OK(kvl_blend_load(m, pa, sf, kv));
+                CHECK_OK(kvl_blend_run(m, pa, kv, la));
+                kvl_kv_clear(kv);
+                if (modes[mi] != KVL_BLEND_FULL) CHECK_ST(kvl_blend_load(m, pb, se, kv), KVL_ERR_INVALID_ARG);
+                kvl_kv_clear(kv);
+                CHECK_OK(kvl_gpu_blend_load(m, pb, se, kv, dec, NULL));
+                CHECK_OK(kvl_blend_run(m, pb, kv, lb));
+                CHECK_MSG(memcmp(la, lb, (size_t)c->vocab_size * 4) == 0, "w%d mode %d: GPU-decoded plan differs", w, modes[mi]);
+                kvl_blend_plan_free(pa);
+                kvl_blend_plan_free(pb);
+            }
+            for (int i = 0; i < NC; i++) {
+                kvl_chunk_cache_free(fc[i]);
+                kvl_chunk_cache_free(ecc[i]);
+            }
+            free(la);
+            free(lb);
+        }
         /* 3: errors */
         kvl_gpu_load_chunk bad = ch[0];
         bad.key.b[0] ^= 1;
