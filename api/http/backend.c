@@ -17,6 +17,10 @@
 #include "kvl_codec.h"
 #include "kvl_store.h"
 #include "kvl_store_admin.h"
+#ifdef KVL_HAVE_CUDA
+#include "kvl_codec_gpu.h"
+#include "kvl_gpu_load.h"
+#endif
 
 /* codec_id written into store metadata for values encoded by kvl_codec (KVLC bitstream) */
 #define KVL_SVC_CODEC_KVLC 1
@@ -24,7 +28,22 @@
 typedef struct svc_backend {
     kvl_store *store;
     char describe[256];
+#ifdef KVL_HAVE_CUDA
+    /* a model on the GPU: chunk caches stay encoded until the GPU decoder puts them into the
+     * request's kv (kvl_gpu_blend_load); one request at a time uses the decoder */
+    kvl_codec_gpu *gdec;
+    pthread_mutex_t gmu;
+#endif
 } svc_backend;
+
+#ifdef KVL_HAVE_CUDA
+static kvl_codec_gpu *gpu_dec_of(const kvl_http_server *s) { return ((svc_backend *)s->backend)->gdec; }
+#else
+static void *gpu_dec_of(const kvl_http_server *s) {
+    (void)s;
+    return NULL;
+}
+#endif
 
 static kvl_store *store_of(const kvl_http_server *s) { return ((svc_backend *)s->backend)->store; }
 
@@ -40,6 +59,15 @@ kvl_status kvl_svc_backend_open(kvl_http_server *s) {
         free(b);
         return st;
     }
+#ifdef KVL_HAVE_CUDA
+    pthread_mutex_init(&b->gmu, NULL);
+    if (strcmp(kvl_model_backend_name(s->model), "cuda") == 0 && (st = kvl_codec_gpu_create(NULL, &b->gdec)) != KVL_OK) {
+        kvl_store_close(b->store);
+        pthread_mutex_destroy(&b->gmu);
+        free(b);
+        return st;
+    }
+#endif
     kvl_store_stats ss;
     if (kvl_store_get_stats(b->store, &ss) == KVL_OK)
         snprintf(b->describe, sizeof b->describe,
@@ -54,6 +82,10 @@ void kvl_svc_backend_close(kvl_http_server *s) {
     svc_backend *b = s->backend;
     if (!b) return;
     kvl_store_close(b->store);
+#ifdef KVL_HAVE_CUDA
+    kvl_codec_gpu_free(b->gdec);
+    pthread_mutex_destroy(&b->gmu);
+#endif
     free(b);
     s->backend = NULL;
 }
@@ -344,9 +376,23 @@ static kvl_status decode_value(kvl_http_server *s, const kvl_store_value *v, con
     return st;
 }
 
+/* For the GPU path: a chunk cache that borrows the stored bytes (still encoded), after the same
+ * checks decode_floats makes (codec id, shape, tokens). */
+static kvl_status encoded_value(kvl_http_server *s, const kvl_store_value *v, const int32_t *ctx, int32_t n_ctx,
+                                kvl_chunk_cache **out) {
+    const kvl_model_config *mc = kvl_model_get_config(s->model);
+    const kvl_store_meta *meta = kvl_store_value_meta(v);
+    if (meta->codec_id != KVL_SVC_CODEC_KVLC)
+        return kvl_errorf(KVL_ERR_FORMAT, "store entry with codec id %u, expected %d", meta->codec_id, KVL_SVC_CODEC_KVLC);
+    return kvl_chunk_cache_create_encoded(s->fingerprint, mc->n_layers, mc->n_kv_heads, mc->head_dim, kvl_store_value_tokens(v),
+                                          (int32_t)kvl_store_value_n_tokens(v), ctx, n_ctx, kvl_store_value_data(v),
+                                          kvl_store_value_size(v), out);
+}
+
 typedef struct seg_cache {
     kvl_chunk_cache *cc;
     int missed;
+    kvl_store_value *val; /* the stored bytes an encoded cache borrows (GPU path), or NULL */
 } seg_cache;
 
 /* Chunk caches of segs: read in one batch, decoded; misses are prefilled (behind BOS) and written
@@ -372,10 +418,14 @@ static kvl_status load_chunks(kvl_http_server *s, const char *tenant, const kvl_
         if (vst[i] == KVL_OK) {
             st->bytes_read += kvl_store_value_size(vals[i]);
             t0 = kvl_now_ms();
-            kvl_status d = decode_value(s, vals[i], &bos, 1, &out[i].cc);
+            kvl_status d = gpu_dec_of(s) ? encoded_value(s, vals[i], &bos, 1, &out[i].cc) : decode_value(s, vals[i], &bos, 1, &out[i].cc);
             t->decode_ms += kvl_now_ms() - t0;
             if (d == KVL_OK) {
                 st->chunks_hit++;
+                if (!out[i].cc->kv) { /* the cache borrows the value's bytes */
+                    out[i].val = vals[i];
+                    vals[i] = NULL;
+                }
                 continue;
             }
             /* a cache that does not decode is recomputed like a miss; the store verified its
@@ -570,7 +620,15 @@ kvl_status kvl_svc_prefill(kvl_http_server *s, const char *tenant, const kvl_svc
     if (r == KVL_OK) r = kvl_blend_plan_build(s->model, bs, n_bs, &last, 1, &o, &plan);
     if (r == KVL_OK) r = kvl_kv_create(s->model, n + extra, &kv);
     t0 = kvl_now_ms();
-    if (r == KVL_OK) r = kvl_blend_load(s->model, plan, bs, kv);
+#ifdef KVL_HAVE_CUDA
+    if (r == KVL_OK && gpu_dec_of(s)) {
+        svc_backend *b = s->backend;
+        pthread_mutex_lock(&b->gmu);
+        r = kvl_gpu_blend_load(s->model, plan, bs, kv, b->gdec, NULL);
+        pthread_mutex_unlock(&b->gmu);
+    } else
+#endif
+        if (r == KVL_OK) r = kvl_blend_load(s->model, plan, bs, kv);
     t->decode_ms += kvl_now_ms() - t0;
     t0 = kvl_now_ms();
     if (r == KVL_OK) r = kvl_blend_run(s->model, plan, kv, logits);
@@ -585,7 +643,10 @@ kvl_status kvl_svc_prefill(kvl_http_server *s, const char *tenant, const kvl_svc
         st->prompt_tokens = n;
         if (mode == KVL_BLEND_PREFIX && n_hit < n_segs) store_prefix(s, tenant, kv, prompt, segs, n_segs, chain, n_hit, t);
     }
-    for (int32_t i = 0; i < n_segs && sc; i++) kvl_chunk_cache_free(sc[i].cc);
+    for (int32_t i = 0; i < n_segs && sc; i++) {
+        kvl_chunk_cache_free(sc[i].cc);
+        kvl_store_value_free(sc[i].val);
+    }
     free(sc);
     free(chain);
     free(bs);
