@@ -256,6 +256,13 @@ kvl_status kvl_blend_load_rest(kvl_model *m, const kvl_blend_plan *p, const kvl_
  * the fused cache of the prompt. Errors from the engine, KVL_ERR_BLEND_PLAN for an inconsistent plan. */
 kvl_status kvl_blend_run(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *logits);
 
+/* kvl_blend_run calling hook(ctx, l) before anything of layer l runs (no engine call of this run is
+ * in flight then), so that a loader can put layer l's cached K/V in place just in time (the GPU
+ * load path decodes layer groups while earlier layers compute). A hook error ends the run with it. */
+typedef kvl_status (*kvl_blend_layer_hook)(void *ctx, int32_t layer);
+kvl_status kvl_blend_run_hook(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *logits, kvl_blend_layer_hook hook,
+                              void *ctx);
+
 #ifdef __cplusplus
 }
 #endif

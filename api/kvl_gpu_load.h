@@ -146,6 +146,15 @@ kvl_status kvl_gpu_blend(const kvl_gpu_blend_req *r, kvl_gpu_load_stats *stats);
 kvl_status kvl_gpu_blend_load(kvl_model *m, const kvl_blend_plan *p, const kvl_blend_segment *segs, kvl_kv *kv,
                               kvl_codec_gpu *dec, const kvl_codec_profile *profile);
 
+/* kvl_gpu_blend_load + kvl_blend_run, pipelined by layer as kvl_gpu_blend is: the other segments
+ * are loaded first (kvl_blend_load_rest), then a decoder thread stages the encoded caches layer
+ * step by layer step (1, 4, 16, ... layers) while kvl_blend_run_hook runs the plan, each step's
+ * decode kernel and key re-rotation queued on the forward pass's stream right before its first
+ * layer. Same results as kvl_gpu_blend_load + kvl_blend_run, bit for bit. stats may be NULL.
+ * Errors: those of both. */
+kvl_status kvl_gpu_blend_run(kvl_model *m, kvl_blend_plan *p, const kvl_blend_segment *segs, kvl_kv *kv, kvl_codec_gpu *dec,
+                             const kvl_codec_profile *profile, float *logits, kvl_gpu_load_stats *stats);
+
 #ifdef __cplusplus
 }
 #endif

@@ -682,6 +682,11 @@ static kvl_status select_attention_first(kvl_fwd *f, kvl_blend_plan *p, kvl_blen
 }
 
 kvl_status kvl_blend_run(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *logits) {
+    return kvl_blend_run_hook(m, p, kv, logits, NULL, NULL);
+}
+
+kvl_status kvl_blend_run_hook(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *logits, kvl_blend_layer_hook hook,
+                              void *ctx) {
     if (!m || !p || !kv || (p->n_logits > 0 && !logits)) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_blend_run: NULL argument");
     if (kvl_model_get_config(m)->n_layers != p->n_layers)
         return kvl_errorf(KVL_ERR_SHAPE, "plan for %d layers, model has %d", p->n_layers, kvl_model_get_config(m)->n_layers);
@@ -692,6 +697,7 @@ kvl_status kvl_blend_run(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *log
     p->captured = 0;
     p->guard_added = 0;
     for (int32_t l = 0; l < p->n_layers && s == KVL_OK; l++) {
+        if (hook && (s = hook(ctx, l)) != KVL_OK) break;
         kvl_blend_layer *L = &p->layers[l];
         /* a layer whose set has the size of the previous layer's kept set is exactly that set (the
          * sets nest); copying it carries the run-time selection down to the following layers */

@@ -244,6 +244,11 @@ typedef struct lp_state {
     lp_step *steps;       /* [L] the decoder's steps; [0, n_steps) announced */
     int32_t *ld;          /* [nc] the request's index of each chunk loaded (the others are recomputed) */
     int32_t growth_log2;  /* steps grow by 2^growth_log2 (2: 1, 4, 16, ...) */
+    /* the forward pass's side */
+    int32_t next_step;    /* the next step to launch */
+    double layer_wait_ms;
+    pthread_t rth, dth;
+    int rstarted, dstarted;
     int32_t n_steps;
     int32_t ready_layers; /* layers [0, ready_layers) are decoded and rotated; -1: failed */
     kvl_status st;
@@ -461,6 +466,102 @@ static kvl_status lp_launch_step(lp_state *s, lp_step *sp) {
     return KVL_OK;
 }
 
+/* Allocates the pipeline's state for nc loaded chunks (ld: their request indices). */
+static kvl_status lp_init(lp_state *ls, const kvl_gpu_blend_req *r, const kvl_cuda_kv_view *v, int32_t *ld, int32_t nc,
+                          double t0) {
+    *ls = (lp_state){.r = r, .v = v, .nc = nc, .L = v->n_layers, .group = r->layer_group > 0 ? r->layer_group : v->n_layers,
+                     .ready_layers = 0, .st = KVL_OK, .t0 = t0, .ld = ld, .growth_log2 = 2};
+    pthread_mutex_init(&ls->mu, NULL);
+    pthread_cond_init(&ls->cv, NULL);
+    ls->gc = calloc((size_t)nc, sizeof *ls->gc);
+    ls->data = calloc((size_t)nc, sizeof *ls->data);
+    ls->ready = calloc((size_t)nc, sizeof *ls->ready);
+    ls->total = calloc((size_t)nc, sizeof *ls->total);
+    ls->vals = calloc((size_t)nc, sizeof *ls->vals);
+    ls->sts = calloc((size_t)nc, sizeof *ls->sts);
+    ls->lend = calloc((size_t)nc * ((size_t)v->n_layers + 1), sizeof *ls->lend);
+    ls->lossless = calloc((size_t)nc, 1);
+    ls->steps = calloc((size_t)v->n_layers, sizeof *ls->steps);
+    if (!ls->gc || !ls->data || !ls->ready || !ls->total || !ls->vals || !ls->sts || !ls->lend || !ls->lossless || !ls->steps)
+        return KVL_ERR_NOMEM;
+    return KVL_OK;
+}
+
+/* Starts the reader (unless the chunks' bytes are in place already: reads_done) and the decoder. */
+static kvl_status lp_start(lp_state *ls) {
+    if (!ls->reads_done) {
+        ls->rstarted = pthread_create(&ls->rth, NULL, lp_reader, ls) == 0;
+        if (!ls->rstarted) return kvl_errorf(KVL_ERR_INTERNAL, "cannot start the reader thread");
+    }
+    ls->dstarted = pthread_create(&ls->dth, NULL, lp_decoder, ls) == 0;
+    if (!ls->dstarted) return kvl_errorf(KVL_ERR_INTERNAL, "cannot start the decoder thread");
+    return KVL_OK;
+}
+
+/* Before the forward pass's layer l (a kvl_blend_layer_hook): waits until the decoder has staged
+ * layer l, and at the first layer of a step queues its decode kernel and re-rotation. */
+static kvl_status lp_before_layer(void *ctx, int32_t l) {
+    lp_state *ls = ctx;
+    double tw = now_ms();
+    pthread_mutex_lock(&ls->mu);
+    while (ls->ready_layers >= 0 && ls->ready_layers <= l) pthread_cond_wait(&ls->cv, &ls->mu);
+    int failed = ls->ready_layers < 0;
+    lp_step *sp = ls->next_step < ls->n_steps && ls->steps[ls->next_step].l == l ? &ls->steps[ls->next_step] : NULL;
+    kvl_status dst = ls->st;
+    pthread_mutex_unlock(&ls->mu);
+    ls->layer_wait_ms += now_ms() - tw;
+    if (failed) return kvl_errorf(dst != KVL_OK ? dst : KVL_ERR_INTERNAL, "%s", ls->msg);
+    if (!sp) return KVL_OK;
+    ls->next_step++;
+    return lp_launch_step(ls, sp);
+}
+
+/* After the forward pass (st: how it went): the store's verdicts on every chunk (decoding started
+ * on unverified bytes), the decoder's status, the kernels' in-stream checks; then everything is
+ * joined and freed and the stats filled. Returns the first failure. */
+static kvl_status lp_finish(lp_state *ls, kvl_status st, kvl_gpu_load_stats *s) {
+    if (ls->rstarted) {
+        pthread_join(ls->rth, NULL);
+        ls->rstarted = 0;
+        if (st == KVL_OK && ls->read_st != KVL_OK) st = kvl_errorf(ls->read_st, "store read: %s", ls->read_msg);
+        for (int32_t i = 0; i < ls->nc && st == KVL_OK; i++)
+            if (ls->sts[i] != KVL_OK) st = kvl_errorf(ls->sts[i], "chunk at slot %d: store read failed", lp_chunk(ls, i)->slot0);
+    }
+    if (ls->dstarted) {
+        /* after a failed forward pass the decoder runs out by itself: it only waits for bytes,
+         * which the reader delivers or gives up on */
+        pthread_join(ls->dth, NULL);
+        ls->dstarted = 0;
+        if (st == KVL_OK && ls->st != KVL_OK) st = kvl_errorf(ls->st, "%s", ls->msg);
+    }
+    for (int32_t g = 0; g < ls->n_steps && st == KVL_OK; g++) {
+        st = kvl_codec_gpu_batch_finish(ls->steps[g].batch);
+        ls->steps[g].batch = NULL;
+        float ms = 0;
+        if (st == KVL_OK && ls->steps[g].ev[1] && cudaEventElapsedTime(&ms, ls->steps[g].ev[0], ls->steps[g].ev[1]) == cudaSuccess)
+            s->kernel_ms += ms;
+    }
+    for (int32_t g = 0; ls->steps && g < ls->L; g++) {
+        kvl_codec_gpu_batch_free(ls->steps[g].batch); /* after a failure: queued work is stream-ordered */
+        free(ls->steps[g].gc);
+        for (int k = 0; k < 2; k++)
+            if (ls->steps[g].ev[k]) cudaEventDestroy(ls->steps[g].ev[k]);
+    }
+    s->read_ms = ls->read_ms;
+    s->read_wait_ms = ls->wait_bytes_ms;
+    s->decode_ms = ls->decode_ms;
+    s->layer_wait_ms = ls->layer_wait_ms;
+    s->first_byte_ms = ls->first_byte_ms;
+    s->first_layer_ms = ls->first_layer_ms;
+    for (int32_t i = 0; i < ls->nc && ls->total; i++) s->bytes_read += ls->total[i];
+    for (int32_t i = 0; ls->vals && i < ls->nc; i++) kvl_store_value_free(ls->vals[i]);
+    pthread_mutex_destroy(&ls->mu);
+    pthread_cond_destroy(&ls->cv);
+    free(ls->gc); free(ls->data); free(ls->ready); free(ls->total); free(ls->vals); free(ls->sts); free(ls->lend);
+    free(ls->lossless); free(ls->steps);
+    return st;
+}
+
 kvl_status kvl_gpu_blend(const kvl_gpu_blend_req *r, kvl_gpu_load_stats *stats) {
     if (!r || !r->tokens || !r->positions || (!r->idx && r->n_idx > 0) || !r->logits)
         return kvl_errorf(KVL_ERR_INVALID_ARG, "incomplete blend request");
@@ -500,109 +601,25 @@ kvl_status kvl_gpu_blend(const kvl_gpu_blend_req *r, kvl_gpu_load_stats *stats) 
         free(ld);
         return vst != KVL_OK ? vst : kvl_errorf(KVL_ERR_INVALID_ARG, "no chunk to load: use kvl_forward");
     }
-    lp_state ls = {.r = r, .v = &v, .nc = nc, .L = v.n_layers, .group = r->layer_group > 0 ? r->layer_group : v.n_layers,
-                   .ready_layers = 0, .st = KVL_OK, .t0 = t0, .ld = ld, .growth_log2 = 2};
-    ls.gc = calloc((size_t)nc, sizeof *ls.gc);
-    ls.data = calloc((size_t)nc, sizeof *ls.data);
-    ls.ready = calloc((size_t)nc, sizeof *ls.ready);
-    ls.total = calloc((size_t)nc, sizeof *ls.total);
-    ls.vals = calloc((size_t)nc, sizeof *ls.vals);
-    ls.sts = calloc((size_t)nc, sizeof *ls.sts);
-    ls.lend = calloc((size_t)nc * ((size_t)v.n_layers + 1), sizeof *ls.lend);
-    ls.lossless = calloc((size_t)nc, 1);
-    ls.steps = calloc((size_t)v.n_layers, sizeof *ls.steps);
+    lp_state ls;
     kvl_fwd *f = NULL;
-    kvl_status st = KVL_OK;
-    pthread_t rth, dth;
-    int rstarted = 0, dstarted = 0;
-    pthread_mutex_init(&ls.mu, NULL);
-    pthread_cond_init(&ls.cv, NULL);
-    if (!ls.gc || !ls.data || !ls.ready || !ls.total || !ls.vals || !ls.sts || !ls.lend || !ls.lossless || !ls.steps) {
-        st = KVL_ERR_NOMEM;
-        goto out;
-    }
+    kvl_status st = lp_init(&ls, r, &v, ld, nc, t0);
     for (int32_t i = 0; i < lr->n_chunks && st == KVL_OK; i++)
         st = kvl_kv_set_valid(lr->kv, lr->chunks[i].slot0, lr->chunks[i].n_tokens, 1);
     if (st == KVL_OK) st = kvl_fwd_begin(lr->model, lr->kv, r->n, r->tokens, r->positions, &f);
-    if (st != KVL_OK) goto out;
-    rstarted = pthread_create(&rth, NULL, lp_reader, &ls) == 0;
-    if (!rstarted) { st = kvl_errorf(KVL_ERR_INTERNAL, "cannot start the reader thread"); goto out; }
-    dstarted = pthread_create(&dth, NULL, lp_decoder, &ls) == 0;
-    if (!dstarted) {
-        st = kvl_errorf(KVL_ERR_INTERNAL, "cannot start the decoder thread");
-        goto out;
-    }
+    if (st == KVL_OK) st = lp_start(&ls);
     double tc = now_ms();
-    for (int32_t l = 0, next = 0; l < v.n_layers && st == KVL_OK; l++) {
-        double tw = now_ms();
-        pthread_mutex_lock(&ls.mu);
-        while (ls.ready_layers >= 0 && ls.ready_layers <= l) pthread_cond_wait(&ls.cv, &ls.mu);
-        int failed = ls.ready_layers < 0;
-        lp_step *sp = next < ls.n_steps && ls.steps[next].l == l ? &ls.steps[next] : NULL;
-        pthread_mutex_unlock(&ls.mu);
-        s.layer_wait_ms += now_ms() - tw;
-        if (failed) break;
-        if (sp) {
-            st = lp_launch_step(&ls, sp);
-            next++;
-        }
+    for (int32_t l = 0; l < v.n_layers && st == KVL_OK; l++) {
+        st = lp_before_layer(&ls, l);
         if (st == KVL_OK) st = kvl_fwd_layer(f, l, r->idx, r->n_idx);
     }
-    if (st == KVL_OK) {
-        /* every byte used must have passed the store's verification before the answer counts */
-        pthread_join(rth, NULL);
-        rstarted = 0;
-        if (ls.read_st != KVL_OK) st = kvl_errorf(ls.read_st, "store read: %s", ls.read_msg);
-        for (int32_t i = 0; i < nc && st == KVL_OK; i++)
-            if (ls.sts[i] != KVL_OK) st = kvl_errorf(ls.sts[i], "chunk at slot %d: store read failed", lp_chunk(&ls, i)->slot0);
-    }
-    if (st == KVL_OK) {
-        pthread_join(dth, NULL);
-        dstarted = 0;
-        if (ls.st != KVL_OK) st = kvl_errorf(ls.st, "%s", ls.msg);
-    }
     if (st == KVL_OK) st = kvl_fwd_logits(f, &r->logit_slot, 1, r->logits);
-    /* the decode kernels' in-stream checks (a malformed stream fails the call with the CPU
-     * decoder's status) */
-    for (int32_t g = 0; g < ls.n_steps && st == KVL_OK; g++) {
-        st = kvl_codec_gpu_batch_finish(ls.steps[g].batch);
-        ls.steps[g].batch = NULL;
-        float ms = 0;
-        if (st == KVL_OK && ls.steps[g].ev[1] && cudaEventElapsedTime(&ms, ls.steps[g].ev[0], ls.steps[g].ev[1]) == cudaSuccess)
-            s.kernel_ms += ms;
-    }
+    st = lp_finish(&ls, st, &s);
     s.compute_ms = now_ms() - tc;
-out:
-    if (!dstarted && rstarted) {
-        /* the decoder never ran: nobody waits on the reader, let it finish */
-    }
-    if (dstarted) {
-        /* a failed forward pass: stop waiting on the decoder by letting it run out (it only waits
-         * for bytes, which the reader delivers or gives up on) */
-        pthread_join(dth, NULL);
-        if (st == KVL_OK && ls.st != KVL_OK) st = kvl_errorf(ls.st, "%s", ls.msg);
-    }
-    if (rstarted) pthread_join(rth, NULL);
-    for (int32_t g = 0; ls.steps && g < v.n_layers; g++) {
-        kvl_codec_gpu_batch_free(ls.steps[g].batch); /* after a failure: queued work is stream-ordered */
-        free(ls.steps[g].gc);
-        for (int k = 0; k < 2; k++)
-            if (ls.steps[g].ev[k]) cudaEventDestroy(ls.steps[g].ev[k]);
-    }
-    s.read_ms = ls.read_ms;
-    s.read_wait_ms = ls.wait_bytes_ms;
-    s.decode_ms = ls.decode_ms;
-    s.first_byte_ms = ls.first_byte_ms;
-    s.first_layer_ms = ls.first_layer_ms;
-    for (int32_t i = 0; i < nc && ls.total; i++) s.bytes_read += ls.total[i];
     s.n_loaded = st == KVL_OK ? nc : 0;
     s.n_recomputed = st == KVL_OK ? lr->n_chunks - nc : 0;
     kvl_fwd_free(f);
-    for (int32_t i = 0; ls.vals && i < nc; i++) kvl_store_value_free(ls.vals[i]);
-    pthread_mutex_destroy(&ls.mu);
-    pthread_cond_destroy(&ls.cv);
-    free(ls.gc); free(ls.data); free(ls.ready); free(ls.total); free(ls.vals); free(ls.sts); free(ls.lend);
-    free(ls.lossless); free(ls.steps); free(ld);
+    free(ld);
     s.total_ms = now_ms() - t0;
     if (stats) *stats = s;
     return st;
@@ -645,5 +662,72 @@ kvl_status kvl_gpu_blend_load(kvl_model *m, const kvl_blend_plan *p, const kvl_b
     free(placed);
     free(gc);
     free(gseg);
+    return st;
+}
+
+kvl_status kvl_gpu_blend_run(kvl_model *m, kvl_blend_plan *p, const kvl_blend_segment *segs, kvl_kv *kv, kvl_codec_gpu *dec,
+                             const kvl_codec_profile *profile, float *logits, kvl_gpu_load_stats *stats) {
+    if (!m || !p || !segs || !kv || !dec) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_gpu_blend_run: NULL argument");
+    if (kvl_kv_capacity(kv) < p->n_slots)
+        return kvl_errorf(KVL_ERR_CONTEXT_FULL, "the kv cache has %d slots, the plan needs %d", kvl_kv_capacity(kv), p->n_slots);
+    double t0 = now_ms();
+    kvl_gpu_load_stats s = {0};
+    kvl_cuda_kv_view v;
+    KVL_TRY(kvl_cuda_kv_view_get(kv, &v));
+    /* the encoded caches become the pipeline's chunks, their bytes all in place (no reads): slot0
+     * the segment's first slot, position the plan's re-rotation delta */
+    int32_t ns = p->n_segments, nc = 0;
+    uint8_t *placed = calloc((size_t)ns + 1, 1);
+    kvl_gpu_load_chunk *ch = calloc((size_t)ns + 1, sizeof *ch);
+    int32_t *ld = malloc(((size_t)ns + 1) * sizeof *ld);
+    if (!placed || !ch || !ld) {
+        free(placed);
+        free(ch);
+        free(ld);
+        return KVL_ERR_NOMEM;
+    }
+    kvl_status st = KVL_OK;
+    for (int32_t k = 0; k < ns && st == KVL_OK; k++) {
+        const kvl_chunk_cache *cc = segs[k].cache;
+        if (!cc || cc->kv || !cc->enc || p->mode == KVL_BLEND_FULL) continue;
+        int32_t s0 = p->seg_slot0[k], len = (k + 1 < ns ? p->seg_slot0[k + 1] : p->n_slots) - s0;
+        if (cc->n_tokens != len) st = kvl_errorf(KVL_ERR_BLEND_PLAN, "segment %d has %d tokens, the plan placed %d", k, cc->n_tokens, len);
+        ch[nc] = (kvl_gpu_load_chunk){{{0}}, s0, len, p->rot_delta[s0], KVL_LOAD_FROM_STORE, NULL, 0};
+        ld[nc] = nc;
+        placed[k] = 1;
+        nc++;
+    }
+    if (st == KVL_OK) st = kvl_blend_load_rest(m, p, segs, kv, placed);
+    if (st != KVL_OK || nc == 0) {
+        /* nothing encoded: the ordinary run */
+        if (st == KVL_OK) st = kvl_blend_run(m, p, kv, logits);
+        free(placed);
+        free(ch);
+        free(ld);
+        return st;
+    }
+    kvl_gpu_blend_req fr = {{NULL, NULL, m, kv, dec, profile, ch, nc, 0, 0}, p->n_slots, p->tokens, p->positions, NULL, 0, 0, 0,
+                            logits};
+    lp_state ls;
+    st = lp_init(&ls, &fr, &v, ld, nc, t0);
+    for (int32_t k = 0, c = 0; k < ns && st == KVL_OK; k++) {
+        if (!placed[k]) continue;
+        ls.data[c] = segs[k].cache->enc;
+        ls.ready[c] = ls.total[c] = segs[k].cache->enc_size;
+        st = kvl_kv_set_valid(kv, ch[c].slot0, ch[c].n_tokens, 1);
+        c++;
+    }
+    ls.reads_done = 1;
+    if (st == KVL_OK) st = lp_start(&ls);
+    double tc = now_ms();
+    if (st == KVL_OK) st = kvl_blend_run_hook(m, p, kv, logits, lp_before_layer, &ls);
+    st = lp_finish(&ls, st, &s);
+    s.compute_ms = now_ms() - tc;
+    s.n_loaded = st == KVL_OK ? nc : 0;
+    free(placed);
+    free(ch);
+    free(ld);
+    s.total_ms = now_ms() - t0;
+    if (stats) *stats = s;
     return st;
 }

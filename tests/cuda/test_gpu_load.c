@@ -359,6 +359,26 @@ static int load_test(const char *model) {
                 CHECK_OK(kvl_gpu_blend_load(m, pb, se, kv, dec, NULL));
                 CHECK_OK(kvl_blend_run(m, pb, kv, lb));
                 CHECK_MSG(memcmp(la, lb, (size_t)c->vocab_size * 4) == 0, "w%d mode %d: GPU-decoded plan differs", w, modes[mi]);
+                /* the same, pipelined by layer (decode steps between the plan's layers) */
+                kvl_kv_clear(kv);
+                memset(lb, 0, (size_t)c->vocab_size * 4);
+                kvl_gpu_load_stats gs;
+                CHECK_OK(kvl_gpu_blend_run(m, pb, se, kv, dec, NULL, lb, &gs));
+                CHECK_MSG(memcmp(la, lb, (size_t)c->vocab_size * 4) == 0, "w%d mode %d: pipelined GPU plan differs", w, modes[mi]);
+                CHECK(modes[mi] == KVL_BLEND_FULL || gs.n_loaded == NC);
+                {
+                    /* the fused kv too */
+                    size_t nn = (size_t)kvl_model_kv_elems_per_layer(m, NC * T) * 2 * (size_t)c->n_layers;
+                    float *ka = malloc(nn * 4), *kb = malloc(nn * 4);
+                    CHECK_OK(kvl_kv_read(kv, 0, c->n_layers, 1, NC * T, kb));
+                    kvl_kv_clear(kv);
+                    CHECK_OK(kvl_blend_load(m, pa, sf, kv));
+                    CHECK_OK(kvl_blend_run(m, pa, kv, la));
+                    CHECK_OK(kvl_kv_read(kv, 0, c->n_layers, 1, NC * T, ka));
+                    CHECK_MSG(memcmp(ka, kb, nn * 4) == 0, "w%d mode %d: pipelined GPU plan's kv differs", w, modes[mi]);
+                    free(ka);
+                    free(kb);
+                }
                 kvl_blend_plan_free(pa);
                 kvl_blend_plan_free(pb);
             }
