@@ -254,7 +254,10 @@ cudaError_t kvl_cu_rerotate(void *k, kvl_cu_dtype t, int64_t nb, int64_t bstride
                             int hd, int style, double theta, int64_t delta, cudaStream_t s) {
     if (n <= 0 || nb <= 0) return cudaSuccess;
     if (hd > 1024 || hd % 2) return cudaErrorInvalidValue;
-    rerotate_k<<<grid_rows(nb * n), 128, 0, s>>>(k, t, nb, bstride, n, row_ld, nkv, hd, style, theta, delta);
+    /* every block computes the cos/sin table (float64, like the CPU) once and strides over rows:
+     * one block per row spent more time on the table than on the rows */
+    const int64_t rows = nb * n;
+    rerotate_k<<<(unsigned)(rows < 1024 ? rows : 1024), 128, 0, s>>>(k, t, nb, bstride, n, row_ld, nkv, hd, style, theta, delta);
     return cudaGetLastError();
 }
 
