@@ -99,13 +99,37 @@ __device__ __forceinline__ int32_t rans_step(const kvl_cu_codec_args &a, const k
     return s;
 }
 
+// A block whose streams all belong to one section with one chunk table (table_mode 1, no deltas,
+// pb <= 12) decodes through a full slot -> symbol table in shared memory: one lookup and the two
+// cumulative frequencies per symbol, no search loop (the loop's divergence and its dependent
+// global loads were most of a symbol's latency). Same symbols as the search, bit for bit.
+constexpr int SM_PB = 12;
+struct smem_tab {
+    uint16_t sym[1 << SM_PB];
+    uint32_t cum[1 << SM_PB | 2]; // cum[s] for s <= the largest symbol + 1
+    int use, max_s;
+};
+
+__device__ __forceinline__ int32_t rans_step_smem(const smem_tab &t, uint32_t pb, uint32_t &x, const uint8_t *&sp,
+                                                  const uint8_t *se_end) {
+    const uint32_t slot = x & ((1u << pb) - 1);
+    const int32_t s = t.sym[slot];
+    const uint32_t start = t.cum[s], hi = t.cum[s + 1];
+    x = (hi - start) * (x >> pb) + slot - start;
+    while (x < RANS_L) {
+        if (sp >= se_end) return -1;
+        x = (x << 8) | *sp++;
+    }
+    return s;
+}
+
 // Streams of at most 8 channels without deltas (chan_group <= 8): the thread's table descriptors
 // and per-channel scales are loaded once into registers instead of once per symbol, so a symbol's
 // dependent chain is only lookup -> cumulative frequency -> state. Same arithmetic as the general
 // path below, bit for bit.
 template <bool BF16>
 __device__ __forceinline__ void decode_narrow(const kvl_cu_codec_args &a, uint32_t i, const kvl_codec_plan_stream &st,
-                                              const kvl_codec_plan_section &se) {
+                                              const kvl_codec_plan_section &se, const smem_tab *stab) {
     const uint8_t *sp = a.bytes + st.byte_off, *se_end = sp + st.len;
     uint32_t x = (uint32_t)sp[0] | ((uint32_t)sp[1] << 8) | ((uint32_t)sp[2] << 16) | ((uint32_t)sp[3] << 24);
     sp += 4;
@@ -147,7 +171,7 @@ __device__ __forceinline__ void decode_narrow(const kvl_cu_codec_args &a, uint32
         for (int k = 0; k < 8; k++) {
             v[k] = 0.0f;
             if (k < n) {
-                const int32_t s = rans_step(a, tb[k], x, sp, se_end);
+                const int32_t s = stab ? rans_step_smem(*stab, (uint32_t)tb[k].pb, x, sp, se_end) : rans_step(a, tb[k], x, sp, se_end);
                 if (s < 0) {
                     fail(a.err, i, KVL_CU_DEC_SHORT);
                     return;
@@ -165,12 +189,37 @@ __device__ __forceinline__ void decode_narrow(const kvl_cu_codec_args &a, uint32
 
 template <bool BF16>
 __global__ void __launch_bounds__(128) decode_kernel(const kvl_cu_codec_args a) {
+    __shared__ smem_tab stab;
     uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+    const uint32_t i0 = blockIdx.x * blockDim.x, i1 = min(i0 + blockDim.x, a.n_streams) - 1;
+    const uint32_t sec0 = a.streams[i0].sec;
+    const kvl_codec_plan_section s0 = a.sections[sec0];
+    const kvl_codec_plan_table t0 = a.tables[s0.tab_base];
+    // block-uniform: every thread reads the same values
+    const bool use = a.streams[i1].sec == sec0 && s0.ctx_mode == 1 && s0.delta_group <= 1 &&
+                     t0.src == 0 && t0.cum_off != KVL_CODEC_PLAN_EMPTY && t0.pb <= SM_PB &&
+                     a.streams[i0].c1 - a.streams[i0].c0 <= 8;
+    if (use) {
+        if (threadIdx.x == 0) stab.max_s = 0;
+        __syncthreads();
+        const uint32_t *cum = a.cum + t0.cum_off;
+        int my_max = 0;
+        for (uint32_t slot = threadIdx.x; slot < (1u << t0.pb); slot += blockDim.x) {
+            int32_t sy = __ldg(a.lut + t0.lut_off + (slot >> (t0.pb - 8)));
+            while (__ldg(cum + sy + 1) <= slot) sy++;
+            stab.sym[slot] = (uint16_t)sy;
+            my_max = max(my_max, sy);
+        }
+        atomicMax(&stab.max_s, my_max);
+        __syncthreads();
+        for (int32_t k = threadIdx.x; k <= stab.max_s + 1 && k < (1 << SM_PB | 2); k += blockDim.x) stab.cum[k] = __ldg(cum + k);
+        __syncthreads();
+    }
     if (i >= a.n_streams) return;
     const kvl_codec_plan_stream st = a.streams[i];
     const kvl_codec_plan_section se = a.sections[st.sec];
     if (se.delta_group <= 1 && st.c1 - st.c0 <= 8) {
-        decode_narrow<BF16>(a, i, st, se);
+        decode_narrow<BF16>(a, i, st, se, use ? &stab : nullptr);
         return;
     }
     const uint8_t *sp = a.bytes + st.byte_off, *se_end = sp + st.len; // len >= 4: checked on the host
