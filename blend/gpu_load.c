@@ -453,14 +453,25 @@ static kvl_status lp_launch_step(lp_state *s, lp_step *sp) {
         cudaEventRecord(sp->ev[0], cs) != cudaSuccess)
         return kvl_errorf(KVL_ERR_CUDA, "step events");
     if (sp->batch) KVL_TRY(kvl_codec_gpu_launch(sp->batch, cs));
-    for (int32_t k = 0; k < s->nc; k++) {
-        const kvl_gpu_load_chunk *ch = lp_chunk(s, k);
-        if (lr->no_rerotate || ch->position == 0) continue;
-        void *base = (uint8_t *)s->v->data + ((size_t)sp->l * 2 * s->v->capacity + (size_t)ch->slot0) * s->v->n_channels * es;
-        cudaError_t e = kvl_cu_rerotate(base, s->v->dtype == 1 ? KVL_CU_BF16 : KVL_CU_F32, sp->nl,
-                                        2 * (int64_t)s->v->capacity * s->v->n_channels, ch->n_tokens, s->v->n_channels,
-                                        c->n_kv_heads, c->head_dim, c->rope_style, c->rope_theta, ch->position, cs);
-        if (e != cudaSuccess) return kvl_errorf(KVL_ERR_CUDA, "rerotate: %s", cudaGetErrorString(e));
+    /* the keys of the step's layers re-rotated, up to KVL_CU_REROT_MAX chunks per launch */
+    void *base = (uint8_t *)s->v->data + (size_t)sp->l * 2 * s->v->capacity * s->v->n_channels * es;
+    kvl_cu_rerot_regions reg;
+    reg.count = 0;
+    for (int32_t k = 0; k <= s->nc; k++) {
+        const kvl_gpu_load_chunk *ch = k < s->nc ? lp_chunk(s, k) : NULL;
+        if (ch && !lr->no_rerotate && ch->position != 0) {
+            reg.off[reg.count] = (int64_t)ch->slot0 * s->v->n_channels;
+            reg.n[reg.count] = ch->n_tokens;
+            reg.delta[reg.count] = ch->position;
+            reg.count++;
+        }
+        if (reg.count == KVL_CU_REROT_MAX || (!ch && reg.count > 0)) {
+            cudaError_t e = kvl_cu_rerotate_multi(base, s->v->dtype == 1 ? KVL_CU_BF16 : KVL_CU_F32, sp->nl,
+                                                  2 * (int64_t)s->v->capacity * s->v->n_channels, s->v->n_channels,
+                                                  c->n_kv_heads, c->head_dim, c->rope_style, c->rope_theta, &reg, cs);
+            if (e != cudaSuccess) return kvl_errorf(KVL_ERR_CUDA, "rerotate: %s", cudaGetErrorString(e));
+            reg.count = 0;
+        }
     }
     if (cudaEventRecord(sp->ev[1], cs) != cudaSuccess) return kvl_errorf(KVL_ERR_CUDA, "step events");
     return KVL_OK;

@@ -61,6 +61,19 @@ cudaError_t kvl_cu_rerotate(void *k, kvl_cu_dtype t, int64_t n_blocks, int64_t b
                             int64_t row_ld, int n_kv_heads, int hd, int style, double theta, int64_t delta,
                             cudaStream_t stream);
 
+/* kvl_cu_rerotate over up to KVL_CU_REROT_MAX regions in one launch: region i starts off[i]
+ * elements into k, has n[i] rows and its own delta; n_blocks, block_stride, row_ld as there. */
+#define KVL_CU_REROT_MAX 64
+typedef struct kvl_cu_rerot_regions {
+    int64_t off[KVL_CU_REROT_MAX];
+    int32_t n[KVL_CU_REROT_MAX];
+    int32_t delta[KVL_CU_REROT_MAX];
+    int32_t count;
+} kvl_cu_rerot_regions;
+cudaError_t kvl_cu_rerotate_multi(void *k, kvl_cu_dtype t, int64_t n_blocks, int64_t block_stride, int64_t row_ld,
+                                  int n_kv_heads, int hd, int style, double theta, const kvl_cu_rerot_regions *reg,
+                                  cudaStream_t stream);
+
 /* h[i][j] = silu(gu[i][j]) * gu[i][F + j] (rows of gu: [gate | up], stride 2F). */
 cudaError_t kvl_cu_swiglu(void *h, const void *gu, kvl_cu_dtype t, int64_t n, int64_t F, cudaStream_t stream);
 

@@ -150,6 +150,28 @@ __global__ void rerotate_k(void *kp, kvl_cu_dtype t, int64_t nb, int64_t bstride
     }
 }
 
+/* rerotate_k for several regions at once (blockIdx.y: region), each with its own offset, rows and
+ * delta: one launch per decode step of the load path instead of one per chunk */
+__global__ void rerotate_multi_k(void *kp, kvl_cu_dtype t, int64_t nb, int64_t bstride, int64_t row_ld, int nkv, int hd,
+                                 int style, double theta, kvl_cu_rerot_regions reg) {
+    __shared__ float cs[512], sn[512];
+    const int half = hd / 2;
+    const int64_t off = reg.off[blockIdx.y], n = reg.n[blockIdx.y];
+    rope_table(cs, sn, reg.delta[blockIdx.y], hd, theta);
+    __syncthreads();
+    for (int64_t r = blockIdx.x; r < nb * n; r += gridDim.x) {
+        int64_t base = off + (r / n) * bstride + (r % n) * row_ld;
+        for (int e = threadIdx.x; e < nkv * half; e += blockDim.x) {
+            int h = e / half, j = e % half, a, b;
+            rot_pair(j, half, style, &a, &b);
+            int64_t o = base + (int64_t)h * hd;
+            float x0 = ld(kp, t, o + a), x1 = ld(kp, t, o + b);
+            st(kp, t, o + a, x0 * cs[j] - x1 * sn[j]);
+            st(kp, t, o + b, x1 * cs[j] + x0 * sn[j]);
+        }
+    }
+}
+
 __global__ void swiglu_k(void *h, const void *gu, kvl_cu_dtype t, int64_t n, int64_t F) {
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n * F; e += (int64_t)gridDim.x * blockDim.x) {
         int64_t i = e / F, j = e % F;
@@ -258,6 +280,18 @@ cudaError_t kvl_cu_rerotate(void *k, kvl_cu_dtype t, int64_t nb, int64_t bstride
      * one block per row spent more time on the table than on the rows */
     const int64_t rows = nb * n;
     rerotate_k<<<(unsigned)(rows < 1024 ? rows : 1024), 128, 0, s>>>(k, t, nb, bstride, n, row_ld, nkv, hd, style, theta, delta);
+    return cudaGetLastError();
+}
+
+cudaError_t kvl_cu_rerotate_multi(void *k, kvl_cu_dtype t, int64_t nb, int64_t bstride, int64_t row_ld, int nkv, int hd,
+                                  int style, double theta, const kvl_cu_rerot_regions *reg, cudaStream_t s) {
+    if (nb <= 0 || reg->count <= 0) return cudaSuccess;
+    if (hd > 1024 || hd % 2 || reg->count > KVL_CU_REROT_MAX) return cudaErrorInvalidValue;
+    int64_t most = 0;
+    for (int i = 0; i < reg->count; i++) most = reg->n[i] > most ? reg->n[i] : most;
+    const int64_t rows = nb * most;
+    const dim3 grid((unsigned)(rows < 256 ? (rows > 0 ? rows : 1) : 256), (unsigned)reg->count);
+    rerotate_multi_k<<<grid, 128, 0, s>>>(k, t, nb, bstride, row_ld, nkv, hd, style, theta, *reg);
     return cudaGetLastError();
 }
 
