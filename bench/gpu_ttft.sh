@@ -11,7 +11,10 @@
 #   the current directory (put it on the disk to be measured) before the timings.
 #   transformers (bench/hf_prefill.py): full prefill of N + 64 tokens, torch SDPA.
 # usage: bench/gpu_ttft.sh BUILD_DIR   (env: TOKENS=4096,8192,16384,32768, SKIP_HF=1, REPS=3;
-#        KVL_GPU_TTFT_LEVELS=raw,2, KVL_GPU_TTFT_GROUP=most layers per decode step)
+#        KVL_GPU_TTFT_LEVELS=raw,2, KVL_GPU_TTFT_GROUP=most layers per decode step,
+#        KVL_GPU_TTFT_PICK=1: also the controller's codec-level choice between levels 2 and 4)
+#   Each length also runs the controller (kvl_load_decide per chunk, kvl_load_recompute_ratio) on the
+#   measured rates: chunks slower to load than to prefill are recomputed in the pass.
 # Run python with `env -u LD_LIBRARY_PATH` where the C build's extra libraries sit on it (the device).
 set -euo pipefail
 B=$(cd "${1:?usage: bench/gpu_ttft.sh BUILD_DIR}" && pwd)
