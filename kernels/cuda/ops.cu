@@ -131,27 +131,10 @@ __global__ void rope_split_k(void *q, kvl_cu_dtype qt, void *k, void *v, kvl_cu_
     }
 }
 
-__global__ void rerotate_k(void *kp, kvl_cu_dtype t, int64_t nb, int64_t bstride, int64_t n, int64_t row_ld, int nkv,
-                           int hd, int style, double theta, int64_t delta) {
-    __shared__ float cs[512], sn[512];
-    const int half = hd / 2;
-    rope_table(cs, sn, delta, hd, theta);
-    __syncthreads();
-    for (int64_t r = blockIdx.x; r < nb * n; r += gridDim.x) {
-        int64_t base = (r / n) * bstride + (r % n) * row_ld;
-        for (int e = threadIdx.x; e < nkv * half; e += blockDim.x) {
-            int h = e / half, j = e % half, a, b;
-            rot_pair(j, half, style, &a, &b);
-            int64_t o = base + (int64_t)h * hd;
-            float x0 = ld(kp, t, o + a), x1 = ld(kp, t, o + b);
-            st(kp, t, o + a, x0 * cs[j] - x1 * sn[j]);
-            st(kp, t, o + b, x1 * cs[j] + x0 * sn[j]);
-        }
-    }
-}
-
-/* rerotate_k for several regions at once (blockIdx.y: region), each with its own offset, rows and
- * delta: one launch per decode step of the load path instead of one per chunk */
+/* Key re-rotation by delta positions of several regions at once (blockIdx.y: region), each with its
+ * own offset, rows and delta (one launch per decode step of the load path instead of one per chunk).
+ * Every block computes its region's cos/sin table (float64, like the CPU) once and strides over the
+ * rows: one block per row spent more time on the table than on the rows. */
 __global__ void rerotate_multi_k(void *kp, kvl_cu_dtype t, int64_t nb, int64_t bstride, int64_t row_ld, int nkv, int hd,
                                  int style, double theta, kvl_cu_rerot_regions reg) {
     __shared__ float cs[512], sn[512];
@@ -275,12 +258,13 @@ cudaError_t kvl_cu_rope_split(void *q, kvl_cu_dtype qt, void *k, void *v, kvl_cu
 cudaError_t kvl_cu_rerotate(void *k, kvl_cu_dtype t, int64_t nb, int64_t bstride, int64_t n, int64_t row_ld, int nkv,
                             int hd, int style, double theta, int64_t delta, cudaStream_t s) {
     if (n <= 0 || nb <= 0) return cudaSuccess;
-    if (hd > 1024 || hd % 2) return cudaErrorInvalidValue;
-    /* every block computes the cos/sin table (float64, like the CPU) once and strides over rows:
-     * one block per row spent more time on the table than on the rows */
-    const int64_t rows = nb * n;
-    rerotate_k<<<(unsigned)(rows < 1024 ? rows : 1024), 128, 0, s>>>(k, t, nb, bstride, n, row_ld, nkv, hd, style, theta, delta);
-    return cudaGetLastError();
+    if (n > INT32_MAX || delta > INT32_MAX || delta < INT32_MIN) return cudaErrorInvalidValue;
+    kvl_cu_rerot_regions reg;
+    reg.off[0] = 0;
+    reg.n[0] = (int32_t)n;
+    reg.delta[0] = (int32_t)delta;
+    reg.count = 1;
+    return kvl_cu_rerotate_multi(k, t, nb, bstride, row_ld, nkv, hd, style, theta, &reg, s);
 }
 
 cudaError_t kvl_cu_rerotate_multi(void *k, kvl_cu_dtype t, int64_t nb, int64_t bstride, int64_t row_ld, int nkv, int hd,
