@@ -138,6 +138,23 @@ typedef struct kvl_blend_opts {
                             * kept counts of that layer and the ones after grow at run time. One
                             * selection layer only. 0 = off (default) */
     float guard_max_ratio; /* BLEND: cap of the guard's kept ratio (default 0.5) */
+    int32_t naive_guard;   /* BLEND: 1 (default) = fall back to naive reuse when the blend looks worse:
+                            * kvl_blend_run first runs naive reuse (the uncached tokens only, no cached
+                            * token recomputed), then the blend, and keeps the blend's kv and logits
+                            * unless naive reuse's mean entropy at the logit slots is lower than the
+                            * blend's by more than naive_guard_margin nats; then the kv and the
+                            * logits are naive reuse's. Costs one more pass over the uncached tokens
+                            * and a copy of the prompt's K/V. Needs logit slots (without them there
+                            * is nothing to compare and the blend is kept). 0 = off */
+    float naive_guard_margin; /* BLEND: see naive_guard (default 0.1 nats) */
+    int32_t naive_rank_layer; /* BLEND: >= 0 (default 1) = a layer-0 selection by attention (the budget
+                            * policy, or select_layer 0 with attn_weight 2) ranks the cached tokens by
+                            * the attention the question puts on them at this layer in a naive-reuse
+                            * pass run first (the uncached tokens only, over the caches as they are;
+                            * the pass the naive guard needs anyway); the budget policy then keeps
+                            * r = budget of the cached tokens at every layer. -1 = rank by the
+                            * question's attention at layer 0 (and narrow at layer 1 from a 20%
+                            * budget, see budget) */
 } kvl_blend_opts;
 
 /* Defaults (chosen by measurement, docs/blend.md): BLEND with the budget policy at a 20% budget.
@@ -197,6 +214,14 @@ typedef struct kvl_blend_plan {
     int32_t guard_added;      /* set by kvl_blend_run: tokens the guard added to the kept set */
     int32_t have_captured;    /* set by kvl_blend_run after the first selection layer ranked: */
     double captured;          /* share of the candidates' total score held by the kept ones */
+    int32_t naive_guard;      /* from kvl_blend_opts (0 outside BLEND) */
+    float naive_guard_margin;
+    int32_t naive_rank_layer; /* from kvl_blend_opts when it applies to this plan, else -1 */
+    float *naive_mass;        /* [n_slots] with naive_rank_layer >= 0: the question's attention at that
+                               * layer in the naive pass (filled by kvl_blend_run) */
+    int32_t fell_back;        /* set by kvl_blend_run: 1 when the naive guard kept naive reuse */
+    double entropy_blend, entropy_naive; /* set by kvl_blend_run with the naive guard: mean entropy
+                                          * (nats) at the logit slots of the blend / naive reuse */
 } kvl_blend_plan;
 
 /* Lays out segs[0..n_seg) in order at positions 0.., checks every cache (fingerprint of m, shape,
@@ -214,7 +239,7 @@ void kvl_blend_plan_free(kvl_blend_plan *p);
 /* Cost of a plan: the sum over layers of the slots that get fresh Q/K/V (token-layers), split into
  * cached candidates (the recompute spent on cached tokens) and the rest. */
 typedef struct kvl_blend_cost {
-    int64_t token_layers;        /* sum_l n_qkv */
+    int64_t token_layers;        /* sum_l n_qkv, plus n_uncached x n_layers for the naive guard's pass */
     int64_t cached_token_layers; /* sum_l (n_qkv restricted to KVL_SLOT_CACHED slots) */
     int64_t full_token_layers;   /* n_slots * n_layers: a full prefill */
     double cached_fraction;      /* cached_token_layers / (n_cached * n_layers), 0 if no cached slot:
