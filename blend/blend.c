@@ -113,7 +113,7 @@ kvl_status kvl_chunk_cache_codec_roundtrip(kvl_chunk_cache *cc, const kvl_codec_
 /* ---------------------------------------------------------------- options */
 
 kvl_blend_opts kvl_blend_opts_default(void) {
-    kvl_blend_opts o = {KVL_BLEND_BLEND, 0.15f, 1, KVL_DEV_V, 1, 0.3f, 1, 1, 0, 0, 0.2f, 0.0f, 0.5f, 1, 0.1f, 1};
+    kvl_blend_opts o = {KVL_BLEND_BLEND, 0.15f, 1, KVL_DEV_V, 1, 0.3f, 1, 1, 0, 0, 0.2f, 0.0f, 0.5f, 0, 0.1f, 1};
     return o;
 }
 
@@ -260,6 +260,10 @@ static void apply_budget(kvl_blend_plan *p, kvl_blend_opts *o) {
     /* below 20% the narrowing step keeps only a few tokens and spends half the budget on the wider
      * layer-0 set; measured on facts13M cross at a 10% budget it lost to naive reuse (1.15x its KL)
      * where one selection layer won (0.93x): one selection layer, r = budget */
+    /* below a 10% budget (one or two tokens of a short prompt) the naive pass's ranking lost to
+     * naive reuse on facts13M within compositions (1.02x at 5%) where layer-0 attention won (0.94x);
+     * from 10% up it wins everywhere (docs/BENCHMARKS.md, "Blend policies") */
+    if (o->budget < 0.1f) o->naive_rank_layer = -1;
     if (o->naive_rank_layer >= 0) { /* ranked by the naive pass: one selection, r = budget */
         o->gradual_layers = 1;
         o->ratio = n ? (float)(floor((double)o->budget * n + 1e-9) / n) : 0.0f;

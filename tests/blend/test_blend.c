@@ -460,6 +460,15 @@ static void test_naive_rank(void) {
         kvl_kv_free(kv);
         kvl_blend_plan_free(p);
     }
+    /* below a 10% budget: layer-0 attention, no naive pass */
+    kvl_blend_opts o = kvl_blend_opts_default();
+    o.budget = 0.05f;
+    kvl_blend_plan *p = run_mode(&fx, o, lg);
+    if (p) {
+        CHECK(p->naive_rank_layer == -1 && p->layers[0].select == 2 && !p->layers[1].select);
+        CHECK(kvl_blend_plan_cost(p).token_layers == (int64_t)p->layers[0].n_keep * p->n_layers);
+    }
+    kvl_blend_plan_free(p);
     free(lg);
     fixture_free(&fx);
 }
