@@ -268,7 +268,10 @@ kvl_status kvl_blend_load(kvl_model *m, const kvl_blend_plan *p, const kvl_blend
 /* Runs plan p over kv (loaded by kvl_blend_load): every layer in order, ranking candidates at
  * selection layers (filling p->layers[l].slots with the kept slots first), and writes the logits of
  * p->logit_slots into logits [n_logits][vocab] (may be NULL when n_logits == 0). On return kv holds
- * the fused cache of the prompt. Errors from the engine, KVL_ERR_BLEND_PLAN for an inconsistent plan. */
+ * the fused cache of the prompt. When the plan ranks by the naive pass (p->naive_rank_layer >= 0)
+ * or has the naive guard, naive reuse runs first over the loaded kv (uncached slots only); with the
+ * guard, kv and logits are naive reuse's when p->fell_back is set on return. Errors from the
+ * engine, KVL_ERR_BLEND_PLAN for an inconsistent plan, KVL_ERR_NOMEM. */
 kvl_status kvl_blend_run(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *logits);
 
 #ifdef __cplusplus
