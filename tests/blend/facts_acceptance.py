@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Issue 9's acceptance on facts13M (and, in long mode, the TinyStories models), through `kvloom blend-eval`.
 
-usage: facts_acceptance.py --kvloom PATH --shared DIR [--long]
+usage: facts_acceptance.py --kvloom PATH --shared DIR [--long [--n 100]]
 
 Fast mode (CI, seconds): a few cross and within compositions (facts_compositions.py, seed 1), chunk
 caches behind a BOS (the default mode), naive reuse vs the default configuration at a 20% budget.
@@ -89,7 +89,7 @@ def fast(a, model, check):
 def long(a, model, check):
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("cross", "within"):
-            comps = [c for s in (1, 2, 3) for c in make(a.shared, tmp, kind, 100, s)]
+            comps = [c for s in (1, 2, 3) for c in make(a.shared, tmp, kind, a.n, s)]
             nb = [run(a.kvloom, model, c, ["--mode", "naive", "--chunk-prefix", "bos"])[0] for c in comps]
             nn = [run(a.kvloom, model, c, ["--mode", "naive"])[0] for c in comps]
             bud = ",".join(str(b) for b in BUDGETS)
@@ -113,14 +113,14 @@ def long(a, model, check):
     with tempfile.TemporaryDirectory() as tmp:
         for prefix in ("bos", "none"):
             out = os.path.join(tmp, "b.json")
-            subprocess.run([sys.executable, tool, "--n", "100", "--metrics", "v", "--budgets", ",".join(str(b) for b in BUDGETS),
+            subprocess.run([sys.executable, tool, "--n", str(a.n), "--metrics", "v", "--budgets", ",".join(str(b) for b in BUDGETS),
                             "--chunk-prefix", prefix, "--json", out], check=True, capture_output=True, env=env)
             for m, r in json.load(open(out)).items():
                 for c in r["blend"]["v"]:
                     check(c["mean_kl"] <= r["naive"]["mean_kl"], "%s %s budget %g: %.6f <= naive %.6f" % (
                         m, prefix, c["ratio"], c["mean_kl"], r["naive"]["mean_kl"]))
         out = os.path.join(tmp, "r.json")
-        subprocess.run([sys.executable, tool, "--n", "100", "--metrics", "v", "--ratios", "0.15", "--json", out], check=True,
+        subprocess.run([sys.executable, tool, "--n", str(a.n), "--metrics", "v", "--ratios", "0.15", "--json", out], check=True,
                        capture_output=True, env=env)
         for m, r in json.load(open(out)).items():
             x = r["naive"]["mean_kl"] / r["blend"]["v"][0]["mean_kl"]
@@ -133,6 +133,7 @@ def main():
     ap.add_argument("--kvloom", required=True)
     ap.add_argument("--shared", required=True)
     ap.add_argument("--long", action="store_true")
+    ap.add_argument("--n", type=int, default=100, help="long mode: compositions per seed (a smaller n only smoke-tests it)")
     a = ap.parse_args()
     model = os.path.join(a.shared, "models", "facts13M", "hf")
     if not os.path.isdir(model) or not os.path.exists(os.path.join(a.shared, "tools", "facts_compositions.py")):
