@@ -139,9 +139,13 @@ typedef struct kvl_blend_opts {
                             * one partly, by token score); 0 = tokens */
     float budget;          /* BLEND: > 0 = derive the policy from this compute budget (cached
                             * token-layers recomputed / (cached tokens x layers), qkv-only work counted
-                            * whole): query-attention selection at layer 0 keeping 2r, narrowed to r
-                            * at layer 1 by the query's attention there, r = budget * L / (L + 2)
-                            * (below a 20% budget one layer-0 selection keeping r = budget);
+                            * whole): from 10% with naive_rank_layer >= 0 (default) one selection at
+                            * layer 0 keeping r = budget at every layer, ranked by the naive pass;
+                            * below 10% one selection keeping r = budget ranked by the question's
+                            * attention at layer 0; with naive_rank_layer -1: query-attention
+                            * selection at layer 0 keeping 2r, narrowed to r at layer 1 by the
+                            * query's attention there, r = budget * L / (L + 2) (below a 20% budget
+                            * one layer-0 selection keeping r = budget);
                             * overrides ratio, select_layer, attn_weight, gradual_*, chunk_head and
                             * whole_chunks. Default 0.2; 0 = the ratio policy */
     float guard;           /* BLEND: > 0 = when the kept tokens hold less than this share of the
@@ -150,9 +154,30 @@ typedef struct kvl_blend_opts {
                             * kept counts of that layer and the ones after grow at run time. One
                             * selection layer only. 0 = off (default) */
     float guard_max_ratio; /* BLEND: cap of the guard's kept ratio (default 0.5) */
+    int32_t naive_guard;   /* BLEND: 1 = fall back to naive reuse when the blend looks worse:
+                            * kvl_blend_run first runs naive reuse (the uncached tokens only, no cached
+                            * token recomputed), then the blend, and keeps the blend's kv and logits
+                            * unless naive reuse's mean entropy at the logit slots is lower than the
+                            * blend's by more than naive_guard_margin nats; then the kv and the
+                            * logits are naive reuse's. Costs one more pass over the uncached tokens
+                            * and a copy of the prompt's K/V. Needs logit slots (without them there
+                            * is nothing to compare and the blend is kept). 0 = off (default: on
+                            * facts13M it fell back on 1-24% of the prompts and raised the mean KL
+                            * at most budgets; docs/blend.md) */
+    float naive_guard_margin; /* BLEND: see naive_guard (default 0.1 nats) */
+    int32_t naive_rank_layer; /* BLEND: >= 0 (default 1) = a layer-0 selection by attention (the budget
+                            * policy, or select_layer 0 with attn_weight 2) ranks the cached tokens by
+                            * the attention the question puts on them at this layer in a naive-reuse
+                            * pass run first (the uncached tokens only, over the caches as they are;
+                            * the pass the naive guard needs anyway); the budget policy then keeps
+                            * r = budget of the cached tokens at every layer (from a 10% budget;
+                            * below it the budget policy ranks by layer 0 as with -1). -1 = rank by
+                            * the question's attention at layer 0 (and narrow at layer 1 from a 20%
+                            * budget, see budget) */
 } kvl_blend_opts;
 
-/* Defaults (chosen by measurement, docs/blend.md): BLEND with the budget policy at a 20% budget.
+/* Defaults (chosen by measurement, docs/blend.md): BLEND with the budget policy at a 20% budget,
+ * ranked by the question's attention at layer 1 of a naive pass, no guard.
  * Set budget to 0 to use the ratio policy, whose defaults are ratio 0.15, select_layer 1, metric V,
  * one selection layer, fresh candidates, attention weighting, no chunk head, tokens, no guard. */
 kvl_blend_opts kvl_blend_opts_default(void);
@@ -209,6 +234,14 @@ typedef struct kvl_blend_plan {
     int32_t guard_added;      /* set by kvl_blend_run: tokens the guard added to the kept set */
     int32_t have_captured;    /* set by kvl_blend_run after the first selection layer ranked: */
     double captured;          /* share of the candidates' total score held by the kept ones */
+    int32_t naive_guard;      /* from kvl_blend_opts (0 outside BLEND) */
+    float naive_guard_margin;
+    int32_t naive_rank_layer; /* from kvl_blend_opts when it applies to this plan, else -1 */
+    float *naive_mass;        /* [n_slots] with naive_rank_layer >= 0: the question's attention at that
+                               * layer in the naive pass (filled by kvl_blend_run) */
+    int32_t fell_back;        /* set by kvl_blend_run: 1 when the naive guard kept naive reuse */
+    double entropy_blend, entropy_naive; /* set by kvl_blend_run with the naive guard: mean entropy
+                                          * (nats) at the logit slots of the blend / naive reuse */
 } kvl_blend_plan;
 
 /* Lays out segs[0..n_seg) in order at positions 0.., checks every cache (fingerprint of m, shape,
@@ -226,7 +259,7 @@ void kvl_blend_plan_free(kvl_blend_plan *p);
 /* Cost of a plan: the sum over layers of the slots that get fresh Q/K/V (token-layers), split into
  * cached candidates (the recompute spent on cached tokens) and the rest. */
 typedef struct kvl_blend_cost {
-    int64_t token_layers;        /* sum_l n_qkv */
+    int64_t token_layers;        /* sum_l n_qkv, plus n_uncached x n_layers for the naive guard's pass */
     int64_t cached_token_layers; /* sum_l (n_qkv restricted to KVL_SLOT_CACHED slots) */
     int64_t full_token_layers;   /* n_slots * n_layers: a full prefill */
     double cached_fraction;      /* cached_token_layers / (n_cached * n_layers), 0 if no cached slot:
@@ -253,7 +286,10 @@ kvl_status kvl_blend_load_rest(kvl_model *m, const kvl_blend_plan *p, const kvl_
 /* Runs plan p over kv (loaded by kvl_blend_load): every layer in order, ranking candidates at
  * selection layers (filling p->layers[l].slots with the kept slots first), and writes the logits of
  * p->logit_slots into logits [n_logits][vocab] (may be NULL when n_logits == 0). On return kv holds
- * the fused cache of the prompt. Errors from the engine, KVL_ERR_BLEND_PLAN for an inconsistent plan. */
+ * the fused cache of the prompt. When the plan ranks by the naive pass (p->naive_rank_layer >= 0)
+ * or has the naive guard, naive reuse runs first over the loaded kv (uncached slots only); with the
+ * guard, kv and logits are naive reuse's when p->fell_back is set on return. Errors from the
+ * engine, KVL_ERR_BLEND_PLAN for an inconsistent plan, KVL_ERR_NOMEM. */
 kvl_status kvl_blend_run(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *logits);
 
 /* kvl_blend_run calling hook(ctx, l) before anything of layer l runs (no engine call of this run is

@@ -1,6 +1,7 @@
 /* CacheBlend on top of the engine's layer-step API: chunk caches, plan building, loading (copy +
  * key re-rotation) and the per-layer selective recompute. */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -129,7 +130,7 @@ kvl_status kvl_chunk_cache_codec_roundtrip(kvl_chunk_cache *cc, const kvl_codec_
 /* ---------------------------------------------------------------- options */
 
 kvl_blend_opts kvl_blend_opts_default(void) {
-    kvl_blend_opts o = {KVL_BLEND_BLEND, 0.15f, 1, KVL_DEV_V, 1, 0.3f, 1, 1, 0, 0, 0.2f, 0.0f, 0.5f};
+    kvl_blend_opts o = {KVL_BLEND_BLEND, 0.15f, 1, KVL_DEV_V, 1, 0.3f, 1, 1, 0, 0, 0.2f, 0.0f, 0.5f, 0, 0.1f, 1};
     return o;
 }
 
@@ -156,6 +157,7 @@ void kvl_blend_plan_free(kvl_blend_plan *p) {
     free(p->rot_delta);
     free(p->seg_slot0);
     free(p->logit_slots);
+    free(p->naive_mass);
     if (p->layers)
         for (int32_t l = 0; l < p->n_layers; l++) free(p->layers[l].slots);
     free(p->layers);
@@ -166,6 +168,11 @@ static kvl_status check_opts(const kvl_blend_opts *o, int32_t n_layers) {
     if (o->mode < KVL_BLEND_FULL || o->mode > KVL_BLEND_PREFIX) return kvl_errorf(KVL_ERR_BLEND_PLAN, "unknown blend mode %d", o->mode);
     if (o->mode != KVL_BLEND_BLEND) return KVL_OK;
     if (!(o->budget >= 0.0f && o->budget <= 1.0f)) return kvl_errorf(KVL_ERR_BLEND_PLAN, "budget %g outside [0, 1]", (double)o->budget);
+    if (o->naive_rank_layer < -1 || o->naive_rank_layer >= n_layers)
+        return kvl_errorf(KVL_ERR_BLEND_PLAN, "naive_rank_layer %d outside [-1, %d)", o->naive_rank_layer, n_layers);
+    if (o->naive_guard < 0 || o->naive_guard > 1) return kvl_errorf(KVL_ERR_BLEND_PLAN, "naive_guard %d is neither 0 nor 1", o->naive_guard);
+    if (!(o->naive_guard_margin >= 0.0f) || isinf(o->naive_guard_margin))
+        return kvl_errorf(KVL_ERR_BLEND_PLAN, "naive_guard_margin %g must be a finite number >= 0", (double)o->naive_guard_margin);
     if (!(o->guard >= 0.0f && o->guard <= 1.0f) || !(o->guard_max_ratio >= 0.0f && o->guard_max_ratio <= 1.0f))
         return kvl_errorf(KVL_ERR_BLEND_PLAN, "guard %g / guard_max_ratio %g outside [0, 1]", (double)o->guard, (double)o->guard_max_ratio);
     if (o->attn_weight < 0 || o->attn_weight > 2) return kvl_errorf(KVL_ERR_BLEND_PLAN, "unknown attention weighting %d", o->attn_weight);
@@ -270,6 +277,15 @@ static void apply_budget(kvl_blend_plan *p, kvl_blend_opts *o) {
     /* below 20% the narrowing step keeps only a few tokens and spends half the budget on the wider
      * layer-0 set; measured on facts13M cross at a 10% budget it lost to naive reuse (1.15x its KL)
      * where one selection layer won (0.93x): one selection layer, r = budget */
+    /* below a 10% budget (one or two tokens of a short prompt) the naive pass's ranking lost to
+     * naive reuse on facts13M within compositions (1.02x at 5%) where layer-0 attention won (0.94x);
+     * from 10% up it wins everywhere (docs/BENCHMARKS.md, "Blend policies") */
+    if (o->budget < 0.1f) o->naive_rank_layer = -1;
+    if (o->naive_rank_layer >= 0) { /* ranked by the naive pass: one selection, r = budget */
+        o->gradual_layers = 1;
+        o->ratio = n ? (float)(floor((double)o->budget * n + 1e-9) / n) : 0.0f;
+        return;
+    }
     if (L < 3 || n == 0 || o->budget < 0.2f) {
         o->gradual_layers = 1;
         o->ratio = n ? (float)(floor((double)o->budget * n + 1e-9) / n) : 0.0f;
@@ -329,6 +345,9 @@ kvl_status kvl_blend_plan_build(kvl_model *m, const kvl_blend_segment *segs, int
     p->whole_chunks = o.whole_chunks;
     p->guard = o.guard;
     p->guard_max_ratio = o.guard_max_ratio;
+    p->naive_guard = o.mode == KVL_BLEND_BLEND ? o.naive_guard : 0;
+    p->naive_guard_margin = o.naive_guard_margin;
+    p->naive_rank_layer = -1;
     {
         /* FLOPs of the Q/K/V projections relative to a whole token-layer (projections + FFN) */
         double D = c->dim, qkv = D * ((double)c->n_heads + 2.0 * c->n_kv_heads) * c->head_dim;
@@ -393,6 +412,14 @@ kvl_status kvl_blend_plan_build(kvl_model *m, const kvl_blend_segment *segs, int
     }
     p->n_logits = n_logits;
     if (st == KVL_OK && o.mode == KVL_BLEND_BLEND && o.budget > 0.0f) apply_budget(p, &o);
+    /* the naive pass ranks only a layer-0 selection by attention (the budget policy's, or
+     * select_layer 0 with attn_weight 2): nothing else reads its attention */
+    if (st == KVL_OK && o.mode == KVL_BLEND_BLEND && o.naive_rank_layer >= 0 && o.select_layer == 0 && o.attn_weight == 2 &&
+        (o.ratio > 0.0f || o.gradual_layers > 1)) {
+        p->naive_rank_layer = o.naive_rank_layer;
+        p->naive_mass = calloc((size_t)n, sizeof *p->naive_mass);
+        if (!p->naive_mass) st = KVL_ERR_NOMEM;
+    }
     p->ratio = o.mode == KVL_BLEND_BLEND ? o.ratio : 0.0f;
     if (st == KVL_OK) st = build_layers(p, &o);
     if (st != KVL_OK) {
@@ -418,6 +445,8 @@ kvl_blend_cost kvl_blend_plan_cost(const kvl_blend_plan *p) {
             if (cached) work += i < L->n_keep ? 1.0 : p->qkv_weight;
         }
     }
+    if ((p->naive_guard && p->n_logits > 0) || p->naive_rank_layer >= 0)
+        c.token_layers += (int64_t)p->n_uncached * p->n_layers; /* the naive pass */
     c.cached_work_fraction = p->n_cached ? work / ((double)p->n_cached * p->n_layers) : 0.0;
     const kvl_blend_layer *last = &p->layers[p->n_layers - 1];
     for (int32_t i = 0; i < last->n_keep; i++) c.final_cached += p->kind[last->slots[i]] == KVL_SLOT_CACHED;
@@ -535,6 +564,21 @@ static void weight_by_mass(float *dev, const float *mass, const int32_t *slots, 
     for (int32_t i = 0; i < n; i++) dev[i] *= (float)(1.0 + mass[slots[i]] / mean);
 }
 
+/* The question, whose attention ranks the cached tokens: the uncached tokens after the last cached
+ * one, up to the first logit slot there. Tokens after that slot (a teacher-forced continuation or
+ * answer in an evaluation) are not known when a request is served, so the ranking must not see
+ * them. */
+static int32_t query_slots(const kvl_blend_plan *p, int32_t *q) {
+    int32_t last_cached = -1, end = p->n_slots - 1, nq = 0;
+    for (int32_t i = 0; i < p->n_slots; i++)
+        if (p->kind[i] != KVL_SLOT_UNCACHED) last_cached = i;
+    for (int32_t i = 0; i < p->n_logits; i++)
+        if (p->logit_slots[i] > last_cached && p->logit_slots[i] < end) end = p->logit_slots[i];
+    for (int32_t i = last_cached + 1; i <= end; i++)
+        if (p->kind[i] == KVL_SLOT_UNCACHED) q[nq++] = i;
+    return nq;
+}
+
 static kvl_status select_layer(kvl_fwd *f, kvl_blend_plan *p, kvl_blend_layer *L) {
     int32_t n = L->n_qkv;
     float *dev = calloc((size_t)(n ? n : 1), sizeof *dev); /* zeros: attention ranking without a query */
@@ -565,11 +609,8 @@ static kvl_status select_layer(kvl_fwd *f, kvl_blend_plan *p, kvl_blend_layer *L
         if (p->fresh_candidates || p->kind[L->slots[i]] != KVL_SLOT_CACHED) tmp[n_commit++] = L->slots[i];
     if (s == KVL_OK) s = kvl_fwd_commit(f, tmp, n_commit);
     if (s == KVL_OK && p->attn_weight) {
-        int32_t last_cached = -1, nq = 0;
-        for (int32_t i = 0; i < p->n_slots; i++)
-            if (p->kind[i] != KVL_SLOT_UNCACHED) last_cached = i;
-        for (int32_t i = 0; i < n; i++)
-            if (p->kind[L->slots[i]] == KVL_SLOT_UNCACHED && L->slots[i] > last_cached) tmp[nq++] = L->slots[i];
+        /* the query slots are uncached, so every selection layer computes them */
+        int32_t nq = query_slots(p, tmp);
         float *mass = malloc((size_t)p->n_slots * sizeof *mass);
         s = mass ? kvl_fwd_attn_mass(f, tmp, nq, mass) : KVL_ERR_NOMEM;
         if (s == KVL_OK && nq > 0) {
@@ -636,19 +677,16 @@ static kvl_status select_attention_first(kvl_fwd *f, kvl_blend_plan *p, kvl_blen
     ranked *r = malloc((size_t)n * sizeof *r);
     float *mass = malloc((size_t)p->n_slots * sizeof *mass);
     kvl_status s = tmp && q && r && mass ? KVL_OK : KVL_ERR_NOMEM;
-    int32_t last_cached = -1;
-    for (int32_t i = 0; i < p->n_slots; i++)
-        if (p->kind[i] != KVL_SLOT_UNCACHED) last_cached = i;
+    if (s == KVL_OK) nq = query_slots(p, q);
     for (int32_t i = 0; i < n && s == KVL_OK; i++) {
         int32_t j = L->slots[i];
-        if (p->kind[j] != KVL_SLOT_CACHED || p->pinned[j]) {
-            tmp[nu++] = j;
-            if (p->kind[j] == KVL_SLOT_UNCACHED && j > last_cached) q[nq++] = j;
-        }
+        if (p->kind[j] != KVL_SLOT_CACHED || p->pinned[j]) tmp[nu++] = j;
     }
     if (s == KVL_OK) s = kvl_fwd_qkv(f, l, tmp, nu, NULL, NULL);
     if (s == KVL_OK) s = kvl_fwd_commit(f, tmp, nu);
-    if (s == KVL_OK && nq > 0) s = kvl_fwd_attn_mass(f, q, nq, mass);
+    /* ranked by the question's attention at a deeper layer of the naive pass, or here at layer 0 */
+    if (s == KVL_OK && nq > 0 && p->naive_rank_layer >= 0) memcpy(mass, p->naive_mass, (size_t)p->n_slots * sizeof *mass);
+    else if (s == KVL_OK && nq > 0) s = kvl_fwd_attn_mass(f, q, nq, mass);
     if (s == KVL_OK) {
         for (int32_t i = 0; i < n; i++) {
             int32_t j = L->slots[i];
@@ -681,6 +719,57 @@ static kvl_status select_attention_first(kvl_fwd *f, kvl_blend_plan *p, kvl_blen
     return s;
 }
 
+/* Mean entropy (nats) of the softmax of logits [n][vocab]. */
+static double mean_entropy(const float *logits, int32_t n, int32_t vocab) {
+    double tot = 0;
+    for (int32_t t = 0; t < n; t++) {
+        const float *x = logits + (size_t)t * vocab;
+        float mx = x[0];
+        for (int32_t i = 1; i < vocab; i++) mx = x[i] > mx ? x[i] : mx;
+        double z = 0, ez = 0;
+        for (int32_t i = 0; i < vocab; i++) {
+            double e = exp((double)x[i] - mx);
+            z += e;
+            ez += e * ((double)x[i] - mx);
+        }
+        tot += log(z) - ez / z; /* H = log Z - E[x - max] */
+    }
+    return n > 0 ? tot / n : 0.0;
+}
+
+/* Naive reuse over the loaded kv: the uncached slots at every layer, the caches as they are; logits
+ * of the plan's logit slots into out (when it has any). With p->naive_rank_layer >= 0 it also
+ * records the attention the question puts on every slot at that layer into p->naive_mass. */
+static kvl_status run_naive(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *out) {
+    int32_t *idx = malloc((size_t)p->n_slots * sizeof *idx), *q = malloc((size_t)p->n_slots * sizeof *q), nu = 0;
+    if (!idx || !q) {
+        free(idx);
+        free(q);
+        return KVL_ERR_NOMEM;
+    }
+    for (int32_t i = 0; i < p->n_slots; i++)
+        if (p->kind[i] == KVL_SLOT_UNCACHED) idx[nu++] = i;
+    int32_t nq = query_slots(p, q);
+    kvl_fwd *f = NULL;
+    kvl_status s = kvl_fwd_begin(m, kv, p->n_slots, p->tokens, p->positions, &f);
+    for (int32_t l = 0; l < p->n_layers && s == KVL_OK; l++) {
+        s = kvl_fwd_qkv(f, l, idx, nu, NULL, NULL);
+        if (s == KVL_OK) s = kvl_fwd_commit(f, idx, nu);
+        if (s == KVL_OK && l == p->naive_rank_layer) {
+            if (nq > 0) s = kvl_fwd_attn_mass(f, q, nq, p->naive_mass);
+            else memset(p->naive_mass, 0, (size_t)p->n_slots * sizeof *p->naive_mass);
+        }
+        if (s == KVL_OK) s = kvl_fwd_attn_ffn(f, idx, nu);
+    }
+    if (s == KVL_OK && p->n_logits > 0) s = kvl_fwd_logits(f, p->logit_slots, p->n_logits, out);
+    if (f) kvl_fwd_free(f);
+    free(idx);
+    free(q);
+    return s;
+}
+
+static kvl_status run_blend(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *logits);
+
 kvl_status kvl_blend_run(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *logits) {
     return kvl_blend_run_hook(m, p, kv, logits, NULL, NULL);
 }
@@ -690,6 +779,39 @@ kvl_status kvl_blend_run_hook(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float
     if (!m || !p || !kv || (p->n_logits > 0 && !logits)) return kvl_errorf(KVL_ERR_INVALID_ARG, "kvl_blend_run: NULL argument");
     if (kvl_model_get_config(m)->n_layers != p->n_layers)
         return kvl_errorf(KVL_ERR_SHAPE, "plan for %d layers, model has %d", p->n_layers, kvl_model_get_config(m)->n_layers);
+    p->fell_back = 0;
+    p->entropy_blend = p->entropy_naive = 0;
+    int guard = p->naive_guard && p->n_logits > 0;
+    if (!guard && p->naive_rank_layer < 0) return run_blend(m, p, kv, logits);
+    /* Naive reuse first: it reads the caches as loaded and writes only the uncached slots, which
+     * the blend recomputes at every layer before reading them. It gives the ranking (where the
+     * question looks at a deeper layer, over the caches as they are) and the guard's alternative. */
+    const kvl_model_config *c = kvl_model_get_config(m);
+    size_t nkv = guard ? kvl_model_kv_elems_per_layer(m, p->n_slots) * 2 * (size_t)p->n_layers : 1;
+    size_t nlg = (size_t)(p->n_logits ? p->n_logits : 1) * (size_t)c->vocab_size;
+    float *naive_kv = guard ? malloc(nkv * sizeof(float)) : NULL, *naive_lg = malloc(nlg * sizeof(float));
+    kvl_status s = (naive_kv || !guard) && naive_lg ? KVL_OK : KVL_ERR_NOMEM;
+    if (s == KVL_OK) s = run_naive(m, p, kv, naive_lg);
+    if (s == KVL_OK && guard) s = kvl_kv_read(kv, 0, p->n_layers, 0, p->n_slots, naive_kv);
+    if (s == KVL_OK) s = run_blend(m, p, kv, logits);
+    if (s == KVL_OK && guard) {
+        /* Without the full prefill's answer, the run-time evidence of a partial recompute that
+         * misleads the question (docs/blend.md: fresh tokens over-attract it) is that it leaves
+         * the question less sure of its next token than naive reuse does */
+        p->entropy_naive = mean_entropy(naive_lg, p->n_logits, c->vocab_size);
+        p->entropy_blend = mean_entropy(logits, p->n_logits, c->vocab_size);
+        if (p->entropy_naive + p->naive_guard_margin < p->entropy_blend) {
+            p->fell_back = 1;
+            s = kvl_kv_write(kv, 0, p->n_layers, 0, p->n_slots, naive_kv);
+            memcpy(logits, naive_lg, (size_t)p->n_logits * (size_t)c->vocab_size * sizeof(float));
+        }
+    }
+    free(naive_kv);
+    free(naive_lg);
+    return s;
+}
+
+static kvl_status run_blend(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *logits) {
     kvl_fwd *f;
     KVL_TRY(kvl_fwd_begin(m, kv, p->n_slots, p->tokens, p->positions, &f));
     kvl_status s = KVL_OK;

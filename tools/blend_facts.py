@@ -9,8 +9,9 @@ across a chunk boundary, within does not). Each --config is run on every composi
 a --ratio list (one result per ratio). Prints one markdown row per (config, ratio, kind): mean
 KL(full||mode) at the answer position, answer accuracy of the mode and of full prefill, the budget spent
 (cached token-layers recomputed / (cached tokens x layers); qkv-only token-layers counted whole, and
-at their FLOP share), and the ratio to naive reuse in the same chunk-cache mode (a config whose args
-hold --chunk-prefix X is compared with the config named naive-X when present).
+at their FLOP share), the ratio to naive reuse in the same chunk-cache mode (a config whose args
+hold --chunk-prefix X is compared with the config named naive-X when present), overall and per seed,
+and how often the naive guard fell back to naive reuse.
 Python 3 standard library only.
 """
 import argparse, concurrent.futures as cf, json, os, shlex, subprocess, sys, tempfile
@@ -60,24 +61,31 @@ def main():
     res = {}
     with tempfile.TemporaryDirectory() as tmp, cf.ThreadPoolExecutor(a.jobs) as ex:
         for kind in a.kinds.split(","):
-            comps = [c for s in a.seeds.split(",") for c in make(tmp, kind, a.n, int(s))]
+            comps = [(s, c) for s in a.seeds.split(",") for c in make(tmp, kind, a.n, int(s))]
             for name, args in configs:
-                rows = list(ex.map(lambda c: run(c, shlex.split(args)), comps))
+                rows = list(ex.map(lambda c: run(c[1], shlex.split(args)), comps))
                 for j in range(len(rows[0])):
                     xs = [r[j] for r in rows]
-                    m = lambda key: sum(x[key] for x in xs) / len(xs)
+                    m = lambda key: sum(x.get(key, 0) for x in xs) / len(xs)
+                    seed_kl = {}
+                    for (seed, _), x in zip(comps, xs):
+                        seed_kl.setdefault(seed, []).append(x["mean_kl"])
                     res[(name, j, kind)] = {"config": name, "args": args, "kind": kind, "n": len(xs),
-                                            "ratio": xs[0]["ratio"], "mean_kl": m("mean_kl"), "acc": m("target_acc_mode"),
+                                            "ratio": xs[0]["ratio"], "budget_asked": xs[0].get("budget", 0),
+                                            "mean_kl": m("mean_kl"), "acc": m("target_acc_mode"),
                                             "acc_full": m("target_acc_full"), "budget": m("cached_fraction"),
-                                            "budget_work": m("cached_work_fraction"), "prefix": prefix_of(args)}
-    print("| config | ratio | kind | n | mean KL | vs naive | acc | full acc | budget (qkv whole) | budget (FLOPs) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+                                            "budget_work": m("cached_work_fraction"), "fell_back": m("fell_back"),
+                                            "seed_kl": {s: sum(v) / len(v) for s, v in seed_kl.items()},
+                                            "prefix": prefix_of(args)}
+    print("| config | budget asked | kind | n | mean KL | vs naive | vs naive per seed | acc | full acc | spent (qkv whole) | spent (FLOPs) | fell back |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key, r in res.items():
         nv = res.get(("naive-" + r["prefix"], 0, r["kind"]))
         vs = "%.2f" % (r["mean_kl"] / nv["mean_kl"]) if nv and nv["mean_kl"] > 0 else "-"
-        print("| %s | %g | %s | %d | %.4f | %s | %.3f | %.3f | %.1f%% | %.1f%% |" % (
-            r["config"], r["ratio"], r["kind"], r["n"], r["mean_kl"], vs, r["acc"], r["acc_full"], 100 * r["budget"],
-            100 * r["budget_work"]))
+        per = " / ".join("%.2f" % (v / nv["seed_kl"][s]) for s, v in r["seed_kl"].items()) if nv else "-"
+        print("| %s | %s | %s | %d | %.4f | %s | %s | %.3f | %.3f | %.1f%% | %.1f%% | %.1f%% |" % (
+            r["config"], "%g%%" % (100 * r["budget_asked"]) if r["budget_asked"] else "-", r["kind"], r["n"], r["mean_kl"], vs,
+            per, r["acc"], r["acc_full"], 100 * r["budget"], 100 * r["budget_work"], 100 * r["fell_back"]))
     if a.json:
         json.dump(list(res.values()), open(a.json, "w"), indent=1)
 

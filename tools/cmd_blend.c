@@ -20,7 +20,9 @@ static const char *EVAL_USAGE =
     "         [--mode blend|naive|full|prefix] [--ratio R[,R2,...]] [--select-layer L] [--metric k|v|kv|kvn]\n"
     "         [--gradual N --gradual-first R0] [--fresh-candidates 0|1] [--attn-weight 0|1|2]\n"
     "         [--chunk-head N] [--whole-chunks 0|1] [--budget B[,B2,...]]\n"
-    "         [--guard SHARE [--guard-max R]] [--codec-level L] [--diag 0|1]\n"
+    "         [--guard SHARE [--guard-max R]] [--naive-guard 0|1] [--naive-guard-margin NATS]\n"
+    "         [--rank-layer L|-1]\n"
+    "         [--codec-level L] [--diag 0|1]\n"
     "         [--chunk-prefix none|bos|system] [--system S.i32]\n"
     "  prompt = BOS [+ system] + chunks + tail; each chunk is prefilled alone (behind --chunk-prefix:\n"
     "  nothing, a BOS, or BOS + the system prefix; default none); the system prefix's own cache is\n"
@@ -68,11 +70,12 @@ static int32_t argmax(const float *x, int32_t n) {
 
 typedef struct {
     double mean_kl, max_kl, top1, acc_mode, acc_full, rel_err;
+    double ent_mode, ent_full; /* mean entropy (nats) of the mode's / full prefill's distributions */
 } quality;
 
 /* KL(full || mode) per position, top-1 agreement, accuracy against the teacher-forced targets */
 static quality compare(const float *full, const float *mode, const int32_t *targets, int32_t n_pos, int32_t vocab) {
-    quality q = {0, 0, 0, 0, 0, 0};
+    quality q = {0, 0, 0, 0, 0, 0, 0, 0};
     double *lp = malloc((size_t)vocab * sizeof *lp), *lq = malloc((size_t)vocab * sizeof *lq);
     double num = 0, den = 0;
     if (!lp || !lq) {
@@ -88,6 +91,7 @@ static quality compare(const float *full, const float *mode, const int32_t *targ
         double kl = 0;
         for (int32_t i = 0; i < vocab; i++) kl += exp(lp[i]) * (lp[i] - lq[i]);
         if (kl < 0) kl = 0; /* rounding when the distributions are equal */
+        for (int32_t i = 0; i < vocab; i++) q.ent_full -= exp(lp[i]) * lp[i], q.ent_mode -= exp(lq[i]) * lq[i];
         q.mean_kl += kl;
         if (kl > q.max_kl) q.max_kl = kl;
         int32_t am = argmax(a, vocab), bm = argmax(b, vocab);
@@ -104,6 +108,8 @@ static quality compare(const float *full, const float *mode, const int32_t *targ
     q.top1 /= n_pos;
     q.acc_full /= n_pos;
     q.acc_mode /= n_pos;
+    q.ent_mode /= n_pos;
+    q.ent_full /= n_pos;
     q.rel_err = den > 0 ? sqrt(num / den) : sqrt(num);
     free(lp);
     free(lq);
@@ -243,7 +249,8 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
     long qlen = -1, sel_layer = def.select_layer, gradual = def.gradual_layers, fresh = def.fresh_candidates, attnw = def.attn_weight;
     long chunk_head = def.chunk_head, whole = def.whole_chunks, want_diag = 0, codec_level = -1;
     size_t codec_bytes = 0, raw_bytes = 0;
-    double gfirst = -1, guard = def.guard, guard_max = def.guard_max_ratio;
+    double gfirst = -1, guard = def.guard, guard_max = def.guard_max_ratio, ng_margin = def.naive_guard_margin;
+    long naive_guard = def.naive_guard, rank_layer = def.naive_rank_layer;
     int mode = def.mode, metric = def.metric;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -285,6 +292,13 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         }
         else if (!strcmp(a, "--guard")) {
             if (kvl_cli_float(v, 0, 1, &guard)) return kvl_cli_usage(C, EVAL_USAGE, "--guard needs a share in [0, 1], got '%s'", v);
+        } else if (!strcmp(a, "--rank-layer")) {
+            if (kvl_cli_int(v, -1, 1 << 16, &rank_layer)) return kvl_cli_usage(C, EVAL_USAGE, "--rank-layer needs a layer index or -1, got '%s'", v);
+        } else if (!strcmp(a, "--naive-guard")) {
+            if (kvl_cli_int(v, 0, 1, &naive_guard)) return kvl_cli_usage(C, EVAL_USAGE, "--naive-guard must be 0 or 1, got '%s'", v);
+        } else if (!strcmp(a, "--naive-guard-margin")) {
+            if (kvl_cli_float(v, 0, 1e6, &ng_margin))
+                return kvl_cli_usage(C, EVAL_USAGE, "--naive-guard-margin needs nats >= 0, got '%s'", v);
         } else if (!strcmp(a, "--guard-max")) {
             if (kvl_cli_float(v, 0, 1, &guard_max)) return kvl_cli_usage(C, EVAL_USAGE, "--guard-max needs a ratio in [0, 1], got '%s'", v);
         }
@@ -429,6 +443,9 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         o.whole_chunks = (int32_t)whole;
         o.guard = (float)guard;
         o.guard_max_ratio = (float)guard_max;
+        o.naive_guard = (int32_t)naive_guard;
+        o.naive_rank_layer = (int32_t)rank_layer;
+        o.naive_guard_margin = (float)ng_margin;
         if (by_budget) {
             o.budget = (float)ratios[r];
             o.ratio = 0.0f;
@@ -444,7 +461,7 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
         if (s == KVL_OK) {
             quality q = compare(full_logits, mode_logits, targets, n_pos, c->vocab_size);
             kvl_blend_cost cost = kvl_blend_plan_cost(p);
-            json_t *j = json_pack("{s:s, s:f, s:s, s:i, s:i, s:i, s:i, s:i, s:i, s:s, s:f, s:f, s:f, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:i}",
+            json_t *j = json_pack("{s:s, s:f, s:s, s:i, s:i, s:i, s:i, s:i, s:i, s:s, s:f, s:f, s:f, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:i, s:f, s:f, s:i, s:i, s:f, s:f, s:i}",
                                   "mode", kvl_blend_mode_name(mode), "ratio", (double)p->ratio,
                                   "metric", metric_name(metric), "select_layer", (int)sel_layer, "gradual", (int)gradual,
                                   "fresh_candidates", (int)fresh, "attn_weight", (int)attnw,
@@ -458,7 +475,9 @@ int kvl_cmd_blend_eval(int argc, char **argv) {
                                   "budget", (double)o.budget, "budget_policy", (int)p->budget_policy, "guard_added", (int)p->guard_added,
                                   "codec_level", (int)codec_level, "codec_bytes", (double)codec_bytes, "raw_f32_bytes", (double)raw_bytes,
                                   "compute_fraction", (double)cost.token_layers / (double)cost.full_token_layers, "mode_ms", mode_ms,
-                                  "full_ms", full_ms, "positions", (int)n_pos);
+                                  "full_ms", full_ms, "positions", (int)n_pos, "entropy_mode", q.ent_mode, "entropy_full", q.ent_full,
+                                  "naive_guard", (int)p->naive_guard, "fell_back", (int)p->fell_back, "entropy_blend", p->entropy_blend,
+                                  "entropy_naive", p->entropy_naive, "rank_layer", (int)p->naive_rank_layer);
             char *txt = j ? json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10)) : NULL;
             if (txt) printf("%s\n", txt);
             else s = kvl_errorf(KVL_ERR_NOMEM, "cannot format the JSON result");

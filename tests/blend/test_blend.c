@@ -15,10 +15,13 @@ static kvl_model_config tiny_cfg(int rope_style) {
     return c;
 }
 
-/* the ratio policy (the default is the budget policy) */
+/* the ratio policy (the default is the budget policy), without the naive pass (ranking and guard),
+ * so that each mechanism is tested alone */
 static kvl_blend_opts ratio_opts(void) {
     kvl_blend_opts o = kvl_blend_opts_default();
     o.budget = 0.0f;
+    o.naive_guard = 0;
+    o.naive_rank_layer = -1;
     return o;
 }
 
@@ -235,18 +238,18 @@ static void test_plan(void) {
         CHECK_OK(kvl_kv_create(fx.m, fx.n, &kv));
         CHECK_OK(kvl_blend_load(fx.m, p, fx.segs, kv));
         CHECK_OK(kvl_fwd_begin(fx.m, kv, fx.n, fx.prompt, fx.pos, &f));
-        int32_t all[64], q[NQ];
+        /* the question = the tail up to the first logit slot: here the tail's first token */
+        int32_t all[64], q[1] = {fx.n - NQ};
         for (int32_t i = 0; i < fx.n; i++) all[i] = i;
-        for (int32_t i = 0; i < NQ; i++) q[i] = fx.n - NQ + i;
         CHECK_OK(kvl_fwd_layer(f, 0, all, fx.n));
         float dev[64], mass[64];
         CHECK_OK(kvl_fwd_qkv(f, 1, all, fx.n, NULL, NULL));
         CHECK_OK(kvl_fwd_deviation(f, KVL_DEV_V, dev));
         CHECK_OK(kvl_fwd_commit(f, all, fx.n));
-        CHECK_OK(kvl_fwd_attn_mass(f, q, NQ, mass));
+        CHECK_OK(kvl_fwd_attn_mass(f, q, 1, mass));
         double tot = 0, mean = 0;
         for (int32_t i = 0; i < fx.n; i++) tot += mass[i], mean += mass[i] / fx.n;
-        CHECK_MSG(fabs(tot - NQ * 4) < 1e-3, "attention mass sums to %g, want %d queries x 4 heads", tot, NQ);
+        CHECK_MSG(fabs(tot - 4) < 1e-3, "attention mass sums to %g, want 1 query x 4 heads", tot);
         float min_kept = INFINITY, max_dropped = -INFINITY;
         for (int32_t i = 0; i < fx.n; i++) {
             if (p->kind[i] != KVL_SLOT_CACHED) continue;
@@ -297,14 +300,13 @@ static void test_plan(void) {
         CHECK_OK(kvl_kv_create(fx.m, fx.n, &kv));
         CHECK_OK(kvl_blend_load(fx.m, p, fx.segs, kv));
         CHECK_OK(kvl_fwd_begin(fx.m, kv, fx.n, fx.prompt, fx.pos, &f));
-        int32_t unc[16], q[NQ], nu = 0;
+        int32_t unc[16], q[1] = {fx.n - NQ}, nu = 0;
         for (int32_t i = 0; i < fx.n; i++)
             if (p->kind[i] == KVL_SLOT_UNCACHED) unc[nu++] = i;
-        for (int32_t i = 0; i < NQ; i++) q[i] = fx.n - NQ + i;
         float mass[64];
         CHECK_OK(kvl_fwd_qkv(f, 0, unc, nu, NULL, NULL));
         CHECK_OK(kvl_fwd_commit(f, unc, nu));
-        CHECK_OK(kvl_fwd_attn_mass(f, q, NQ, mass));
+        CHECK_OK(kvl_fwd_attn_mass(f, q, 1, mass));
         float min_kept = INFINITY, max_dropped = -INFINITY;
         for (int32_t i = 0; i < fx.n; i++) {
             if (p->kind[i] != KVL_SLOT_CACHED) continue;
@@ -376,6 +378,185 @@ static void test_plan(void) {
     fixture_free(&fx);
 }
 
+/* runs opts over the fixture keeping the kv: logits of the tail slots into out, the kv's K/V of
+ * every slot into kv_out (may be NULL) */
+static kvl_blend_plan *run_keep(fixture *fx, kvl_blend_opts o, float *out, float *kv_out) {
+    int32_t ls[NQ];
+    for (int i = 0; i < NQ; i++) ls[i] = fx->n - NQ + i;
+    kvl_blend_plan *p = NULL;
+    kvl_kv *kv = NULL;
+    CHECK_OK(kvl_blend_plan_build(fx->m, fx->segs, NCH + 2, ls, NQ, &o, &p));
+    CHECK_OK(kvl_kv_create(fx->m, fx->n, &kv));
+    if (p && kv) {
+        CHECK_OK(kvl_blend_load(fx->m, p, fx->segs, kv));
+        CHECK_OK(kvl_blend_run(fx->m, p, kv, out));
+        if (kv_out) CHECK_OK(kvl_kv_read(kv, 0, p->n_layers, 0, fx->n, kv_out));
+    }
+    kvl_kv_free(kv);
+    return p;
+}
+
+static double entropy_of(const float *lg, int n, int vocab) {
+    double tot = 0;
+    for (int t = 0; t < n; t++) {
+        const float *x = lg + (size_t)t * vocab;
+        double mx = x[0], z = 0, ez = 0;
+        for (int i = 1; i < vocab; i++) mx = x[i] > mx ? x[i] : mx;
+        for (int i = 0; i < vocab; i++) z += exp(x[i] - mx), ez += exp(x[i] - mx) * (x[i] - mx);
+        tot += log(z) - ez / z;
+    }
+    return tot / n;
+}
+
+/* The default budget policy ranks by the naive pass: the kept cached tokens at every layer are the
+ * ones the question (the tail up to the first logit slot) attends to most at naive_rank_layer of a
+ * naive-reuse forward, rebuilt here from the engine's steps; the budget holds. */
+static void test_naive_rank(void) {
+    fixture fx;
+    fixture_init(&fx, KVL_ROPE_HALF, 1, 5);
+    float *lg = malloc(NQ * 128 * sizeof(float));
+    const float budgets[] = {0.1f, 0.25f, 0.5f};
+    for (int k = 0; k < 3; k++) {
+        kvl_blend_opts o = kvl_blend_opts_default();
+        o.budget = budgets[k];
+        o.naive_guard = 0;
+        CHECK(o.naive_rank_layer == 1);
+        kvl_blend_plan *p = run_mode(&fx, o, lg);
+        if (!p) continue;
+        int32_t want = p->n_uncached + (int32_t)floor(budgets[k] * p->n_cached + 1e-9);
+        CHECK(p->budget_policy == 1 && p->naive_rank_layer == 1 && p->layers[0].select == 2 && p->layers[0].n_keep == want);
+        for (int l = 1; l < p->n_layers; l++) {
+            CHECK(p->layers[l].n_qkv == want && p->layers[l].n_keep == want && !p->layers[l].select);
+            CHECK(!memcmp(p->layers[l].slots, p->layers[0].slots, (size_t)want * sizeof(int32_t)));
+        }
+        kvl_blend_cost cost = kvl_blend_plan_cost(p);
+        CHECK_MSG(cost.cached_fraction <= budgets[k] + 1e-9, "budget %g spent %g", (double)budgets[k], cost.cached_fraction);
+        /* token-layers: the kept set at every layer + the naive pass over the uncached tokens */
+        CHECK(cost.token_layers == (int64_t)(want + p->n_uncached) * p->n_layers);
+        kvl_kv *kv = NULL;
+        kvl_fwd *f = NULL;
+        CHECK_OK(kvl_kv_create(fx.m, fx.n, &kv));
+        CHECK_OK(kvl_blend_load(fx.m, p, fx.segs, kv));
+        CHECK_OK(kvl_fwd_begin(fx.m, kv, fx.n, fx.prompt, fx.pos, &f));
+        int32_t unc[16], nu = 0, q[1] = {fx.n - NQ};
+        for (int32_t i = 0; i < fx.n; i++)
+            if (p->kind[i] == KVL_SLOT_UNCACHED) unc[nu++] = i;
+        float mass[64];
+        for (int l = 0; l <= 1 && f; l++) {
+            CHECK_OK(kvl_fwd_qkv(f, l, unc, nu, NULL, NULL));
+            CHECK_OK(kvl_fwd_commit(f, unc, nu));
+            if (l == 1) CHECK_OK(kvl_fwd_attn_mass(f, q, 1, mass));
+            else CHECK_OK(kvl_fwd_attn_ffn(f, unc, nu));
+        }
+        float min_kept = INFINITY, max_dropped = -INFINITY;
+        for (int32_t i = 0; i < fx.n; i++) {
+            if (p->kind[i] != KVL_SLOT_CACHED) continue;
+            if (contains(p->layers[0].slots, want, i)) min_kept = fminf(min_kept, mass[i]);
+            else max_dropped = fmaxf(max_dropped, mass[i]);
+        }
+        CHECK_MSG(min_kept >= max_dropped, "budget %g: kept min naive attention %g < dropped max %g", (double)budgets[k],
+                  (double)min_kept, (double)max_dropped);
+        kvl_fwd_free(f);
+        kvl_kv_free(kv);
+        kvl_blend_plan_free(p);
+    }
+    /* below a 10% budget: layer-0 attention, no naive pass */
+    kvl_blend_opts o = kvl_blend_opts_default();
+    o.budget = 0.05f;
+    kvl_blend_plan *p = run_mode(&fx, o, lg);
+    if (p) {
+        CHECK(p->naive_rank_layer == -1 && p->layers[0].select == 2 && !p->layers[1].select);
+        CHECK(kvl_blend_plan_cost(p).token_layers == (int64_t)p->layers[0].n_keep * p->n_layers);
+    }
+    kvl_blend_plan_free(p);
+    free(lg);
+    fixture_free(&fx);
+}
+
+/* The ranking sees the question only up to the first logit slot: tokens after it (an evaluation's
+ * teacher-forced continuation) must not change which tokens are recomputed, whether the ranking is
+ * the naive pass's, layer 0's or layer 1's attention */
+static void test_ranking_ignores_future(void) {
+    for (int v = 0; v < 3; v++) {
+        fixture fx;
+        fixture_init(&fx, KVL_ROPE_INTERLEAVED, 0, 21);
+        kvl_blend_opts o = kvl_blend_opts_default();
+        o.naive_guard = 0;
+        if (v == 1) o.naive_rank_layer = -1, o.budget = 0.3f; /* layer-0 + layer-1 query attention */
+        if (v == 2) o = ratio_opts();                          /* deviation x layer-1 attention */
+        float *lg = malloc(NQ * 128 * sizeof(float));
+        int32_t kept[3][64], nk[3] = {0, 0, 0};
+        for (int t = 0; t < 2; t++) {
+            if (t == 1)
+                for (int j = 1; j < NQ; j++) fx.tail[j] = 3 + (fx.tail[j] * 7 + 13) % 120; /* another continuation */
+            kvl_blend_plan *p = run_mode(&fx, o, lg);
+            if (!p) continue;
+            const kvl_blend_layer *L = &p->layers[p->n_layers - 1];
+            nk[t] = L->n_keep;
+            memcpy(kept[t], L->slots, (size_t)L->n_keep * sizeof(int32_t));
+            kvl_blend_plan_free(p);
+        }
+        CHECK_MSG(nk[0] == nk[1] && nk[0] > 0 && !memcmp(kept[0], kept[1], (size_t)nk[0] * sizeof(int32_t)),
+                  "variant %d: the kept set changed with the tokens after the first logit slot", v);
+        free(lg);
+        fixture_free(&fx);
+    }
+}
+
+/* The naive guard keeps the blend's logits and kv unless naive reuse is surer (lower mean entropy at
+ * the logit slots) by more than the margin; then logits and kv are exactly naive reuse's. Both
+ * branches are exercised over budgets and seeds. */
+static void test_naive_guard(void) {
+    int fell = 0, kept = 0;
+    for (uint64_t seed = 31; seed < 37; seed++) {
+        fixture fx;
+        fixture_init(&fx, seed % 2 ? KVL_ROPE_HALF : KVL_ROPE_INTERLEAVED, 1, seed);
+        size_t V = 128, nl = NQ * V, nkv = (size_t)4 * 2 * 64 * 2 * 16;
+        float *lb = malloc(nl * sizeof(float)), *ln = malloc(nl * sizeof(float)), *lgd = malloc(nl * sizeof(float));
+        float *kb = calloc(nkv, sizeof(float)), *kn = calloc(nkv, sizeof(float)), *kg = calloc(nkv, sizeof(float));
+        const float budgets[] = {0.05f, 0.2f, 0.5f};
+        for (int k = 0; k < 3; k++) {
+            kvl_blend_opts o = kvl_blend_opts_default();
+            o.budget = budgets[k];
+            o.naive_guard = 0;
+            kvl_blend_plan *pb = run_keep(&fx, o, lb, kb);
+            kvl_blend_opts on = o;
+            on.mode = KVL_BLEND_NAIVE;
+            kvl_blend_plan *pn = run_keep(&fx, on, ln, kn);
+            o.naive_guard = 1;
+            o.naive_guard_margin = 0.0f;
+            kvl_blend_plan *pg = run_keep(&fx, o, lgd, kg);
+            if (pb && pn && pg) {
+                double eb = entropy_of(lb, NQ, (int)V), en = entropy_of(ln, NQ, (int)V);
+                CHECK_MSG(fabs(pg->entropy_blend - eb) < 1e-6 && fabs(pg->entropy_naive - en) < 1e-6,
+                          "entropies %g / %g, recomputed %g / %g", pg->entropy_blend, pg->entropy_naive, eb, en);
+                CHECK(pg->fell_back == (en < eb));
+                size_t n_kv = (size_t)pg->n_layers * 2 * fx.n * 2 * 16;
+                if (pg->fell_back) {
+                    fell++;
+                    CHECK(kvl_rel_err(lgd, ln, nl) == 0.0 && kvl_rel_err(kg, kn, n_kv) == 0.0);
+                } else {
+                    kept++;
+                    CHECK(kvl_rel_err(lgd, lb, nl) == 0.0 && kvl_rel_err(kg, kb, n_kv) == 0.0);
+                }
+                /* the same selection as without the guard */
+                CHECK(!memcmp(pg->layers[0].slots, pb->layers[0].slots, (size_t)pb->layers[0].n_keep * sizeof(int32_t)));
+            }
+            kvl_blend_plan_free(pb);
+            kvl_blend_plan_free(pn);
+            kvl_blend_plan_free(pg);
+        }
+        free(lb);
+        free(ln);
+        free(lgd);
+        free(kb);
+        free(kn);
+        free(kg);
+        fixture_free(&fx);
+    }
+    CHECK_MSG(fell > 0 && kept > 0, "the guard fell back %d times and kept the blend %d times: both branches wanted", fell, kept);
+}
+
 static void test_bad_input(void) {
     fixture fx;
     fixture_init(&fx, KVL_ROPE_INTERLEAVED, 0, 9);
@@ -430,6 +611,14 @@ static void test_bad_input(void) {
     o.gradual_layers = 4; /* layers 1..4 of a 4-layer model */
     CHECK_ST(kvl_blend_plan_build(fx.m, fx.segs, NCH + 2, &last, 1, &o, &p), KVL_ERR_BLEND_PLAN);
     CHECK_ST(kvl_blend_plan_build(fx.m, fx.segs, 0, &last, 1, NULL, &p), KVL_ERR_BLEND_PLAN);
+    o = kvl_blend_opts_default();
+    o.naive_rank_layer = 4; /* a 4-layer model */
+    CHECK_ST(kvl_blend_plan_build(fx.m, fx.segs, NCH + 2, &last, 1, &o, &p), KVL_ERR_BLEND_PLAN);
+    o = kvl_blend_opts_default();
+    o.naive_guard_margin = -0.5f;
+    CHECK_ST(kvl_blend_plan_build(fx.m, fx.segs, NCH + 2, &last, 1, &o, &p), KVL_ERR_BLEND_PLAN);
+    o.naive_guard_margin = NAN;
+    CHECK_ST(kvl_blend_plan_build(fx.m, fx.segs, NCH + 2, &last, 1, &o, &p), KVL_ERR_BLEND_PLAN);
 
     /* a kv too small for the plan; a kv of another model */
     CHECK_OK(kvl_blend_plan_build(fx.m, fx.segs, NCH + 2, &last, 1, NULL, &p));
@@ -455,6 +644,9 @@ int main(void) {
     test_rerotation(KVL_ROPE_HALF);
     test_rerotation(KVL_ROPE_INTERLEAVED);
     test_plan();
+    test_naive_rank();
+    test_ranking_ignores_future();
+    test_naive_guard();
     test_bad_input();
     KVL_TEST_END();
 }
