@@ -294,7 +294,9 @@ kvl_status kvl_blend_run(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *log
 
 /* kvl_blend_run calling hook(ctx, l) before anything of layer l runs (no engine call of this run is
  * in flight then), so that a loader can put layer l's cached K/V in place just in time (the GPU
- * load path decodes layer groups while earlier layers compute). A hook error ends the run with it. */
+ * load path decodes layer groups while earlier layers compute). With a naive pass first (the
+ * naive-pass ranking, the guard) the hook is called before each layer of both passes: a loader must
+ * treat a second call for a layer already in place as a no-op. A hook error ends the run with it. */
 typedef kvl_status (*kvl_blend_layer_hook)(void *ctx, int32_t layer);
 kvl_status kvl_blend_run_hook(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *logits, kvl_blend_layer_hook hook,
                               void *ctx);

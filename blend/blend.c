@@ -740,7 +740,8 @@ static double mean_entropy(const float *logits, int32_t n, int32_t vocab) {
 /* Naive reuse over the loaded kv: the uncached slots at every layer, the caches as they are; logits
  * of the plan's logit slots into out (when it has any). With p->naive_rank_layer >= 0 it also
  * records the attention the question puts on every slot at that layer into p->naive_mass. */
-static kvl_status run_naive(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *out) {
+static kvl_status run_naive(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *out, kvl_blend_layer_hook hook,
+                            void *ctx) {
     int32_t *idx = malloc((size_t)p->n_slots * sizeof *idx), *q = malloc((size_t)p->n_slots * sizeof *q), nu = 0;
     if (!idx || !q) {
         free(idx);
@@ -753,6 +754,7 @@ static kvl_status run_naive(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *
     kvl_fwd *f = NULL;
     kvl_status s = kvl_fwd_begin(m, kv, p->n_slots, p->tokens, p->positions, &f);
     for (int32_t l = 0; l < p->n_layers && s == KVL_OK; l++) {
+        if (hook && (s = hook(ctx, l)) != KVL_OK) break; /* layer l's caches are read below */
         s = kvl_fwd_qkv(f, l, idx, nu, NULL, NULL);
         if (s == KVL_OK) s = kvl_fwd_commit(f, idx, nu);
         if (s == KVL_OK && l == p->naive_rank_layer) {
@@ -768,7 +770,8 @@ static kvl_status run_naive(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *
     return s;
 }
 
-static kvl_status run_blend(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *logits);
+static kvl_status run_blend(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *logits, kvl_blend_layer_hook hook,
+                            void *ctx);
 
 kvl_status kvl_blend_run(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *logits) {
     return kvl_blend_run_hook(m, p, kv, logits, NULL, NULL);
@@ -782,7 +785,7 @@ kvl_status kvl_blend_run_hook(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float
     p->fell_back = 0;
     p->entropy_blend = p->entropy_naive = 0;
     int guard = p->naive_guard && p->n_logits > 0;
-    if (!guard && p->naive_rank_layer < 0) return run_blend(m, p, kv, logits);
+    if (!guard && p->naive_rank_layer < 0) return run_blend(m, p, kv, logits, hook, ctx);
     /* Naive reuse first: it reads the caches as loaded and writes only the uncached slots, which
      * the blend recomputes at every layer before reading them. It gives the ranking (where the
      * question looks at a deeper layer, over the caches as they are) and the guard's alternative. */
@@ -791,9 +794,11 @@ kvl_status kvl_blend_run_hook(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float
     size_t nlg = (size_t)(p->n_logits ? p->n_logits : 1) * (size_t)c->vocab_size;
     float *naive_kv = guard ? malloc(nkv * sizeof(float)) : NULL, *naive_lg = malloc(nlg * sizeof(float));
     kvl_status s = (naive_kv || !guard) && naive_lg ? KVL_OK : KVL_ERR_NOMEM;
-    if (s == KVL_OK) s = run_naive(m, p, kv, naive_lg);
+    /* the hook runs before each layer of the first pass that reads it (a layer already put in
+     * place makes a later call for it a no-op) */
+    if (s == KVL_OK) s = run_naive(m, p, kv, naive_lg, hook, ctx);
     if (s == KVL_OK && guard) s = kvl_kv_read(kv, 0, p->n_layers, 0, p->n_slots, naive_kv);
-    if (s == KVL_OK) s = run_blend(m, p, kv, logits);
+    if (s == KVL_OK) s = run_blend(m, p, kv, logits, hook, ctx);
     if (s == KVL_OK && guard) {
         /* Without the full prefill's answer, the run-time evidence of a partial recompute that
          * misleads the question (docs/blend.md: fresh tokens over-attract it) is that it leaves
@@ -811,7 +816,8 @@ kvl_status kvl_blend_run_hook(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float
     return s;
 }
 
-static kvl_status run_blend(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *logits) {
+static kvl_status run_blend(kvl_model *m, kvl_blend_plan *p, kvl_kv *kv, float *logits, kvl_blend_layer_hook hook,
+                            void *ctx) {
     kvl_fwd *f;
     KVL_TRY(kvl_fwd_begin(m, kv, p->n_slots, p->tokens, p->positions, &f));
     kvl_status s = KVL_OK;
