@@ -68,8 +68,9 @@ static void fixture_free(fixture *fx) {
     kvl_model_free(fx->m);
 }
 
-/* runs opts over the fixture, logits of the tail slots into out [NQ][vocab]; returns the plan */
-static kvl_blend_plan *run_mode(fixture *fx, kvl_blend_opts o, float *out) {
+/* runs opts over the fixture keeping the kv: logits of the tail slots into out, the kv's K/V of
+ * every slot into kv_out (may be NULL) */
+static kvl_blend_plan *run_keep(fixture *fx, kvl_blend_opts o, float *out, float *kv_out) {
     int32_t ls[NQ];
     for (int i = 0; i < NQ; i++) ls[i] = fx->n - NQ + i;
     kvl_blend_plan *p = NULL;
@@ -79,10 +80,14 @@ static kvl_blend_plan *run_mode(fixture *fx, kvl_blend_opts o, float *out) {
     if (p && kv) {
         CHECK_OK(kvl_blend_load(fx->m, p, fx->segs, kv));
         CHECK_OK(kvl_blend_run(fx->m, p, kv, out));
+        if (kv_out) CHECK_OK(kvl_kv_read(kv, 0, p->n_layers, 0, fx->n, kv_out));
     }
     kvl_kv_free(kv);
     return p;
 }
+
+/* runs opts over the fixture, logits of the tail slots into out [NQ][vocab]; returns the plan */
+static kvl_blend_plan *run_mode(fixture *fx, kvl_blend_opts o, float *out) { return run_keep(fx, o, out, NULL); }
 
 static void full_logits(fixture *fx, float *out) {
     int32_t ls[NQ];
@@ -376,24 +381,6 @@ static void test_plan(void) {
     kvl_blend_plan_free(p);
     free(lg);
     fixture_free(&fx);
-}
-
-/* runs opts over the fixture keeping the kv: logits of the tail slots into out, the kv's K/V of
- * every slot into kv_out (may be NULL) */
-static kvl_blend_plan *run_keep(fixture *fx, kvl_blend_opts o, float *out, float *kv_out) {
-    int32_t ls[NQ];
-    for (int i = 0; i < NQ; i++) ls[i] = fx->n - NQ + i;
-    kvl_blend_plan *p = NULL;
-    kvl_kv *kv = NULL;
-    CHECK_OK(kvl_blend_plan_build(fx->m, fx->segs, NCH + 2, ls, NQ, &o, &p));
-    CHECK_OK(kvl_kv_create(fx->m, fx->n, &kv));
-    if (p && kv) {
-        CHECK_OK(kvl_blend_load(fx->m, p, fx->segs, kv));
-        CHECK_OK(kvl_blend_run(fx->m, p, kv, out));
-        if (kv_out) CHECK_OK(kvl_kv_read(kv, 0, p->n_layers, 0, fx->n, kv_out));
-    }
-    kvl_kv_free(kv);
-    return p;
 }
 
 static double entropy_of(const float *lg, int n, int vocab) {
