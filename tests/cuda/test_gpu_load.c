@@ -25,6 +25,7 @@
 #include "kvl_engine.h"
 #include "kvl_cuda_backend.h"
 #include "kvl_gpu_load.h"
+#include "kvl_half.h"
 #include "kvl_store.h"
 #include "kvl_test.h"
 
@@ -427,10 +428,8 @@ static double now_ms(void) {
     return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
-/* Llama-3-8B-shaped load: a synthetic-weight 8B-config model owns the CUDA kv; TOKENS/512 chunk
- * caches (synthetic KV, kvl_synth_kv) are ingested into a store in ./ and loaded cold (store just
- * opened: empty DRAM tier, O_DIRECT reads) and from the DRAM tier. */
-static int bench(int tokens) {
+/* A synthetic-weight (seed 42) Llama-3-8B-config model on the CUDA backend with bf16 weights. */
+static kvl_model *synth_8b(void) {
     kvl_model_config c = {0};
     c.dim = 4096; c.hidden_dim = 14336; c.n_layers = 32; c.n_heads = 32; c.n_kv_heads = 8; c.head_dim = 128;
     c.vocab_size = 128256; c.max_seq = 65536; c.rope_theta = 500000.0f; c.norm_eps = 1e-5f;
@@ -440,17 +439,28 @@ static int bench(int tokens) {
     mo.weight_dtype = KVL_WDTYPE_BF16;
     kvl_model *m = NULL;
     CHECK_OK(kvl_model_synthetic(&c, 42, &mo, &m));
+    return m;
+}
+
+/* One chunk of synthetic KV (kvl_synth_kv, seed 1) rounded to bf16, the engine's KV type, so that
+ * raw / lossless caches hold exactly the kv's bits. malloc'ed. */
+static uint16_t *synth_chunk_bf16(const kvl_codec_shape *sh) {
+    float *x = kvl_synth_kv(sh, 1);
+    uint16_t *xb = malloc(sz_of(sh) * 2);
+    for (size_t i = 0; x && xb && i < sz_of(sh); i++) xb[i] = kvl_f32_to_bf16(x[i]);
+    free(x);
+    return xb;
+}
+
+/* Llama-3-8B-shaped load: a synthetic-weight 8B-config model owns the CUDA kv; TOKENS/512 chunk
+ * caches (synthetic KV, kvl_synth_kv) are ingested into a store in ./ and loaded cold (store just
+ * opened: empty DRAM tier, O_DIRECT reads) and from the DRAM tier. */
+static int bench(int tokens) {
+    kvl_model *m = synth_8b();
     if (!m) return 1;
     const int32_t T = 512, NC = tokens / T;
     kvl_codec_shape sh = {32, T, 8, 128};
-    float *x = kvl_synth_kv(&sh, 1);
-    /* the engine's KV is bf16: encode from bf16 so that level 0 (codec off) stores raw bf16 bits */
-    uint16_t *xb = malloc(sz_of(&sh) * 2);
-    for (size_t i = 0; i < sz_of(&sh); i++) {
-        uint32_t u;
-        memcpy(&u, &x[i], 4);
-        xb[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-    }
+    uint16_t *xb = synth_chunk_bf16(&sh);
     kvl_codec_profile *prof = NULL;
     kvl_kv *kv = NULL;
     CHECK_OK(kvl_kv_create(m, NC * T, &kv));
@@ -517,7 +527,7 @@ static int bench(int tokens) {
     kvl_kv_free(kv);
     kvl_codec_gpu_free(dec);
     kvl_model_free(m);
-    free(x); free(xb); free(tok); free(ch);
+    free(xb); free(tok); free(ch);
     KVL_TEST_END();
 }
 
@@ -592,26 +602,13 @@ static int cmp_d(const void *a, const void *b) {
  * (codec off: raw bf16 values); default "raw,2". Before each length, the disk's raw direct-read
  * bandwidth over a file as large as the level-2 caches (1 GiB at least). */
 static int ttft(const char *list) {
-    kvl_model_config c = {0};
-    c.dim = 4096; c.hidden_dim = 14336; c.n_layers = 32; c.n_heads = 32; c.n_kv_heads = 8; c.head_dim = 128;
-    c.vocab_size = 128256; c.max_seq = 65536; c.rope_theta = 500000.0f; c.norm_eps = 1e-5f;
-    c.rope_style = KVL_ROPE_HALF; c.bos_id = 1; c.eos_id = 2;
-    kvl_model_opts mo = kvl_model_opts_default();
-    mo.backend = KVL_BACKEND_CUDA;
-    mo.weight_dtype = KVL_WDTYPE_BF16;
-    kvl_model *m = NULL;
-    CHECK_OK(kvl_model_synthetic(&c, 42, &mo, &m));
+    kvl_model *m = synth_8b();
     if (!m) return 1;
+    const kvl_model_config c = *kvl_model_get_config(m);
     const int32_t T = 512, Q = 64;
     kvl_codec_shape sh = {32, T, 8, 128};
     size_t n = sz_of(&sh);
-    float *x = kvl_synth_kv(&sh, 1);
-    uint16_t *xb = malloc(n * 2);
-    for (size_t i = 0; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, &x[i], 4);
-        xb[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-    }
+    uint16_t *xb = synth_chunk_bf16(&sh);
     kvl_codec_gpu *dec = NULL;
     CHECK_OK(kvl_codec_gpu_create(NULL, &dec));
     kvl_store_key root;
@@ -911,7 +908,7 @@ static int ttft(const char *list) {
     }
     kvl_codec_gpu_free(dec);
     kvl_model_free(m);
-    free(x); free(xb); free(logits);
+    free(xb); free(logits);
     KVL_TEST_END();
 }
 
