@@ -10,6 +10,7 @@
 #include "codec_impl.h"
 #include "kvl_codec_plan.h"
 #include "codec_synth.h"
+#include "codec_model_kv.h"
 #include "kvl_engine.h"
 #include "kvl_test.h"
 
@@ -449,30 +450,23 @@ static void test_real(const char *model) {
     mo.n_threads = 1;
     CHECK_OK(kvl_model_load(model, &mo, &m));
     if (!m) return;
-    const kvl_model_config *c = kvl_model_get_config(m);
-    int32_t T = c->max_seq < 64 ? c->max_seq : 64;
-    int32_t *ids = malloc((size_t)T * 4), *pos = malloc((size_t)T * 4);
-    for (int32_t i = 0; i < T; i++) {
-        ids[i] = (int32_t)((i * 37 + 11) % c->vocab_size);
-        pos[i] = i;
+    kvl_codec_shape sh;
+    float *x = kvl_test_model_kv(m, 64, &sh);
+    CHECK_MSG(x != NULL, "prefill of %s failed", model);
+    if (!x) {
+        kvl_model_free(m);
+        return;
     }
-    kvl_kv *kv = NULL;
-    CHECK_OK(kvl_kv_create(m, T, &kv));
-    CHECK_OK(kvl_forward(m, kv, T, ids, pos, NULL, 0, NULL, NULL));
-    kvl_codec_shape sh = {c->n_layers, T, c->n_kv_heads, c->head_dim};
-    float *x = malloc(n_elems(&sh) * 4);
-    CHECK_OK(kvl_kv_read(kv, 0, c->n_layers, 0, T, x));
     kvl_codec_profile_builder *b = NULL;
     kvl_codec_profile *p = NULL;
     CHECK_OK(kvl_codec_profile_builder_create(&sh, kvl_model_fingerprint(m), &b));
-    CHECK_OK(kvl_codec_profile_builder_add(b, x, T));
+    CHECK_OK(kvl_codec_profile_builder_add(b, x, sh.n_tokens));
     CHECK_OK(kvl_codec_profile_builder_finish(b, &p));
     roundtrip_all(&sh, x, p, "real");
     kvl_codec_profile_builder_free(b);
     kvl_codec_profile_free(p);
-    kvl_kv_free(kv);
     kvl_model_free(m);
-    free(ids); free(pos); free(x);
+    free(x);
 }
 
 static int write_corpus(const char *dir) {

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "codec/codec_synth.h"
+#include "codec/codec_model_kv.h"
 #include "kvl_codec.h"
 #include "kvl_codec_gpu.h"
 #include "kvl_engine.h"
@@ -99,27 +100,21 @@ static void test_real(const char *model) {
     CHECK_OK(kvl_model_load(model, &mo, &m));
     if (!m) return;
     const kvl_model_config *c = kvl_model_get_config(m);
-    int32_t T = c->max_seq < 96 ? c->max_seq : 96;
-    int32_t *ids = malloc((size_t)T * 4), *pos = malloc((size_t)T * 4);
-    for (int32_t i = 0; i < T; i++) {
-        ids[i] = (int32_t)((i * 37 + 11) % c->vocab_size);
-        pos[i] = i;
+    kvl_codec_shape sh;
+    float *x = kvl_test_model_kv(m, 96, &sh);
+    CHECK_MSG(x != NULL, "prefill of %s failed", model);
+    if (!x) {
+        kvl_model_free(m);
+        return;
     }
-    kvl_kv *kv = NULL;
-    CHECK_OK(kvl_kv_create(m, T, &kv));
-    CHECK_OK(kvl_forward(m, kv, T, ids, pos, NULL, 0, NULL, NULL));
-    kvl_codec_shape sh = {c->n_layers, T, c->n_kv_heads, c->head_dim};
-    float *x = malloc(n_elems(&sh) * 4);
-    CHECK_OK(kvl_kv_read(kv, 0, c->n_layers, 0, T, x));
     /* profile keys rotated as the model's RoPE (kvloom codec-profile's default) */
     kvl_codec_profile *p = make_profile(&sh, x, kvl_model_fingerprint(m),
                                         c->rope_style == KVL_ROPE_INTERLEAVED ? KVL_CODEC_KEYROT_INTERLEAVED : KVL_CODEC_KEYROT_HALF,
                                         c->rope_theta);
     compare_all(&sh, x, p, model);
     kvl_codec_profile_free(p);
-    kvl_kv_free(kv);
     kvl_model_free(m);
-    free(ids); free(pos); free(x);
+    free(x);
 }
 
 /* several chunks of different levels (one with a profile, one lossless) in one call */
