@@ -181,6 +181,18 @@ static int contains(const int32_t *s, int32_t n, int32_t x) {
     return 0;
 }
 
+/* the kept slots of a selection are the cached slots of highest score: none dropped above any kept */
+static void check_top(const kvl_blend_plan *p, int32_t n, const int32_t *kept, int32_t n_kept, const float *score,
+                      const char *what) {
+    float min_kept = INFINITY, max_dropped = -INFINITY;
+    for (int32_t i = 0; i < n; i++) {
+        if (p->kind[i] != KVL_SLOT_CACHED) continue;
+        if (contains(kept, n_kept, i)) min_kept = fminf(min_kept, score[i]);
+        else max_dropped = fmaxf(max_dropped, score[i]);
+    }
+    CHECK_MSG(min_kept >= max_dropped, "%s: kept min %g < dropped max %g", what, (double)min_kept, (double)max_dropped);
+}
+
 /* the per-layer sets: counts, nesting, uncached always kept, the selection is the top deviation */
 static void test_plan(void) {
     fixture fx;
@@ -220,13 +232,7 @@ static void test_plan(void) {
         float dev[64];
         CHECK_OK(kvl_fwd_qkv(f, 1, all, fx.n, NULL, NULL));
         CHECK_OK(kvl_fwd_deviation(f, KVL_DEV_K, dev));
-        float min_kept = INFINITY, max_dropped = -INFINITY;
-        for (int32_t i = 0; i < fx.n; i++) {
-            if (p->kind[i] != KVL_SLOT_CACHED) continue;
-            if (contains(p->layers[1].slots, want, i)) min_kept = fminf(min_kept, dev[i]);
-            else max_dropped = fmaxf(max_dropped, dev[i]);
-        }
-        CHECK_MSG(min_kept >= max_dropped, "kept min dev %g < dropped max dev %g", (double)min_kept, (double)max_dropped);
+        check_top(p, fx.n, p->layers[1].slots, want, dev, "key deviation");
         kvl_fwd_free(f);
         kvl_kv_free(kv);
     }
@@ -255,14 +261,9 @@ static void test_plan(void) {
         double tot = 0, mean = 0;
         for (int32_t i = 0; i < fx.n; i++) tot += mass[i], mean += mass[i] / fx.n;
         CHECK_MSG(fabs(tot - 4) < 1e-3, "attention mass sums to %g, want 1 query x 4 heads", tot);
-        float min_kept = INFINITY, max_dropped = -INFINITY;
-        for (int32_t i = 0; i < fx.n; i++) {
-            if (p->kind[i] != KVL_SLOT_CACHED) continue;
-            float sc = (float)(dev[i] * (1.0 + mass[i] / mean));
-            if (contains(p->layers[1].slots, want, i)) min_kept = fminf(min_kept, sc);
-            else max_dropped = fmaxf(max_dropped, sc);
-        }
-        CHECK_MSG(min_kept >= max_dropped, "kept min score %g < dropped max score %g", (double)min_kept, (double)max_dropped);
+        float sc[64];
+        for (int32_t i = 0; i < fx.n; i++) sc[i] = (float)(dev[i] * (1.0 + mass[i] / mean));
+        check_top(p, fx.n, p->layers[1].slots, want, sc, "value deviation x attention");
         kvl_fwd_free(f);
         kvl_kv_free(kv);
     }
@@ -312,13 +313,7 @@ static void test_plan(void) {
         CHECK_OK(kvl_fwd_qkv(f, 0, unc, nu, NULL, NULL));
         CHECK_OK(kvl_fwd_commit(f, unc, nu));
         CHECK_OK(kvl_fwd_attn_mass(f, q, 1, mass));
-        float min_kept = INFINITY, max_dropped = -INFINITY;
-        for (int32_t i = 0; i < fx.n; i++) {
-            if (p->kind[i] != KVL_SLOT_CACHED) continue;
-            if (contains(p->layers[0].slots, want, i)) min_kept = fminf(min_kept, mass[i]);
-            else max_dropped = fmaxf(max_dropped, mass[i]);
-        }
-        CHECK_MSG(min_kept >= max_dropped, "kept min attention %g < dropped max %g", (double)min_kept, (double)max_dropped);
+        check_top(p, fx.n, p->layers[0].slots, want, mass, "query attention");
         kvl_fwd_free(f);
         kvl_kv_free(kv);
     }
@@ -435,14 +430,9 @@ static void test_naive_rank(void) {
             if (l == 1) CHECK_OK(kvl_fwd_attn_mass(f, q, 1, mass));
             else CHECK_OK(kvl_fwd_attn_ffn(f, unc, nu));
         }
-        float min_kept = INFINITY, max_dropped = -INFINITY;
-        for (int32_t i = 0; i < fx.n; i++) {
-            if (p->kind[i] != KVL_SLOT_CACHED) continue;
-            if (contains(p->layers[0].slots, want, i)) min_kept = fminf(min_kept, mass[i]);
-            else max_dropped = fmaxf(max_dropped, mass[i]);
-        }
-        CHECK_MSG(min_kept >= max_dropped, "budget %g: kept min naive attention %g < dropped max %g", (double)budgets[k],
-                  (double)min_kept, (double)max_dropped);
+        char what[64];
+        snprintf(what, sizeof what, "budget %g: naive-pass attention", (double)budgets[k]);
+        check_top(p, fx.n, p->layers[0].slots, want, mass, what);
         kvl_fwd_free(f);
         kvl_kv_free(kv);
         kvl_blend_plan_free(p);
