@@ -22,9 +22,11 @@ KVLOOM = os.environ.get("KVLOOM", os.path.join(ROOT, "build", "bin", "kvloom"))
 MODEL = os.path.join(SHARED, "models", "facts13M", "hf")
 
 
-def make(outdir, kind, n, seed):
+def make(outdir, kind, n, seed, shared=SHARED):
+    """Writes n compositions of kind for seed under outdir; returns (chunk files, tail file, query length)
+    of each. Also used by tests/blend/facts_acceptance.py."""
     d = os.path.join(outdir, "%s-%d" % (kind, seed))
-    subprocess.run([sys.executable, os.path.join(SHARED, "tools", "facts_compositions.py"), d, str(n), "--kind", kind,
+    subprocess.run([sys.executable, os.path.join(shared, "tools", "facts_compositions.py"), d, str(n), "--kind", kind,
                     "--seed", str(seed)], check=True, capture_output=True)
     comps = []
     for k in sorted(os.listdir(d)):

@@ -21,19 +21,14 @@ Exit 0 pass, 1 fail, 77 skipped (no model, or --long without KVL_LONG=1 when run
 """
 import argparse, json, os, subprocess, sys, tempfile
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools"))
+import blend_facts  # noqa: E402  (the compositions writer, shared with the sweep tool)
+
 BUDGETS = [0.05, 0.1, 0.15, 0.2, 0.3, 0.5]
 
 
 def make(shared, outdir, kind, n, seed):
-    d = os.path.join(outdir, "%s-%d" % (kind, seed))
-    subprocess.run([sys.executable, os.path.join(shared, "tools", "facts_compositions.py"), d, str(n), "--kind", kind,
-                    "--seed", str(seed)], check=True, capture_output=True)
-    out = []
-    for k in sorted(os.listdir(d)):
-        meta = json.load(open(os.path.join(d, k, "meta.json")))
-        out.append(([os.path.join(d, k, "chunk%d.i32" % i) for i in range(meta["chunks"])], os.path.join(d, k, "tail.i32"),
-                    meta["query_len"]))
-    return out
+    return blend_facts.make(outdir, kind, n, seed, shared)
 
 
 def run(kvloom, model, comp, args, tail=None):
