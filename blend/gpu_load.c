@@ -211,6 +211,8 @@ out:
 
 /* ---------------------------------------------------------------- layer-pipelined blend */
 
+#define LP_GROWTH_LOG2 2 /* decode steps grow 1, 4, 16, ... layers (see lp_decoder) */
+
 /* Three threads meet here: the reader (a streaming batched store read: chunk prefixes land
  * interleaved, the first MiB of every chunk, then the second, ...), the decoder (decodes layer
  * group g of every chunk as soon as every chunk's bytes for it have landed) and the caller (the
@@ -243,7 +245,6 @@ typedef struct lp_state {
     uint8_t *lossless;    /* [nc] the chunk is a lossless (level 0) cache */
     lp_step *steps;       /* [L] the decoder's steps; [0, n_steps) announced */
     int32_t *ld;          /* [nc] the request's index of each chunk loaded (the others are recomputed) */
-    int32_t growth_log2;  /* steps grow by 2^growth_log2 (2: 1, 4, 16, ...) */
     /* the forward pass's side */
     int32_t next_step;    /* the next step to launch */
     double layer_wait_ms;
@@ -382,7 +383,7 @@ static void *lp_decoder(void *arg) {
     for (int32_t k = 0; k < s->nc && st == KVL_OK; k++) st = lp_prepare(s, k);
     pthread_mutex_unlock(&s->mu);
     for (int32_t l = 0, g = 0; l < s->L && st == KVL_OK; g++) {
-        int32_t sh = g * s->growth_log2, cap = sh < 16 && (1 << sh) < s->group ? 1 << sh : s->group, nl = 1;
+        int32_t sh = g * LP_GROWTH_LOG2, cap = sh < 16 && (1 << sh) < s->group ? 1 << sh : s->group, nl = 1;
         double tw = now_ms();
         pthread_mutex_lock(&s->mu);
         for (int32_t k = 0; k < s->nc && st == KVL_OK; k++)
@@ -481,7 +482,7 @@ static kvl_status lp_launch_step(lp_state *s, lp_step *sp) {
 static kvl_status lp_init(lp_state *ls, const kvl_gpu_blend_req *r, const kvl_cuda_kv_view *v, int32_t *ld, int32_t nc,
                           double t0) {
     *ls = (lp_state){.r = r, .v = v, .nc = nc, .L = v->n_layers, .group = r->layer_group > 0 ? r->layer_group : v->n_layers,
-                     .ready_layers = 0, .st = KVL_OK, .t0 = t0, .ld = ld, .growth_log2 = 2};
+                     .ready_layers = 0, .st = KVL_OK, .t0 = t0, .ld = ld};
     pthread_mutex_init(&ls->mu, NULL);
     pthread_cond_init(&ls->cv, NULL);
     ls->gc = calloc((size_t)nc, sizeof *ls->gc);
