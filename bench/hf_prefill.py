@@ -18,6 +18,9 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--decode-ctx", type=int, default=8192)
     ap.add_argument("--decode-steps", type=int, default=64)
+    ap.add_argument("--profile", type=int, default=0,
+                    help="after the timed runs, profile one prefill of this many tokens with torch.profiler "
+                         "and print the CUDA kernels by total time")
     a = ap.parse_args()
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=a.layers,
                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
@@ -52,6 +55,17 @@ def main():
         print(f"hf_prefill tokens={T} ms_mean={sum(times) / len(times):.1f} ms_best={best:.1f} "
               f"tflops={fl / best / 1e9:.1f} mfu_h100={fl / best / 1e9 / 989.0:.3f} "
               f"peak_mem_gib={torch.cuda.max_memory_allocated() / 2**30:.2f}", flush=True)
+    if a.profile > 0:
+        ids = torch.randint(0, cfg.vocab_size, (1, a.profile), device="cuda")
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                torch.cuda.synchronize()
+        print(f"hf_profile tokens={a.profile}", flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=110),
+              flush=True)
     if a.decode_ctx > 0 and a.decode_steps > 1:
         ids = torch.randint(0, cfg.vocab_size, (1, a.decode_ctx), device="cuda")
         with torch.inference_mode():
