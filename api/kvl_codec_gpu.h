@@ -27,7 +27,8 @@ extern "C" {
 typedef struct kvl_codec_gpu kvl_codec_gpu; /* opaque: device/pinned buffers, profile cache */
 
 /* Creates a decoder working on the CUDA stream cuda_stream (a cudaStream_t; NULL: one of its
- * own). Errors: KVL_ERR_NO_GPU, KVL_ERR_CUDA, KVL_ERR_NOMEM. */
+ * own, non-blocking: work the caller queued on the legacy default stream, e.g. a cudaMemset of
+ * the output, is not ordered before the decoder's writes; synchronise first). Errors: KVL_ERR_NO_GPU, KVL_ERR_CUDA, KVL_ERR_NOMEM. */
 kvl_status kvl_codec_gpu_create(void *cuda_stream, kvl_codec_gpu **out);
 void kvl_codec_gpu_free(kvl_codec_gpu *g);
 

@@ -37,7 +37,8 @@ static void compare_one(const uint8_t *enc, size_t ne, const kvl_codec_profile *
         memcpy(want + ((s * cap + slot0) * C) * es, cpu + s * T * C * es, T * C * es);
     void *d = NULL;
     CHECK(cudaMalloc(&d, n_gpu * es) == cudaSuccess);
-    cudaMemset(d, 0, n_gpu * es);
+    CHECK(cudaMemset(d, 0, n_gpu * es) == cudaSuccess);
+    CHECK(cudaDeviceSynchronize() == cudaSuccess); /* the decoder's stream does not wait for the legacy stream */
     kvl_codec_gpu_chunk c = {enc, ne, l0, nl, (uint8_t *)d + (size_t)slot0 * C * es, 2 * (int64_t)cap * (int64_t)C,
                              (int64_t)cap * (int64_t)C, (int64_t)C};
     kvl_status st = kvl_codec_gpu_decode(G, &c, 1, prof, dt);
@@ -147,7 +148,8 @@ static void test_batch(void) {
     {
         cudaStream_t other = NULL;
         cudaStreamCreate(&other);
-        cudaMemset(d, 0, 5 * n * 2);
+        CHECK(cudaMemset(d, 0, 5 * n * 2) == cudaSuccess);
+        CHECK(cudaDeviceSynchronize() == cudaSuccess);
         kvl_codec_gpu_batch *b = NULL;
         CHECK_ST(kvl_codec_gpu_stage(G, ch, 5, p, KVL_CODEC_BF16, &b), KVL_ERR_CODEC_LEVEL); /* chunk 0 is lossless */
         CHECK(b == NULL);
