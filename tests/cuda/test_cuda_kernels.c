@@ -348,8 +348,9 @@ static void test_attention(int longer) {
     /* flash kernels (wgmma and mma.sync): bf16, head_dim 64 / 128, tails not multiples of 64 */
     const int fhd[] = {64, 128};
     const int modes[] = {KVL_CU_ATT_AUTO, KVL_CU_ATT_MMA, KVL_CU_ATT_WG1, KVL_CU_ATT_WG2R, KVL_CU_ATT_WG2H,
-                         KVL_CU_ATT_WG3, KVL_CU_ATT_WG4, KVL_CU_ATT_WG4S3, KVL_CU_ATT_WG2};
-    for (int mi = 0; mi < 9; mi++)
+                         KVL_CU_ATT_WG3, KVL_CU_ATT_WG4, KVL_CU_ATT_WG4S3, KVL_CU_ATT_WG2, KVL_CU_ATT_WS,
+                         KVL_CU_ATT_WSPP};
+    for (int mi = 0; mi < 11; mi++)
         for (int i = 0; i < 2; i++)
             for (int kind = 0; kind < 3; kind++) {
                 attn_case(fhd[i], 8, 2, 200, kind == 0 ? 200 : 77, kind, 1, modes[mi]);
@@ -361,41 +362,55 @@ static void test_attention(int longer) {
 }
 
 /* KVL_ATTN_BENCH=N: times a causal prefill attention of N tokens (32 heads, 8 KV heads, hd 128,
- * bf16) with each kernel; prints TFLOP/s (causal FLOPs: 4 * heads * hd * N(N+1)/2). */
-static void attn_bench(int64_t n) {
+ * bf16) with each kernel; prints TFLOP/s (causal FLOPs: 4 * heads * hd * N(N+1)/2, or for a query
+ * subset the sum over queries of 4 * heads * hd * (keys at or before it)). KVL_ATTN_BENCH_SEL=1:
+ * the selective-recompute shape instead: 15% of N tokens spread evenly plus the last 64 as queries,
+ * over all N + 64 keys. */
+static void attn_bench(int64_t n, int sel) {
     int nh = 32, nkv = 8, hd = 128;
-    int64_t qd = (int64_t)nh * hd, kd = (int64_t)nkv * hd;
-    size_t nq = (size_t)n * qd, nk = (size_t)n * kd;
-    float *x = rand_f(nq > nk ? nq : nk);
-    uint16_t *b = to_bf(x, nq > nk ? nq : nk);
-    int32_t *pos = malloc((size_t)n * 4);
-    for (int64_t i = 0; i < n; i++) pos[i] = (int32_t)i;
+    int64_t qd = (int64_t)nh * hd, kd = (int64_t)nkv * hd, nk_t = sel ? n + 64 : n;
+    int32_t *pos = malloc((size_t)nk_t * 4), *qp = malloc((size_t)nk_t * 4);
+    for (int64_t i = 0; i < nk_t; i++) pos[i] = (int32_t)i;
+    int64_t nq_t = 0;
+    double fl = 0;
+    for (int64_t i = 0; i < nk_t; i++) {
+        int take = !sel || i >= n || (i * 3) / 20 != ((i + 1) * 3) / 20; /* selective: 15% spread evenly */
+        if (take) {
+            qp[nq_t++] = (int32_t)i;
+            fl += 4.0 * nh * hd * (double)(i + 1);
+        }
+    }
+    size_t nq = (size_t)nq_t * qd, nk = (size_t)nk_t * kd, nx = nq > nk ? nq : nk;
+    float *x = rand_f(nx);
+    uint16_t *b = to_bf(x, nx);
     void *dq = dup_dev(b, nq * 2), *dk = dup_dev(b, nk * 2), *dv = dup_dev(b, nk * 2), *dout = poisoned(nq * 2);
-    int32_t *dp = dup_dev(pos, (size_t)n * 4);
-    void *ws = poisoned(kvl_cu_attention_ws(n, n, nh, nkv, hd));
-    const int modes[] = {KVL_CU_ATT_AUTO, KVL_CU_ATT_WG2, KVL_CU_ATT_WG2R, KVL_CU_ATT_WG1, KVL_CU_ATT_MMA,
-                         KVL_CU_ATT_WG3, KVL_CU_ATT_WG4S3};
-    const char *names[] = {"default (wgmma x4 here)", "wgmma x2, 2 blocks/SM", "wgmma x2, 1 block/SM", "wgmma x1",
-                           "mma.sync", "wgmma x3", "wgmma x4, 3 stages"};
+    int32_t *dp = dup_dev(pos, (size_t)nk_t * 4), *dqp = dup_dev(qp, (size_t)nq_t * 4);
+    void *ws = poisoned(kvl_cu_attention_ws(nq_t, nk_t, nh, nkv, hd));
+    const int modes[] = {KVL_CU_ATT_AUTO, KVL_CU_ATT_WG4, KVL_CU_ATT_WG2, KVL_CU_ATT_WG2R, KVL_CU_ATT_WG1,
+                         KVL_CU_ATT_MMA, KVL_CU_ATT_WG3, KVL_CU_ATT_WG4S3, KVL_CU_ATT_WS, KVL_CU_ATT_WSPP};
+    const char *names[] = {"default", "wgmma x4", "wgmma x2, 2 blocks/SM", "wgmma x2, 1 block/SM", "wgmma x1",
+                           "mma.sync", "wgmma x3", "wgmma x4, 3 stages", "warp-specialised (ws)",
+                           "warp-specialised, ping-pong (wspp)"};
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
-    double fl = 4.0 * nh * hd * (double)n * (double)(n + 1) / 2;
-    for (int mi = 0; mi < 7; mi++) {
+    for (int mi = 0; mi < 10; mi++) {
         float best = 1e30f;
         for (int r = 0; r < 4; r++) {
             CK(cudaEventRecord(e0, 0));
-            CK(kvl_cu_attention(dout, qd, dq, qd, KVL_CU_BF16, dp, n, dk, dv, KVL_CU_BF16, dp, n, nh, nkv, hd, ws, modes[mi], 0));
+            CK(kvl_cu_attention(dout, qd, dq, qd, KVL_CU_BF16, dqp, nq_t, dk, dv, KVL_CU_BF16, dp, nk_t, nh, nkv, hd, ws,
+                                modes[mi], 0));
             CK(cudaEventRecord(e1, 0));
             CK(cudaEventSynchronize(e1));
             float ms;
             CK(cudaEventElapsedTime(&ms, e0, e1));
             if (r > 0 && ms < best) best = ms;
         }
-        printf("attention bench n=%lld %s: %.2f ms, %.1f TFLOP/s\n", (long long)n, names[mi], best, fl / best / 1e9);
+        printf("attention bench n=%lld%s q=%lld %s: %.3f ms, %.1f TFLOP/s\n", (long long)n, sel ? " selective" : "",
+               (long long)nq_t, names[mi], best, fl / best / 1e9);
     }
-    free(x); free(b); free(pos);
-    cudaFree(dq); cudaFree(dk); cudaFree(dv); cudaFree(dout); cudaFree(dp); cudaFree(ws);
+    free(x); free(b); free(pos); free(qp);
+    cudaFree(dq); cudaFree(dk); cudaFree(dv); cudaFree(dout); cudaFree(dp); cudaFree(dqp); cudaFree(ws);
 }
 
 int main(void) {
@@ -403,7 +418,8 @@ int main(void) {
     if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) KVL_SKIP("no GPU");
     const char *lg = getenv("KVL_LONG"), *ab = getenv("KVL_ATTN_BENCH");
     if (ab && atol(ab) > 0) {
-        attn_bench(atol(ab));
+        const char *sb = getenv("KVL_ATTN_BENCH_SEL");
+        attn_bench(atol(ab), sb && *sb == '1');
         return 0;
     }
     test_synth_convert();
