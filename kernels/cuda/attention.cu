@@ -18,6 +18,7 @@
 #include <limits.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "kvl_cuda.h"
 
@@ -784,7 +785,7 @@ constexpr int ws_smem() {
  * work does. PP = 1: the consumers take turns issuing their tensor-core work (named barriers), which
  * forces that overlap. The producer gives its registers to the consumers (setmaxnreg). tb: per-64-key
  * position bounds (tile_bounds_k). Masking by position as flash_wg_k. */
-template <int HD, int NC, int PP>
+template <int HD, int NC, int PP, int DBG>
 __global__ void __launch_bounds__(128 * (NC + 1), 1) flash_ws_k(__nv_bfloat16 *out, int64_t ldo, const __nv_bfloat16 *q,
                                                           int64_t ldq, const int32_t *qpos, int64_t n_q,
                                                           const __nv_bfloat16 *k, const __nv_bfloat16 *vt, int64_t n_pad,
@@ -816,7 +817,9 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) flash_ws_k(__nv_bfloat16 *o
     }
     {
         int pmin = INT_MAX, pmax = INT_MIN;
-        if (wg > 0 && q0 + tid - 128 < n_q) pmin = pmax = qpos[q0 + tid - 128];
+        /* consumer warpgroup c covers rows 64c..64c+63, two threads a row */
+        const int64_t qr = q0 + 64 * (wg - 1) + (tid % 128) / 2;
+        if (wg > 0 && qr < n_q) pmin = pmax = qpos[qr];
         for (int off = 16; off > 0; off >>= 1) {
             pmin = min(pmin, __shfl_xor_sync(0xffffffffu, pmin, off));
             pmax = max(pmax, __shfl_xor_sync(0xffffffffu, pmax, off));
@@ -838,7 +841,8 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) flash_ws_k(__nv_bfloat16 *o
     };
 
     if (wg == 0) { /* ------------------------------------------------ producer */
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        if constexpr (DBG == 0 || DBG == 3) asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+        if constexpr (DBG == 2) asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
         auto load_k = [&](int idx, int64_t t) {
             const int st = idx & 1;
             if (idx >= 2) mbar_wait(&emptyK[st], ((idx >> 1) - 1) & 1);
@@ -850,7 +854,14 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) flash_ws_k(__nv_bfloat16 *o
                 bool ok = j0 + r < n_kv;
                 cp_async16(d + sw_off(r, col, SBN), k + (ok ? (j0 + r) * kvld + (int64_t)kh * HD + col : 0), ok);
             }
-            mbar_arrive_cp_async(&fullK[st]);
+            if constexpr (DBG == 3) {
+                cp_commit();
+                cp_wait<0>();
+                asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+                mbar_arrive(&fullK[st]);
+            } else {
+                mbar_arrive_cp_async(&fullK[st]);
+            }
         };
         auto load_v = [&](int idx, int64_t t) {
             const int st = idx & 1;
@@ -862,7 +873,14 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) flash_ws_k(__nv_bfloat16 *o
                 int dd = c / (SBN / 8), kc = (c % (SBN / 8)) * 8;
                 cp_async16(d + sw_off(dd, kc, HD), vt + ((int64_t)kh * HD + dd) * n_pad + j0 + kc, true);
             }
-            mbar_arrive_cp_async(&fullV[st]);
+            if constexpr (DBG == 3) {
+                cp_commit();
+                cp_wait<0>();
+                asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+                mbar_arrive(&fullV[st]);
+            } else {
+                mbar_arrive_cp_async(&fullV[st]);
+            }
         };
         /* order of the consumers' releases: K(i) and V(i-1) free at once, so V(i+1) and K(i+2)
          * follow K0, V0, K1 */
@@ -879,7 +897,8 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) flash_ws_k(__nv_bfloat16 *o
         return;
     }
     /* ------------------------------------------------------------------- consumers */
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+    if constexpr (DBG == 0 || DBG == 3) asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
+    if constexpr (DBG == 2) asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
     const int cw = wg - 1, ct = tid - 128 * wg, cwarp = ct / 32;
     unsigned char *myQ = sQ + cw * 64 * HD * 2;
     for (int c = ct; c < 64 * HD / 8; c += 128) {
@@ -1033,7 +1052,7 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) flash_ws_k(__nv_bfloat16 *o
 #endif
 }
 
-template <int HD, int PP>
+template <int HD, int PP, int DBG>
 cudaError_t launch_flash_ws(void *out, int64_t ldo, const void *q, int64_t ldq, const int32_t *qpos, int64_t n_q,
                             const void *k, const void *v, const int32_t *kpos, int64_t n_kv, int nh, int nkv, void *ws,
                             cudaStream_t s) {
@@ -1048,13 +1067,13 @@ cudaError_t launch_flash_ws(void *out, int64_t ldo, const void *q, int64_t ldq, 
     constexpr int smem = ws_smem<HD, NC>();
     static bool attr_set = false;
     if (!attr_set) {
-        cudaError_t e = cudaFuncSetAttribute(flash_ws_k<HD, NC, PP>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        cudaError_t e = cudaFuncSetAttribute(flash_ws_k<HD, NC, PP, DBG>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         if (e != cudaSuccess) return e;
         attr_set = true;
     }
     dim3 grid((unsigned)((n_q + 64 * NC - 1) / (64 * NC)), (unsigned)nh);
     float sl2 = (1.0f / sqrtf((float)HD)) * 1.4426950408889634f;
-    flash_ws_k<HD, NC, PP><<<grid, 128 * (NC + 1), smem, s>>>((__nv_bfloat16 *)out, ldo, (const __nv_bfloat16 *)q, ldq,
+    flash_ws_k<HD, NC, PP, DBG><<<grid, 128 * (NC + 1), smem, s>>>((__nv_bfloat16 *)out, ldo, (const __nv_bfloat16 *)q, ldq,
                                                               qpos, n_q, (const __nv_bfloat16 *)k, vt, n_pad, kpos, n_kv,
                                                               tb, nh, nkv, sl2);
     return cudaGetLastError();
@@ -1105,8 +1124,17 @@ cudaError_t kvl_cu_attention(void *out, int64_t ldo, const void *q, int64_t ldq,
         if (mode == KVL_CU_ATT_WG4) KVL_WG(4, 1, 1, 2);
         if (mode == KVL_CU_ATT_WG4S3) KVL_WG(4, 1, 1, 3);
         if (mode == KVL_CU_ATT_WG2) KVL_WG(2, 2, 1, 2);
-        if (mode == KVL_CU_ATT_WS && hd == 128) return launch_flash_ws<128, 0>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
-        if (mode == KVL_CU_ATT_WSPP && hd == 128) return launch_flash_ws<128, 1>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
+        if ((mode == KVL_CU_ATT_WS || mode == KVL_CU_ATT_WSPP) && hd == 128) {
+            const char *dv = getenv("KVL_WS_DBG");
+            int dbg = dv ? atoi(dv) : 0, pp = mode == KVL_CU_ATT_WSPP;
+#define KVL_WS(PP, D) return launch_flash_ws<128, PP, D>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s)
+            if (dbg == 1) { if (pp) KVL_WS(1, 1); KVL_WS(0, 1); }
+            if (dbg == 2) { if (pp) KVL_WS(1, 2); KVL_WS(0, 2); }
+            if (dbg == 3) { if (pp) KVL_WS(1, 3); KVL_WS(0, 3); }
+            if (pp) KVL_WS(1, 0);
+            KVL_WS(0, 0);
+#undef KVL_WS
+        }
         /* default: 256 queries a block where that still gives two waves of blocks (long prefills),
          * else 128 queries a block, two blocks an SM (short query sets: selective recompute) */
         if ((n_q + 255) / 256 * nh >= 2 * 132) KVL_WG(4, 1, 1, 2);
