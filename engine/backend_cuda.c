@@ -450,7 +450,8 @@ static kvl_status model_init_impl(kvl_model *m) {
         else if (!strcmp(am, "wg2")) c->att_mode = KVL_CU_ATT_WG2;
         else if (!strcmp(am, "ws")) c->att_mode = KVL_CU_ATT_WS;
         else if (!strcmp(am, "wspp")) c->att_mode = KVL_CU_ATT_WSPP;
-        else return kvl_errorf(KVL_ERR_INVALID_ARG, "KVL_CUDA_ATTN=%s: use auto, generic, mma, wg1, wg2, wg2r, wg2h, wg3, wg4, wg4s3, ws or wspp", am);
+        else if (!strcmp(am, "ws3")) c->att_mode = KVL_CU_ATT_WS3;
+        else return kvl_errorf(KVL_ERR_INVALID_ARG, "KVL_CUDA_ATTN=%s: use auto, generic, mma, wg1, wg2, wg2r, wg2h, wg3, wg4, wg4s3, ws, wspp or ws3", am);
     }
     CU(cudaSetDevice(c->dev));
     CU(cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking));

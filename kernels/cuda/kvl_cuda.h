@@ -103,10 +103,12 @@ cudaError_t kvl_cu_argmax(int32_t *out, const float *logits, int64_t n, int64_t 
  * KV group (GQA groups of even size); KVL_CU_ATT_WG3 / WG4 three / four warpgroups always;
  * KVL_CU_ATT_WG4S3 four with a three-stage K/V pipeline; KVL_CU_ATT_WS (hd 128) one producer
  * warpgroup feeding two consumer warpgroups through mbarriers, 128-key tiles; KVL_CU_ATT_WSPP the
- * same with the consumers taking turns on the tensor cores. */
+ * same with the consumers taking turns on the tensor cores; KVL_CU_ATT_WS3 three consumer
+ * warpgroups on 64-key tiles. */
 enum { KVL_CU_ATT_AUTO = 0, KVL_CU_ATT_GENERIC = 1, KVL_CU_ATT_MMA = 2, KVL_CU_ATT_WG1 = 3, KVL_CU_ATT_WG2R = 4,
        KVL_CU_ATT_WG2H = 5, KVL_CU_ATT_WG3 = 6, KVL_CU_ATT_WG4 = 7,
-       KVL_CU_ATT_WG4S3 = 8, KVL_CU_ATT_WG2 = 9, KVL_CU_ATT_WS = 10, KVL_CU_ATT_WSPP = 11 };
+       KVL_CU_ATT_WG4S3 = 8, KVL_CU_ATT_WG2 = 9, KVL_CU_ATT_WS = 10, KVL_CU_ATT_WSPP = 11,
+       KVL_CU_ATT_WS3 = 12 };
 size_t kvl_cu_attention_ws(int64_t n_q, int64_t n_kv, int n_heads, int n_kv_heads, int hd);
 cudaError_t kvl_cu_attention(void *out, int64_t ldo, const void *q, int64_t ldq, kvl_cu_dtype qo_t,
                              const int32_t *qpos, int64_t n_q, const void *k, const void *v, kvl_cu_dtype kv_t,

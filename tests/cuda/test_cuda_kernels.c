@@ -349,8 +349,8 @@ static void test_attention(int longer) {
     const int fhd[] = {64, 128};
     const int modes[] = {KVL_CU_ATT_AUTO, KVL_CU_ATT_MMA, KVL_CU_ATT_WG1, KVL_CU_ATT_WG2R, KVL_CU_ATT_WG2H,
                          KVL_CU_ATT_WG3, KVL_CU_ATT_WG4, KVL_CU_ATT_WG4S3, KVL_CU_ATT_WG2, KVL_CU_ATT_WS,
-                         KVL_CU_ATT_WSPP};
-    for (int mi = 0; mi < 11; mi++)
+                         KVL_CU_ATT_WSPP, KVL_CU_ATT_WS3};
+    for (int mi = 0; mi < 12; mi++)
         for (int i = 0; i < 2; i++)
             for (int kind = 0; kind < 3; kind++) {
                 attn_case(fhd[i], 8, 2, 200, kind == 0 ? 200 : 77, kind, 1, modes[mi]);
@@ -387,14 +387,15 @@ static void attn_bench(int64_t n, int sel) {
     int32_t *dp = dup_dev(pos, (size_t)nk_t * 4), *dqp = dup_dev(qp, (size_t)nq_t * 4);
     void *ws = poisoned(kvl_cu_attention_ws(nq_t, nk_t, nh, nkv, hd));
     const int modes[] = {KVL_CU_ATT_AUTO, KVL_CU_ATT_WG4, KVL_CU_ATT_WG2, KVL_CU_ATT_WG2R, KVL_CU_ATT_WG1,
-                         KVL_CU_ATT_MMA, KVL_CU_ATT_WG3, KVL_CU_ATT_WG4S3, KVL_CU_ATT_WS, KVL_CU_ATT_WSPP};
+                         KVL_CU_ATT_MMA, KVL_CU_ATT_WG3, KVL_CU_ATT_WG4S3, KVL_CU_ATT_WS, KVL_CU_ATT_WSPP,
+                         KVL_CU_ATT_WS3};
     const char *names[] = {"default", "wgmma x4", "wgmma x2, 2 blocks/SM", "wgmma x2, 1 block/SM", "wgmma x1",
                            "mma.sync", "wgmma x3", "wgmma x4, 3 stages", "warp-specialised (ws)",
-                           "warp-specialised, ping-pong (wspp)"};
+                           "warp-specialised, ping-pong (wspp)", "warp-specialised, 3 consumers, 64-key tiles (ws3)"};
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
-    for (int mi = 0; mi < 10; mi++) {
+    for (int mi = 0; mi < 11; mi++) {
         float best = 1e30f;
         for (int r = 0; r < 4; r++) {
             CK(cudaEventRecord(e0, 0));
