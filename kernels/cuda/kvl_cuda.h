@@ -40,11 +40,12 @@ cudaError_t kvl_cu_copy_rows(void *dst, kvl_cu_dtype dst_t, int64_t ld_dst, cons
                              int64_t n_rows, int64_t cols, cudaStream_t stream);
 
 /* Optional residual add, then RMSNorm (reference kvl_cpu_add + kvl_cpu_rmsnorm):
- *   r = rows ? rows[i] : i;  if (add) x[r] += add[i] (float32, row stride dim);
+ *   r = rows ? rows[i] : i;  if (add) x[r] += add[i] (type add_t, row stride dim);
  *   y[i] = x[r] / sqrt(mean(x[r]^2) + eps) * g   (sum of squares in float64), y stored as y_t.
  * y may be NULL (add only); g is float32 [dim]. */
-cudaError_t kvl_cu_add_rmsnorm(void *y, kvl_cu_dtype y_t, float *x, const int32_t *rows, const float *add,
-                               const float *g, int64_t n, int64_t dim, float eps, cudaStream_t stream);
+cudaError_t kvl_cu_add_rmsnorm(void *y, kvl_cu_dtype y_t, float *x, const int32_t *rows, const void *add,
+                               kvl_cu_dtype add_t, const float *g, int64_t n, int64_t dim, float eps,
+                               cudaStream_t stream);
 
 /* Splits a fused projection row [q | k | v] (n rows, stride ld_qkv, type qkv_t) into q (type q_t,
  * [n][n_heads*hd]), k and v (type kv_t, [n][n_kv_heads*hd]), applying RoPE at pos[i] to q and k

@@ -152,7 +152,7 @@ static void test_rmsnorm(void) {
     float *dx = dup_dev(x, (size_t)rows * dim * 4), *da = dup_dev(add, (size_t)n * dim * 4), *dg = dup_dev(g, (size_t)dim * 4);
     int32_t *dr = dup_dev(r, sizeof r);
     float *dy = poisoned((size_t)n * dim * 4);
-    CK(kvl_cu_add_rmsnorm(dy, KVL_CU_F32, dx, dr, da, dg, n, dim, 1e-5f, 0));
+    CK(kvl_cu_add_rmsnorm(dy, KVL_CU_F32, dx, dr, da, KVL_CU_F32, dg, n, dim, 1e-5f, 0));
     float *y = malloc((size_t)n * dim * 4), *xg = malloc((size_t)rows * dim * 4), *ref = malloc((size_t)n * dim * 4);
     fetch(y, dy, (size_t)n * dim * 4);
     fetch(xg, dx, (size_t)rows * dim * 4);
@@ -166,12 +166,24 @@ static void test_rmsnorm(void) {
     /* bf16 output, no add, identity rows */
     uint16_t *yb = malloc((size_t)n * dim * 2);
     void *dyb = poisoned((size_t)n * dim * 2);
-    CK(kvl_cu_add_rmsnorm(dyb, KVL_CU_BF16, dx, NULL, NULL, dg, n, dim, 1e-5f, 0));
+    CK(kvl_cu_add_rmsnorm(dyb, KVL_CU_BF16, dx, NULL, NULL, KVL_CU_F32, dg, n, dim, 1e-5f, 0));
     fetch(yb, dyb, (size_t)n * dim * 2);
     kvl_cpu_rmsnorm(ref, x, g, n, dim, 1e-5f);
     float *yf = bf_to_f(yb, (size_t)n * dim);
     e = kvl_rel_err(yf, ref, (size_t)n * dim);
     CHECK_MSG(e <= 4e-3 && all_finite(yf, (size_t)n * dim), "rmsnorm bf16 rel err %.3e", e);
+    /* a bf16 addend (the engine's residual branch with KVL_CUDA_BRANCH=bf16): x += bf16(add) exactly */
+    {
+        uint16_t *ab = to_bf(add, (size_t)n * dim);
+        float *af = bf_to_f(ab, (size_t)n * dim), *x2 = malloc((size_t)rows * dim * 4);
+        memcpy(x2, x, (size_t)rows * dim * 4);
+        void *dab = dup_dev(ab, (size_t)n * dim * 2);
+        CK(kvl_cu_add_rmsnorm(NULL, KVL_CU_F32, dx, dr, dab, KVL_CU_BF16, NULL, n, dim, 1e-5f, 0));
+        fetch(xg, dx, (size_t)rows * dim * 4);
+        for (int i = 0; i < n; i++) kvl_cpu_add(x2 + (size_t)r[i] * dim, af + (size_t)i * dim, dim);
+        CHECK_MSG(memcmp(xg, x2, (size_t)rows * dim * 4) == 0, "add_rmsnorm with a bf16 addend");
+        free(ab); free(af); free(x2); cudaFree(dab);
+    }
     printf("add_rmsnorm ok\n");
     free(x); free(add); free(g); free(y); free(xg); free(ref); free(yb); free(yf);
     cudaFree(dx); cudaFree(da); cudaFree(dg); cudaFree(dr); cudaFree(dy); cudaFree(dyb);
