@@ -656,12 +656,16 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
         }
         l0 = l0 * a0 + ps0;
         l1 = l1 * a1 + ps1;
+        /* a row whose running max did not move has a factor of exactly 1: skip the rescale when
+         * that holds for the whole warp (most tiles of a long row) */
+        if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
 #pragma unroll
-        for (int d = 0; d < HD / 8; d++) {
-            o[4 * d + 0] *= a0;
-            o[4 * d + 1] *= a0;
-            o[4 * d + 2] *= a1;
-            o[4 * d + 3] *= a1;
+            for (int d = 0; d < HD / 8; d++) {
+                o[4 * d + 0] *= a0;
+                o[4 * d + 1] *= a0;
+                o[4 * d + 2] *= a1;
+                o[4 * d + 3] *= a1;
+            }
         }
 #pragma unroll
         for (int kk = 0; kk < WBN / 16; kk++) {
@@ -989,12 +993,16 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) flash_ws_k(__nv_bfloat16 *o
         }
         l0 = l0 * a0 + ps0;
         l1 = l1 * a1 + ps1;
+        /* a row whose running max did not move has a factor of exactly 1: skip the rescale when
+         * that holds for the whole warp (most tiles of a long row) */
+        if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
 #pragma unroll
-        for (int d = 0; d < HD / 8; d++) {
-            o[4 * d + 0] *= a0;
-            o[4 * d + 1] *= a0;
-            o[4 * d + 2] *= a1;
-            o[4 * d + 3] *= a1;
+            for (int d = 0; d < HD / 8; d++) {
+                o[4 * d + 0] *= a0;
+                o[4 * d + 1] *= a0;
+                o[4 * d + 2] *= a1;
+                o[4 * d + 3] *= a1;
+            }
         }
 #pragma unroll
         for (int kk = 0; kk < BN / 16; kk++) {

@@ -87,6 +87,61 @@ __global__ void add_rmsnorm_k(void *y, kvl_cu_dtype yt, float *x, const int32_t 
     }
 }
 
+/* the same with 4 consecutive floats a thread kept in registers between the two passes: dim a
+ * multiple of 4, at most 4 * VPT * blockDim; 16-byte loads of x (and of an f32 addend), 8-byte
+ * loads of a bf16 addend, 8- or 16-byte stores of y */
+template <int VPT>
+__global__ void add_rmsnorm_v4_k(void *y, kvl_cu_dtype yt, float *x, const int32_t *rows, const void *add,
+                                 kvl_cu_dtype at, const float *g, int64_t n, int64_t dim, float eps) {
+    __shared__ double sh[32];
+    const int64_t d4 = dim / 4;
+    for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+        float4 *xr = (float4 *)(x + (rows ? rows[i] : i) * dim);
+        float4 v[VPT];
+        double ss = 0;
+#pragma unroll
+        for (int k = 0; k < VPT; k++) {
+            const int64_t c = threadIdx.x + (int64_t)k * blockDim.x;
+            if (c >= d4) break;
+            float4 a = xr[c];
+            if (add) {
+                if (at == KVL_CU_BF16) {
+                    uint2 b = ((const uint2 *)add)[i * d4 + c];
+                    float2 lo = __bfloat1622float2(*(const __nv_bfloat162 *)&b.x),
+                           hi = __bfloat1622float2(*(const __nv_bfloat162 *)&b.y);
+                    a.x += lo.x; a.y += lo.y; a.z += hi.x; a.w += hi.y;
+                } else {
+                    float4 b = ((const float4 *)add)[i * d4 + c];
+                    a.x += b.x; a.y += b.y; a.z += b.z; a.w += b.w;
+                }
+                xr[c] = a;
+            }
+            v[k] = a;
+            ss += (double)a.x * a.x + (double)a.y * a.y + (double)a.z * a.z + (double)a.w * a.w;
+        }
+        if (!y) continue;
+        ss = block_sum(ss, sh);
+        const float inv = (float)(1.0 / sqrt(ss / (double)dim + (double)eps));
+        const float4 *g4 = (const float4 *)g;
+#pragma unroll
+        for (int k = 0; k < VPT; k++) {
+            const int64_t c = threadIdx.x + (int64_t)k * blockDim.x;
+            if (c >= d4) break;
+            const float4 w = g4[c];
+            const float o0 = v[k].x * inv * w.x, o1 = v[k].y * inv * w.y, o2 = v[k].z * inv * w.z, o3 = v[k].w * inv * w.w;
+            if (yt == KVL_CU_BF16) {
+                __nv_bfloat162 p0 = __floats2bfloat162_rn(o0, o1), p1 = __floats2bfloat162_rn(o2, o3);
+                uint2 u;
+                u.x = *(uint32_t *)&p0;
+                u.y = *(uint32_t *)&p1;
+                ((uint2 *)y)[i * d4 + c] = u;
+            } else {
+                ((float4 *)y)[i * d4 + c] = make_float4(o0, o1, o2, o3);
+            }
+        }
+    }
+}
+
 /* cos/sin of angle p * theta^(-2j/hd) for j < hd/2, in float64 like kvl_cpu_rope_table */
 __device__ void rope_table(float *cs, float *sn, int64_t p, int hd, double theta) {
     for (int j = threadIdx.x; j < hd / 2; j += blockDim.x) {
@@ -102,32 +157,48 @@ __device__ __forceinline__ void rot_pair(int j, int half, int style, int *a, int
     *b = style == 0 ? j + half : 2 * j + 1;
 }
 
+constexpr int ROPE_ROWS = 4; /* rows a block iteration of rope_split_k */
+
+/* The inverse frequencies once per block, then the cos/sin of ROPE_ROWS rows at a time by every
+ * thread (float64, as rope_table: the same values), then those rows rotated and split. */
 __global__ void rope_split_k(void *q, kvl_cu_dtype qt, void *k, void *v, kvl_cu_dtype kvt, const void *qkv,
                              kvl_cu_dtype qkvt, int64_t ldqkv, const int32_t *pos, int64_t n, int nh, int nkv, int hd,
                              int style, double theta) {
-    __shared__ float cs[512], sn[512];
+    __shared__ double inv[512];
+    __shared__ float cs[ROPE_ROWS][512], sn[ROPE_ROWS][512];
     const int half = hd / 2;
     const int64_t qd = (int64_t)nh * hd, kd = (int64_t)nkv * hd;
-    for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+    for (int j = threadIdx.x; j < half; j += blockDim.x) inv[j] = pow(theta, -(double)(2 * j) / (double)hd);
+    for (int64_t i0 = (int64_t)blockIdx.x * ROPE_ROWS; i0 < n; i0 += (int64_t)gridDim.x * ROPE_ROWS) {
         __syncthreads();
-        rope_table(cs, sn, pos[i], hd, theta);
-        __syncthreads();
-        const int64_t r = i * ldqkv;
-        for (int64_t e = threadIdx.x; e < (int64_t)(nh + nkv) * half; e += blockDim.x) {
-            int h = (int)(e / half), j = (int)(e % half), a, b;
-            rot_pair(j, half, style, &a, &b);
-            if (h < nh) {
-                float x0 = ld(qkv, qkvt, r + (int64_t)h * hd + a), x1 = ld(qkv, qkvt, r + (int64_t)h * hd + b);
-                st(q, qt, i * qd + (int64_t)h * hd + a, x0 * cs[j] - x1 * sn[j]);
-                st(q, qt, i * qd + (int64_t)h * hd + b, x1 * cs[j] + x0 * sn[j]);
-            } else {
-                int64_t o = (int64_t)(h - nh) * hd;
-                float x0 = ld(qkv, qkvt, r + qd + o + a), x1 = ld(qkv, qkvt, r + qd + o + b);
-                st(k, kvt, i * kd + o + a, x0 * cs[j] - x1 * sn[j]);
-                st(k, kvt, i * kd + o + b, x1 * cs[j] + x0 * sn[j]);
+        for (int e = threadIdx.x; e < ROPE_ROWS * half; e += blockDim.x) {
+            const int rr = e / half, j = e % half;
+            if (i0 + rr < n) {
+                const double a = (double)pos[i0 + rr] * inv[j];
+                cs[rr][j] = (float)cos(a);
+                sn[rr][j] = (float)sin(a);
             }
         }
-        for (int64_t c = threadIdx.x; c < kd; c += blockDim.x) st(v, kvt, i * kd + c, ld(qkv, qkvt, r + qd + kd + c));
+        __syncthreads();
+        for (int rr = 0; rr < ROPE_ROWS && i0 + rr < n; rr++) {
+            const int64_t i = i0 + rr, r = i * ldqkv;
+            const float *c_ = cs[rr], *s_ = sn[rr];
+            for (int64_t e = threadIdx.x; e < (int64_t)(nh + nkv) * half; e += blockDim.x) {
+                int h = (int)(e / half), j = (int)(e % half), a, b;
+                rot_pair(j, half, style, &a, &b);
+                if (h < nh) {
+                    float x0 = ld(qkv, qkvt, r + (int64_t)h * hd + a), x1 = ld(qkv, qkvt, r + (int64_t)h * hd + b);
+                    st(q, qt, i * qd + (int64_t)h * hd + a, x0 * c_[j] - x1 * s_[j]);
+                    st(q, qt, i * qd + (int64_t)h * hd + b, x1 * c_[j] + x0 * s_[j]);
+                } else {
+                    int64_t o = (int64_t)(h - nh) * hd;
+                    float x0 = ld(qkv, qkvt, r + qd + o + a), x1 = ld(qkv, qkvt, r + qd + o + b);
+                    st(k, kvt, i * kd + o + a, x0 * c_[j] - x1 * s_[j]);
+                    st(k, kvt, i * kd + o + b, x1 * c_[j] + x0 * s_[j]);
+                }
+            }
+            for (int64_t c = threadIdx.x; c < kd; c += blockDim.x) st(v, kvt, i * kd + c, ld(qkv, qkvt, r + qd + kd + c));
+        }
     }
 }
 
@@ -160,6 +231,23 @@ __global__ void swiglu_k(void *h, const void *gu, kvl_cu_dtype t, int64_t n, int
         int64_t i = e / F, j = e % F;
         float g = ld(gu, t, i * 2 * F + j), u = ld(gu, t, i * 2 * F + F + j);
         st(h, t, e, g / (1.0f + expf(-g)) * u);
+    }
+}
+
+/* bf16, F a multiple of 8: 16-byte loads and stores, one row/column split per 8 elements */
+__global__ void swiglu_bf16x8_k(__nv_bfloat16 *h, const __nv_bfloat16 *gu, int64_t n, int64_t F) {
+    const int64_t F8 = F / 8;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n * F8; e += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t i = e / F8, j = (e - i * F8) * 8;
+        uint4 gv = *(const uint4 *)(gu + i * 2 * F + j), uv = *(const uint4 *)(gu + i * 2 * F + F + j), hv;
+        const __nv_bfloat162 *g2 = (const __nv_bfloat162 *)&gv, *u2 = (const __nv_bfloat162 *)&uv;
+        __nv_bfloat162 *h2 = (__nv_bfloat162 *)&hv;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            float2 g = __bfloat1622float2(g2[k]), u = __bfloat1622float2(u2[k]);
+            h2[k] = __floats2bfloat162_rn(g.x / (1.0f + expf(-g.x)) * u.x, g.y / (1.0f + expf(-g.y)) * u.y);
+        }
+        *(uint4 *)(h + i * F + j) = hv;
     }
 }
 
@@ -242,7 +330,17 @@ cudaError_t kvl_cu_copy_rows(void *dst, kvl_cu_dtype dt, int64_t ldd, const int3
 cudaError_t kvl_cu_add_rmsnorm(void *y, kvl_cu_dtype yt, float *x, const int32_t *rows, const void *add,
                                kvl_cu_dtype at, const float *g, int64_t n, int64_t dim, float eps, cudaStream_t s) {
     if (n <= 0) return cudaSuccess;
-    add_rmsnorm_k<<<grid_rows(n), dim >= 2048 ? 512 : 128, 0, s>>>(y, yt, x, rows, add, at, g, n, dim, eps);
+    const int threads = dim >= 2048 ? 512 : 128;
+    if (dim % 4 == 0 && dim <= 16 * threads && ((uintptr_t)x & 15) == 0 && (!g || ((uintptr_t)g & 15) == 0) &&
+        (!y || ((uintptr_t)y & 15) == 0) && (!add || ((uintptr_t)add & 15) == 0)) {
+        const unsigned blocks = (unsigned)(n < 132 * 16 ? n : 132 * 16);
+        if (dim <= 8 * threads)
+            add_rmsnorm_v4_k<2><<<blocks, threads, 0, s>>>(y, yt, x, rows, add, at, g, n, dim, eps);
+        else
+            add_rmsnorm_v4_k<4><<<blocks, threads, 0, s>>>(y, yt, x, rows, add, at, g, n, dim, eps);
+        return cudaGetLastError();
+    }
+    add_rmsnorm_k<<<grid_rows(n), threads, 0, s>>>(y, yt, x, rows, add, at, g, n, dim, eps);
     return cudaGetLastError();
 }
 
@@ -251,7 +349,9 @@ cudaError_t kvl_cu_rope_split(void *q, kvl_cu_dtype qt, void *k, void *v, kvl_cu
                               int style, double theta, cudaStream_t s) {
     if (n <= 0) return cudaSuccess;
     if (hd > 1024 || hd % 2) return cudaErrorInvalidValue;
-    rope_split_k<<<grid_rows(n), 256, 0, s>>>(q, qt, k, v, kvt, qkv, qkvt, ld, pos, n, nh, nkv, hd, style, theta);
+    const int64_t groups = (n + ROPE_ROWS - 1) / ROPE_ROWS;
+    rope_split_k<<<(unsigned)(groups < 132 * 8 ? groups : 132 * 8), 256, 0, s>>>(q, qt, k, v, kvt, qkv, qkvt, ld, pos, n,
+                                                                               nh, nkv, hd, style, theta);
     return cudaGetLastError();
 }
 
@@ -281,6 +381,12 @@ cudaError_t kvl_cu_rerotate_multi(void *k, kvl_cu_dtype t, int64_t nb, int64_t b
 
 cudaError_t kvl_cu_swiglu(void *h, const void *gu, kvl_cu_dtype t, int64_t n, int64_t F, cudaStream_t s) {
     if (n <= 0) return cudaSuccess;
+    if (t == KVL_CU_BF16 && F % 8 == 0 && ((uintptr_t)h & 15) == 0 && ((uintptr_t)gu & 15) == 0) {
+        int64_t blocks = (n * (F / 8) + 255) / 256;
+        swiglu_bf16x8_k<<<(unsigned)(blocks < 132 * 32 ? blocks : 132 * 32), 256, 0, s>>>(
+            (__nv_bfloat16 *)h, (const __nv_bfloat16 *)gu, n, F);
+        return cudaGetLastError();
+    }
     int64_t blocks = (n * F + 255) / 256;
     swiglu_k<<<(unsigned)(blocks < 132 * 128 ? blocks : 132 * 128), 256, 0, s>>>(h, gu, t, n, F);
     return cudaGetLastError();
