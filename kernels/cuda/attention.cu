@@ -630,12 +630,15 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
                 if (kp1 > qp1) s[4 * n + 3] = -INFINITY;
             }
         }
-        float mx0 = m0, mx1 = m1;
+        /* row maxima and sums with 4 partial results each: short dependency chains */
+        float pm0[4] = {m0, m0, m0, m0}, pm1[4] = {m1, m1, m1, m1};
 #pragma unroll
         for (int n = 0; n < WBN / 8; n++) {
-            mx0 = fmaxf(mx0, fmaxf(s[4 * n], s[4 * n + 1]));
-            mx1 = fmaxf(mx1, fmaxf(s[4 * n + 2], s[4 * n + 3]));
+            pm0[n & 3] = fmaxf(pm0[n & 3], fmaxf(s[4 * n], s[4 * n + 1]));
+            pm1[n & 3] = fmaxf(pm1[n & 3], fmaxf(s[4 * n + 2], s[4 * n + 3]));
         }
+        float mx0 = fmaxf(fmaxf(pm0[0], pm0[1]), fmaxf(pm0[2], pm0[3]));
+        float mx1 = fmaxf(fmaxf(pm1[0], pm1[1]), fmaxf(pm1[2], pm1[3]));
         mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
         mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
@@ -644,16 +647,17 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
         const float a0 = ex2(m0 * sl2 - ms0), a1 = ex2(m1 * sl2 - ms1);
         m0 = mx0;
         m1 = mx1;
-        float ps0 = 0.f, ps1 = 0.f;
+        float qs0[4] = {0.f, 0.f, 0.f, 0.f}, qs1[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int n = 0; n < WBN / 8; n++) {
             s[4 * n + 0] = ex2(s[4 * n + 0] * sl2 - ms0);
             s[4 * n + 1] = ex2(s[4 * n + 1] * sl2 - ms0);
             s[4 * n + 2] = ex2(s[4 * n + 2] * sl2 - ms1);
             s[4 * n + 3] = ex2(s[4 * n + 3] * sl2 - ms1);
-            ps0 += s[4 * n] + s[4 * n + 1];
-            ps1 += s[4 * n + 2] + s[4 * n + 3];
+            qs0[n & 3] += s[4 * n] + s[4 * n + 1];
+            qs1[n & 3] += s[4 * n + 2] + s[4 * n + 3];
         }
+        const float ps0 = (qs0[0] + qs0[1]) + (qs0[2] + qs0[3]), ps1 = (qs1[0] + qs1[1]) + (qs1[2] + qs1[3]);
         l0 = l0 * a0 + ps0;
         l1 = l1 * a1 + ps1;
         /* a row whose running max did not move has a factor of exactly 1: skip the rescale when
@@ -967,12 +971,15 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) flash_ws_k(__nv_bfloat16 *o
                 if (kp1 > qp1) s[4 * n + 3] = -INFINITY;
             }
         }
-        float mx0 = m0, mx1 = m1;
+        /* row maxima and sums with 4 partial results each: short dependency chains */
+        float pm0[4] = {m0, m0, m0, m0}, pm1[4] = {m1, m1, m1, m1};
 #pragma unroll
         for (int n = 0; n < BN / 8; n++) {
-            mx0 = fmaxf(mx0, fmaxf(s[4 * n], s[4 * n + 1]));
-            mx1 = fmaxf(mx1, fmaxf(s[4 * n + 2], s[4 * n + 3]));
+            pm0[n & 3] = fmaxf(pm0[n & 3], fmaxf(s[4 * n], s[4 * n + 1]));
+            pm1[n & 3] = fmaxf(pm1[n & 3], fmaxf(s[4 * n + 2], s[4 * n + 3]));
         }
+        float mx0 = fmaxf(fmaxf(pm0[0], pm0[1]), fmaxf(pm0[2], pm0[3]));
+        float mx1 = fmaxf(fmaxf(pm1[0], pm1[1]), fmaxf(pm1[2], pm1[3]));
         mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
         mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
@@ -981,16 +988,17 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) flash_ws_k(__nv_bfloat16 *o
         const float a0 = ex2(m0 * sl2 - ms0), a1 = ex2(m1 * sl2 - ms1);
         m0 = mx0;
         m1 = mx1;
-        float ps0 = 0.f, ps1 = 0.f;
+        float qs0[4] = {0.f, 0.f, 0.f, 0.f}, qs1[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int n = 0; n < BN / 8; n++) {
             s[4 * n + 0] = ex2(s[4 * n + 0] * sl2 - ms0);
             s[4 * n + 1] = ex2(s[4 * n + 1] * sl2 - ms0);
             s[4 * n + 2] = ex2(s[4 * n + 2] * sl2 - ms1);
             s[4 * n + 3] = ex2(s[4 * n + 3] * sl2 - ms1);
-            ps0 += s[4 * n] + s[4 * n + 1];
-            ps1 += s[4 * n + 2] + s[4 * n + 3];
+            qs0[n & 3] += s[4 * n] + s[4 * n + 1];
+            qs1[n & 3] += s[4 * n + 2] + s[4 * n + 3];
         }
+        const float ps0 = (qs0[0] + qs0[1]) + (qs0[2] + qs0[3]), ps1 = (qs1[0] + qs1[1]) + (qs1[2] + qs1[3]);
         l0 = l0 * a0 + ps0;
         l1 = l1 * a1 + ps1;
         /* a row whose running max did not move has a factor of exactly 1: skip the rescale when
