@@ -13,6 +13,7 @@
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -58,7 +59,28 @@ typedef struct {
     gemm_entry gc[GEMM_CACHE];
     int gc_next;
     int att_mode; /* KVL_CU_ATT_* */
+    kvl_cu_dtype bt; /* output of the residual-branch GEMMs (attention output and FFN down
+                      * projections) before they are added to the float32 residual */
+    int prof;        /* KVL_CUDA_PROFILE=1: time each op class of a pass (synchronising) */
+    cudaEvent_t pe[2];
+    double pms[16];
 } cu_model;
+
+/* op classes of KVL_CUDA_PROFILE */
+enum { PR_NORM, PR_QKV, PR_ROPE, PR_ATTN, PR_WO, PR_GU, PR_SWIGLU, PR_DOWN, PR_LOGITS, PR_N };
+static const char *const pr_name[PR_N] = {"embed+norm+residual", "qkv_gemm", "rope", "attention", "o_gemm",
+                                          "gate_up_gemm", "swiglu", "down_gemm", "logits"};
+
+static void prof_begin(cu_model *c) {
+    if (c->prof) cudaEventRecord(c->pe[0], c->st);
+}
+static void prof_end(cu_model *c, int k) {
+    if (!c->prof) return;
+    float ms = 0;
+    if (cudaEventRecord(c->pe[1], c->st) == cudaSuccess && cudaEventSynchronize(c->pe[1]) == cudaSuccess &&
+        cudaEventElapsedTime(&ms, c->pe[0], c->pe[1]) == cudaSuccess)
+        c->pms[k] += ms;
+}
 
 /* staged index lists of a forward pass: uploaded only when they change */
 enum { IX_QKV, IX_COMMIT, IX_ATTN, IX_LOGITS, IX_N };
@@ -415,6 +437,8 @@ static void cuda_model_fini(kvl_model *m) {
             cublasLtMatrixLayoutDestroy(c->gc[i].lc);
         }
     if (c->lt) cublasLtDestroy(c->lt);
+    if (c->pe[0]) cudaEventDestroy(c->pe[0]);
+    if (c->pe[1]) cudaEventDestroy(c->pe[1]);
     cudaFree(c->lt_ws);
     cudaFree(c->wbuf);
     if (c->st) cudaStreamDestroy(c->st);
@@ -448,10 +472,25 @@ static kvl_status model_init_impl(kvl_model *m) {
         else if (!strcmp(am, "wg4")) c->att_mode = KVL_CU_ATT_WG4;
         else if (!strcmp(am, "wg4s3")) c->att_mode = KVL_CU_ATT_WG4S3;
         else if (!strcmp(am, "wg2")) c->att_mode = KVL_CU_ATT_WG2;
-        else return kvl_errorf(KVL_ERR_INVALID_ARG, "KVL_CUDA_ATTN=%s: use auto, generic, mma, wg1, wg2, wg2r, wg2h, wg3, wg4 or wg4s3", am);
+        else if (!strcmp(am, "ws")) c->att_mode = KVL_CU_ATT_WS;
+        else if (!strcmp(am, "wspp")) c->att_mode = KVL_CU_ATT_WSPP;
+        else if (!strcmp(am, "ws3")) c->att_mode = KVL_CU_ATT_WS3;
+        else return kvl_errorf(KVL_ERR_INVALID_ARG, "KVL_CUDA_ATTN=%s: use auto, generic, mma, wg1, wg2, wg2r, wg2h, wg3, wg4, wg4s3, ws, wspp or ws3", am);
     }
+    c->bt = KVL_CU_F32;
+    const char *br = getenv("KVL_CUDA_BRANCH");
+    if (br && *br) {
+        if (!strcmp(br, "bf16")) c->bt = c->wt; /* bf16 only with bf16 weights */
+        else if (strcmp(br, "f32")) return kvl_errorf(KVL_ERR_INVALID_ARG, "KVL_CUDA_BRANCH=%s: use f32 or bf16", br);
+    }
+    const char *pr = getenv("KVL_CUDA_PROFILE");
+    c->prof = pr && *pr == '1';
     CU(cudaSetDevice(c->dev));
     CU(cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking));
+    if (c->prof) {
+        CU(cudaEventCreate(&c->pe[0]));
+        CU(cudaEventCreate(&c->pe[1]));
+    }
     LT(cublasLtCreate(&c->lt));
     CU(cudaMalloc(&c->lt_ws, LT_WS));
     /* forward passes allocate from the device's default pool: keep freed blocks for the next pass */
@@ -714,11 +753,17 @@ static kvl_status fwd_qkv_impl(kvl_fwd *f, int32_t layer, const int32_t *idx, in
     kvl_status s = stage_ix(f, IX_QKV, n, idx, tok, tok + n, &d_idx, &d_tok, &d_pos);
     free(tok);
     KVL_TRY(s);
+    prof_begin(c);
     if (layer == 0) CU(kvl_cu_copy_rows(b->x, KVL_CU_F32, D, d_idx, c->emb, c->wt, D, d_tok, n, D, c->st));
-    CU(kvl_cu_add_rmsnorm(b->xn, c->wt, b->x, d_idx, NULL, L->attn_norm, n, D, k->norm_eps, c->st));
+    CU(kvl_cu_add_rmsnorm(b->xn, c->wt, b->x, d_idx, NULL, KVL_CU_F32, L->attn_norm, n, D, k->norm_eps, c->st));
+    prof_end(c, PR_NORM);
+    prof_begin(c);
     KVL_TRY(gemm(c, b->qkv, c->kt, qd + 2 * kd, b->xn, L->wqkv, qd + 2 * kd, n, D));
+    prof_end(c, PR_QKV);
+    prof_begin(c);
     CU(kvl_cu_rope_split(b->q, c->kt, b->kf, b->vf, c->kt, b->qkv, c->kt, qd + 2 * kd, d_pos, n, k->n_heads,
                          k->n_kv_heads, k->head_dim, k->rope_style, k->rope_theta, c->st));
+    prof_end(c, PR_ROPE);
     if (k_out || v_out) {
         CU(kvl_cu_convert(b->kvout, KVL_CU_F32, b->kf, c->kt, (size_t)n * kd, c->st));
         CU(kvl_cu_convert(b->kvout + (size_t)n * kd, KVL_CU_F32, b->vf, c->kt, (size_t)n * kd, c->st));
@@ -802,6 +847,7 @@ static kvl_status fwd_attn_ffn_impl(kvl_fwd *f, const int32_t *sub, int32_t n) {
     free(h);
     KVL_TRY(s);
     const void *qsrc = b->q;
+    prof_begin(c);
     if (!identity) {
         CU(kvl_cu_copy_rows(b->qg, c->kt, qd, NULL, b->q, c->kt, qd, d_sub, n, qd, c->st));
         qsrc = b->qg;
@@ -809,22 +855,35 @@ static kvl_status fwd_attn_ffn_impl(kvl_fwd *f, const int32_t *sub, int32_t n) {
     CU(kvl_cu_attention(b->att, qd, qsrc, qd, c->kt, d_qpos, n, kv_at(f->kv, f->layer, 0, 0),
                         kv_at(f->kv, f->layer, 1, 0), c->kt, b->d_pos, f->n, k->n_heads, k->n_kv_heads, k->head_dim,
                         b->att_ws, c->att_mode, c->st));
+    prof_end(c, PR_ATTN);
     (void)kd;
     const void *att = b->att;
+    prof_begin(c);
     if (c->kt != c->wt) { /* the output projection takes GEMM-input type; qg is free again */
         CU(kvl_cu_convert(b->qg, c->wt, b->att, c->kt, (size_t)n * qd, c->st));
         att = b->qg;
     }
-    KVL_TRY(gemm(c, b->tmp, KVL_CU_F32, D, att, L->wo, D, n, qd));
-    CU(kvl_cu_add_rmsnorm(b->xn, c->wt, b->x, d_rows, b->tmp, L->ffn_norm, n, D, k->norm_eps, c->st));
-    size_t es = kvl_cu_dtype_size(c->wt);
+    KVL_TRY(gemm(c, b->tmp, c->bt, D, att, L->wo, D, n, qd));
+    prof_end(c, PR_WO);
+    prof_begin(c);
+    CU(kvl_cu_add_rmsnorm(b->xn, c->wt, b->x, d_rows, b->tmp, c->bt, L->ffn_norm, n, D, k->norm_eps, c->st));
+    prof_end(c, PR_NORM);
+    size_t es = kvl_cu_dtype_size(c->wt), bs = kvl_cu_dtype_size(c->bt);
     for (int64_t r0 = 0; r0 < n; r0 += FFN_CHUNK) {
         int64_t rn = n - r0 < FFN_CHUNK ? n - r0 : FFN_CHUNK;
+        prof_begin(c);
         KVL_TRY(gemm(c, b->gu, c->wt, 2 * F, (char *)b->xn + (size_t)r0 * D * es, L->wgu, 2 * F, rn, D));
+        prof_end(c, PR_GU);
+        prof_begin(c);
         CU(kvl_cu_swiglu(b->hb, b->gu, c->wt, rn, F, c->st));
-        KVL_TRY(gemm(c, b->tmp + (size_t)r0 * D, KVL_CU_F32, D, b->hb, L->wdown, D, rn, F));
+        prof_end(c, PR_SWIGLU);
+        prof_begin(c);
+        KVL_TRY(gemm(c, (char *)b->tmp + (size_t)r0 * D * bs, c->bt, D, b->hb, L->wdown, D, rn, F));
+        prof_end(c, PR_DOWN);
     }
-    CU(kvl_cu_add_rmsnorm(NULL, c->wt, b->x, d_rows, b->tmp, NULL, n, D, k->norm_eps, c->st));
+    prof_begin(c);
+    CU(kvl_cu_add_rmsnorm(NULL, c->wt, b->x, d_rows, b->tmp, c->bt, NULL, n, D, k->norm_eps, c->st));
+    prof_end(c, PR_NORM);
     return KVL_OK;
 }
 
@@ -839,13 +898,25 @@ static kvl_status fwd_logits_impl(kvl_fwd *f, const int32_t *idx, int32_t n, flo
     CU(cudaSetDevice(c->dev));
     const int32_t *d_idx;
     KVL_TRY(stage_ix(f, IX_LOGITS, n, idx, NULL, NULL, &d_idx, NULL, NULL));
-    CU(kvl_cu_add_rmsnorm(b->xn, c->wt, b->x, d_idx, NULL, c->final_norm, n, D, k->norm_eps, c->st));
+    prof_begin(c);
+    CU(kvl_cu_add_rmsnorm(b->xn, c->wt, b->x, d_idx, NULL, KVL_CU_F32, c->final_norm, n, D, k->norm_eps, c->st));
     for (int64_t r0 = 0; r0 < n; r0 += LOGIT_CHUNK) {
         int64_t rn = n - r0 < LOGIT_CHUNK ? n - r0 : LOGIT_CHUNK;
         KVL_TRY(gemm(c, b->logit, KVL_CU_F32, V, (char *)b->xn + (size_t)r0 * D * es, c->cls, V, rn, D));
         CU(cudaMemcpyAsync(logits + (size_t)r0 * V, b->logit, (size_t)rn * V * 4, cudaMemcpyDeviceToHost, c->st));
     }
     CU(cudaStreamSynchronize(c->st));
+    prof_end(c, PR_LOGITS);
+    if (c->prof) { /* one line a pass (a pass ends with its logits) */
+        double tot = 0;
+        for (int i = 0; i < PR_N; i++) tot += c->pms[i];
+        fprintf(stderr, "kvl cuda profile (ms):");
+        for (int i = 0; i < PR_N; i++) {
+            fprintf(stderr, " %s %.2f", pr_name[i], c->pms[i]);
+            c->pms[i] = 0;
+        }
+        fprintf(stderr, " total %.2f\n", tot);
+    }
     return KVL_OK;
 }
 

@@ -18,6 +18,7 @@
 #include <limits.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "kvl_cuda.h"
 
@@ -744,6 +745,338 @@ cudaError_t launch_flash_wg(void *out, int64_t ldo, const void *q, int64_t ldq, 
     return cudaGetLastError();
 }
 
+/* ---------------------------------------------------------------- warp-specialised flash (sm_90a) */
+
+/* mbarrier helpers (CTA scope) */
+__device__ __forceinline__ void mbar_init(uint64_t *b, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(b)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t *b) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(b)) : "memory");
+}
+/* the arrive happens once every cp.async this thread issued before it has landed */
+__device__ __forceinline__ void mbar_arrive_cp_async(uint64_t *b) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t *b, uint32_t parity) {
+    uint32_t done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done)
+                     : "r"(smem_u32(b)), "r"(parity)
+                     : "memory");
+    } while (!done);
+}
+__device__ __forceinline__ void named_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void named_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+
+template <int HD, int NC, int BN>
+constexpr int ws_smem() {
+    return (NC * 64 * HD + 2 * BN * HD + 2 * HD * BN) * 2 + 1024; /* + alignment slack */
+}
+
+template <int BN>
+__device__ __forceinline__ void wgmma_ss_bn(float *d, uint64_t da, uint64_t db, int scale_d) {
+#ifdef KVL_HAVE_WGMMA
+    if constexpr (BN == 128) wgmma_ss_n128(d, da, db, scale_d);
+    else wgmma_ss_n64(d, da, db, scale_d);
+#endif
+}
+
+/* One producer warpgroup and NC consumer warpgroups (64 queries each) per block of one head; the
+ * producer copies K and V^T tiles of BN keys with cp.async into two stages each and signals
+ * "full" mbarriers as they land; consumers compute S = Q K^T and O += P V on wgmma and release a K
+ * stage once its QK is done and a V stage once its PV is done ("empty" mbarriers), so no block-wide
+ * barrier holds the warpgroups in step: one warpgroup's softmax runs while the other's tensor-core
+ * work does. PP = 1: the consumers take turns issuing their tensor-core work (named barriers), which
+ * forces that overlap. The producer gives its registers to the consumers (setmaxnreg). tb: per-64-key
+ * position bounds (tile_bounds_k). Masking by position as flash_wg_k. */
+template <int HD, int NC, int BN, int PP>
+__global__ void __launch_bounds__(128 * (NC + 1), 1) flash_ws_k(__nv_bfloat16 *out, int64_t ldo, const __nv_bfloat16 *q,
+                                                          int64_t ldq, const int32_t *qpos, int64_t n_q,
+                                                          const __nv_bfloat16 *k, const __nv_bfloat16 *vt, int64_t n_pad,
+                                                          const int32_t *kpos, int64_t n_kv, const int2 *tb, int nh,
+                                                          int nkv, float sl2) {
+#ifdef KVL_HAVE_WGMMA
+    static_assert((NC == 2 && BN == 128) || (NC == 3 && BN == 64), "shapes with a register split below");
+    static_assert(!PP || NC == 2, "ping-pong between two consumers");
+    /* registers a thread: producer + NC consumers within the SM's 64K (2 x 224 needs the producer
+     * at 56: at 24 it spills) */
+    constexpr int PREG = 56, CREG = NC == 2 ? 224 : 152, TR = BN / 64;
+    static_assert(PREG + NC * CREG <= 512, "register budget");
+    constexpr int NS = BN / 2, NO = HD / 2, BM = 64 * NC;
+    extern __shared__ __align__(128) unsigned char smem_ws[];
+    unsigned char *sQ = smem_ws + ((1024 - (smem_u32(smem_ws) & 1023)) & 1023);
+    unsigned char *sK = sQ + NC * 64 * HD * 2;   /* [2][BN x HD] */
+    unsigned char *sV = sK + 2 * BN * HD * 2;   /* [2][HD x BN] (V^T) */
+    __shared__ __align__(8) uint64_t fullK[2], fullV[2], emptyK[2], emptyV[2];
+    __shared__ int s_min[4 * (NC + 1)], s_max[4 * (NC + 1)];
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = tid / 128;
+    const int64_t q0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * BM;
+    const int h = blockIdx.y, kh = h / (nh / nkv);
+    const int64_t kvld = (int64_t)nkv * HD;
+    const int64_t n_tiles = (n_kv + BN - 1) / BN, n_t64 = (n_kv + 63) / 64;
+
+    if (tid == 0) {
+        for (int i = 0; i < 2; i++) {
+            mbar_init(&fullK[i], 128);
+            mbar_init(&fullV[i], 128);
+            mbar_init(&emptyK[i], 4 * NC);
+            mbar_init(&emptyV[i], 4 * NC);
+        }
+    }
+    {
+        int pmin = INT_MAX, pmax = INT_MIN;
+        /* consumer warpgroup c covers rows 64c..64c+63, two threads a row */
+        const int64_t qr = q0 + 64 * (wg - 1) + (tid % 128) / 2;
+        if (wg > 0 && qr < n_q) pmin = pmax = qpos[qr];
+        for (int off = 16; off > 0; off >>= 1) {
+            pmin = min(pmin, __shfl_xor_sync(0xffffffffu, pmin, off));
+            pmax = max(pmax, __shfl_xor_sync(0xffffffffu, pmax, off));
+        }
+        if (lane == 0) { s_min[warp] = pmin; s_max[warp] = pmax; }
+    }
+    __syncthreads();
+    int qmax = INT_MIN;
+#pragma unroll
+    for (int w = 4; w < 4 * (NC + 1); w++) qmax = max(qmax, s_max[w]);
+    auto tile_lo = [&](int64_t t) { /* smallest key position of tile t (tb: per 64 keys) */
+        int lo = tb[TR * t].x;
+#pragma unroll
+        for (int u = 1; u < TR; u++)
+            if (TR * t + u < n_t64) lo = min(lo, tb[TR * t + u].x);
+        return lo;
+    };
+    auto next_tile = [&](int64_t t) {
+        while (t < n_tiles && tile_lo(t) > qmax) t++;
+        return t;
+    };
+
+    if (wg == 0) { /* ------------------------------------------------ producer */
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PREG) : "memory");
+        auto load_k = [&](int idx, int64_t t) {
+            const int st = idx & 1;
+            if (idx >= 2) mbar_wait(&emptyK[st], ((idx >> 1) - 1) & 1);
+            const int64_t j0 = t * BN;
+            unsigned char *d = sK + st * BN * HD * 2;
+#pragma unroll 4
+            for (int c = tid; c < BN * HD / 8; c += 128) {
+                int r = c / (HD / 8), col = (c % (HD / 8)) * 8;
+                bool ok = j0 + r < n_kv;
+                cp_async16(d + sw_off(r, col, BN), k + (ok ? (j0 + r) * kvld + (int64_t)kh * HD + col : 0), ok);
+            }
+            mbar_arrive_cp_async(&fullK[st]);
+        };
+        auto load_v = [&](int idx, int64_t t) {
+            const int st = idx & 1;
+            if (idx >= 2) mbar_wait(&emptyV[st], ((idx >> 1) - 1) & 1);
+            const int64_t j0 = t * BN;
+            unsigned char *d = sV + st * HD * BN * 2;
+#pragma unroll 4
+            for (int c = tid; c < BN * HD / 8; c += 128) {
+                int dd = c / (BN / 8), kc = (c % (BN / 8)) * 8;
+                cp_async16(d + sw_off(dd, kc, HD), vt + ((int64_t)kh * HD + dd) * n_pad + j0 + kc, true);
+            }
+            mbar_arrive_cp_async(&fullV[st]);
+        };
+        /* order of the consumers' releases: K(i) and V(i-1) free at once, so V(i+1) and K(i+2)
+         * follow K0, V0, K1 */
+        int64_t tk = qmax == INT_MIN ? n_tiles : next_tile(0), tv = tk;
+        int ik = 0, iv = 0;
+        if (tk < n_tiles) { load_k(ik++, tk); tk = next_tile(tk + 1); }
+        if (tv < n_tiles) { load_v(iv++, tv); tv = next_tile(tv + 1); }
+        if (tk < n_tiles) { load_k(ik++, tk); tk = next_tile(tk + 1); }
+        while (tv < n_tiles || tk < n_tiles) {
+            if (tv < n_tiles) { load_v(iv++, tv); tv = next_tile(tv + 1); }
+            if (tk < n_tiles) { load_k(ik++, tk); tk = next_tile(tk + 1); }
+        }
+        cp_wait<0>(); /* nothing in flight when the warp exits */
+        return;
+    }
+    /* ------------------------------------------------------------------- consumers */
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CREG) : "memory");
+    const int cw = wg - 1, ct = tid - 128 * wg, cwarp = ct / 32;
+    unsigned char *myQ = sQ + cw * 64 * HD * 2;
+    for (int c = ct; c < 64 * HD / 8; c += 128) {
+        int r = c / (HD / 8), col = (c % (HD / 8)) * 8;
+        int64_t qr = q0 + cw * 64 + r;
+        bool ok = qr < n_q;
+        cp_async16(myQ + sw_off(r, col, 64), q + (ok ? qr * ldq + (int64_t)h * HD + col : 0), ok);
+    }
+    cp_commit();
+    int wqmin = INT_MAX;
+#pragma unroll
+    for (int w = 0; w < 4; w++) wqmin = min(wqmin, s_min[4 + 4 * cw + w]);
+    const int r0 = cw * 64 + cwarp * 16 + lane / 4, r1 = r0 + 8, tq = lane % 4;
+    const int qp0 = q0 + r0 < n_q ? qpos[q0 + r0] : INT_MIN;
+    const int qp1 = q0 + r1 < n_q ? qpos[q0 + r1] : INT_MIN;
+    cp_wait<0>();
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    named_sync(1 + cw, 128);
+    const uint32_t aQ = smem_u32(myQ);
+
+    float o[NO], s[NS];
+#pragma unroll
+    for (int i = 0; i < NO; i++) o[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < NS; i++) s[i] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    int64_t t = qmax == INT_MIN ? n_tiles : next_tile(0);
+    if (PP && cw == 1) named_arrive(NC + 1, 256); /* consumer 0 issues first */
+    if (t < n_tiles) {
+        mbar_wait(&fullK[0], 0);
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        fence_regs<NS>(s);
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+        const uint32_t aK = smem_u32(sK);
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++)
+            wgmma_ss_bn<BN>(s, wg_desc(aQ + wg_kstep(kk, 64)), wg_desc(aK + wg_kstep(kk, BN)), kk > 0);
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        fence_regs<NS>(s);
+    }
+    uint32_t pa[BN / 16][4];
+    for (int i = 0; t < n_tiles; i++) {
+        const int st = i & 1;
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        fence_regs<NS>(s);
+        fence_regs<NO>(o);
+        if (lane == 0) { /* QK(i) and PV(i-1) are done: their stages may be refilled */
+            mbar_arrive(&emptyK[st]);
+            if (i > 0) mbar_arrive(&emptyV[st ^ 1]);
+        }
+        const int64_t tn = next_tile(t + 1);
+        const int64_t j0 = t * BN;
+        int thi = tb[TR * t].y;
+#pragma unroll
+        for (int u = 1; u < TR; u++)
+            if (TR * t + u < n_t64) thi = max(thi, tb[TR * t + u].y);
+        if (thi > wqmin || n_kv - j0 < BN) {
+#pragma unroll
+            for (int n = 0; n < BN / 8; n++) {
+                const int64_t j = j0 + n * 8 + 2 * tq;
+                const int kp0 = j < n_kv ? kpos[j] : INT_MAX, kp1 = j + 1 < n_kv ? kpos[j + 1] : INT_MAX;
+                if (kp0 > qp0) s[4 * n + 0] = -INFINITY;
+                if (kp1 > qp0) s[4 * n + 1] = -INFINITY;
+                if (kp0 > qp1) s[4 * n + 2] = -INFINITY;
+                if (kp1 > qp1) s[4 * n + 3] = -INFINITY;
+            }
+        }
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int n = 0; n < BN / 8; n++) {
+            mx0 = fmaxf(mx0, fmaxf(s[4 * n], s[4 * n + 1]));
+            mx1 = fmaxf(mx1, fmaxf(s[4 * n + 2], s[4 * n + 3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float ms0 = mx0 == -INFINITY ? 0.f : mx0 * sl2, ms1 = mx1 == -INFINITY ? 0.f : mx1 * sl2;
+        const float a0 = ex2(m0 * sl2 - ms0), a1 = ex2(m1 * sl2 - ms1);
+        m0 = mx0;
+        m1 = mx1;
+        float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+        for (int n = 0; n < BN / 8; n++) {
+            s[4 * n + 0] = ex2(s[4 * n + 0] * sl2 - ms0);
+            s[4 * n + 1] = ex2(s[4 * n + 1] * sl2 - ms0);
+            s[4 * n + 2] = ex2(s[4 * n + 2] * sl2 - ms1);
+            s[4 * n + 3] = ex2(s[4 * n + 3] * sl2 - ms1);
+            ps0 += s[4 * n] + s[4 * n + 1];
+            ps1 += s[4 * n + 2] + s[4 * n + 3];
+        }
+        l0 = l0 * a0 + ps0;
+        l1 = l1 * a1 + ps1;
+#pragma unroll
+        for (int d = 0; d < HD / 8; d++) {
+            o[4 * d + 0] *= a0;
+            o[4 * d + 1] *= a0;
+            o[4 * d + 2] *= a1;
+            o[4 * d + 3] *= a1;
+        }
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++) {
+            pa[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
+            pa[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
+            pa[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
+            pa[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+        mbar_wait(&fullV[st], (i >> 1) & 1);
+        if (tn < n_tiles) mbar_wait(&fullK[st ^ 1], ((i + 1) >> 1) & 1);
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        if (PP) named_sync(NC + 1 + cw, 256); /* my turn on the tensor cores */
+        fence_regs<NS>(s);
+        fence_regs<NO>(o);
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+        const uint32_t aV = smem_u32(sV + st * HD * BN * 2);
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++) {
+            if constexpr (HD == 128)
+                wgmma_rs_n128(o, pa[kk], wg_desc(aV + wg_kstep(kk, HD)), 1);
+            else
+                wgmma_rs_n64(o, pa[kk], wg_desc(aV + wg_kstep(kk, HD)), 1);
+        }
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        if (tn < n_tiles) {
+            const uint32_t aK = smem_u32(sK + (st ^ 1) * BN * HD * 2);
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++)
+                wgmma_ss_bn<BN>(s, wg_desc(aQ + wg_kstep(kk, 64)), wg_desc(aK + wg_kstep(kk, BN)), kk > 0);
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        }
+        if (PP) named_arrive(NC + 1 + (cw ^ 1), 256); /* the other consumer's turn */
+        fence_regs<NS>(s);
+        fence_regs<NO>(o);
+        t = tn;
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    fence_regs<NO>(o);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+    for (int d = 0; d < HD / 8; d++) {
+        int col = h * HD + d * 8 + 2 * tq;
+        if (q0 + r0 < n_q)
+            *(__nv_bfloat162 *)(out + (q0 + r0) * ldo + col) = __floats2bfloat162_rn(o[4 * d] * i0, o[4 * d + 1] * i0);
+        if (q0 + r1 < n_q)
+            *(__nv_bfloat162 *)(out + (q0 + r1) * ldo + col) = __floats2bfloat162_rn(o[4 * d + 2] * i1, o[4 * d + 3] * i1);
+    }
+#else
+    __trap();
+#endif
+}
+
+template <int HD, int NC, int BN, int PP>
+cudaError_t launch_flash_ws(void *out, int64_t ldo, const void *q, int64_t ldq, const int32_t *qpos, int64_t n_q,
+                            const void *k, const void *v, const int32_t *kpos, int64_t n_kv, int nh, int nkv, void *ws,
+                            cudaStream_t s) {
+    int64_t n_t = (n_kv + WBN - 1) / WBN, n_pad = (n_kv + BN - 1) / BN * BN;
+    int2 *tb = (int2 *)ws;
+    __nv_bfloat16 *vt = (__nv_bfloat16 *)((char *)ws + ((n_t * sizeof(int2) + 255) & ~(size_t)255));
+    tile_bounds_k<<<(unsigned)((n_t + 127) / 128), 128, 0, s>>>(tb, kpos, n_kv);
+    int64_t cols = (int64_t)nkv * HD;
+    transpose_v_k<<<dim3((unsigned)(n_pad / 32), (unsigned)((cols + 31) / 32)), dim3(32, 8), 0, s>>>(
+        vt, (const __nv_bfloat16 *)v, n_kv, n_pad, cols);
+    constexpr int smem = ws_smem<HD, NC, BN>();
+    static bool attr_set = false;
+    if (!attr_set) {
+        cudaError_t e = cudaFuncSetAttribute(flash_ws_k<HD, NC, BN, PP>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        if (e != cudaSuccess) return e;
+        attr_set = true;
+    }
+    dim3 grid((unsigned)((n_q + 64 * NC - 1) / (64 * NC)), (unsigned)nh);
+    float sl2 = (1.0f / sqrtf((float)HD)) * 1.4426950408889634f;
+    flash_ws_k<HD, NC, BN, PP><<<grid, 128 * (NC + 1), smem, s>>>((__nv_bfloat16 *)out, ldo, (const __nv_bfloat16 *)q, ldq,
+                                                              qpos, n_q, (const __nv_bfloat16 *)k, vt, n_pad, kpos, n_kv,
+                                                              tb, nh, nkv, sl2);
+    return cudaGetLastError();
+}
+
 int gen_splits(int64_t n_q, int64_t n_kv, int nh) {
     /* enough blocks to fill the GPU (~4 waves of 132 SMs x 8 blocks), at least GEN_CHUNK keys each */
     int64_t want = (132 * 8 * 4 + n_q * nh - 1) / (n_q * nh);
@@ -762,8 +1095,8 @@ size_t kvl_cu_attention_ws(int64_t n_q, int64_t n_kv, int nh, int nkv, int hd) {
     size_t parts = (size_t)n_q * nh + 132 * 8 * 4, cap = (size_t)n_q * nh * GEN_MAX_SPLIT;
     if (parts > cap) parts = cap;
     size_t gen = parts * ((size_t)hd + 2) * sizeof(float);
-    size_t n_t = (size_t)((n_kv + FBN - 1) / FBN);
-    size_t fl = ((n_t * sizeof(int2) + 255) & ~(size_t)255) + n_t * FBN * (size_t)hd * 2 * (size_t)nkv; /* + V^T */
+    size_t n_t = (size_t)((n_kv + FBN - 1) / FBN), n_t2 = (n_t + 1) & ~(size_t)1; /* V^T: whole 128-key tiles */
+    size_t fl = ((n_t * sizeof(int2) + 255) & ~(size_t)255) + n_t2 * FBN * (size_t)hd * 2 * (size_t)nkv; /* + V^T */
     return (gen > fl ? gen : fl) + 256;
 }
 
@@ -789,6 +1122,9 @@ cudaError_t kvl_cu_attention(void *out, int64_t ldo, const void *q, int64_t ldq,
         if (mode == KVL_CU_ATT_WG4) KVL_WG(4, 1, 1, 2);
         if (mode == KVL_CU_ATT_WG4S3) KVL_WG(4, 1, 1, 3);
         if (mode == KVL_CU_ATT_WG2) KVL_WG(2, 2, 1, 2);
+        if (mode == KVL_CU_ATT_WS && hd == 128) return launch_flash_ws<128, 2, 128, 0>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
+        if (mode == KVL_CU_ATT_WSPP && hd == 128) return launch_flash_ws<128, 2, 128, 1>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
+        if (mode == KVL_CU_ATT_WS3 && hd == 128) return launch_flash_ws<128, 3, 64, 0>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
         /* default: 256 queries a block where that still gives two waves of blocks (long prefills),
          * else 128 queries a block, two blocks an SM (short query sets: selective recompute) */
         if ((n_q + 255) / 256 * nh >= 2 * 132) KVL_WG(4, 1, 1, 2);

@@ -40,11 +40,12 @@ cudaError_t kvl_cu_copy_rows(void *dst, kvl_cu_dtype dst_t, int64_t ld_dst, cons
                              int64_t n_rows, int64_t cols, cudaStream_t stream);
 
 /* Optional residual add, then RMSNorm (reference kvl_cpu_add + kvl_cpu_rmsnorm):
- *   r = rows ? rows[i] : i;  if (add) x[r] += add[i] (float32, row stride dim);
+ *   r = rows ? rows[i] : i;  if (add) x[r] += add[i] (type add_t, row stride dim);
  *   y[i] = x[r] / sqrt(mean(x[r]^2) + eps) * g   (sum of squares in float64), y stored as y_t.
  * y may be NULL (add only); g is float32 [dim]. */
-cudaError_t kvl_cu_add_rmsnorm(void *y, kvl_cu_dtype y_t, float *x, const int32_t *rows, const float *add,
-                               const float *g, int64_t n, int64_t dim, float eps, cudaStream_t stream);
+cudaError_t kvl_cu_add_rmsnorm(void *y, kvl_cu_dtype y_t, float *x, const int32_t *rows, const void *add,
+                               kvl_cu_dtype add_t, const float *g, int64_t n, int64_t dim, float eps,
+                               cudaStream_t stream);
 
 /* Splits a fused projection row [q | k | v] (n rows, stride ld_qkv, type qkv_t) into q (type q_t,
  * [n][n_heads*hd]), k and v (type kv_t, [n][n_kv_heads*hd]), applying RoPE at pos[i] to q and k
@@ -101,10 +102,14 @@ cudaError_t kvl_cu_argmax(int32_t *out, const float *logits, int64_t n, int64_t 
  * two blocks per SM. For tests and comparisons: KVL_CU_ATT_WG1 one warpgroup per block;
  * KVL_CU_ATT_WG2R two warpgroups, one block per SM; KVL_CU_ATT_WG2H 64 queries of two heads of one
  * KV group (GQA groups of even size); KVL_CU_ATT_WG3 / WG4 three / four warpgroups always;
- * KVL_CU_ATT_WG4S3 four with a three-stage K/V pipeline. */
+ * KVL_CU_ATT_WG4S3 four with a three-stage K/V pipeline; KVL_CU_ATT_WS (hd 128) one producer
+ * warpgroup feeding two consumer warpgroups through mbarriers, 128-key tiles; KVL_CU_ATT_WSPP the
+ * same with the consumers taking turns on the tensor cores; KVL_CU_ATT_WS3 three consumer
+ * warpgroups on 64-key tiles. */
 enum { KVL_CU_ATT_AUTO = 0, KVL_CU_ATT_GENERIC = 1, KVL_CU_ATT_MMA = 2, KVL_CU_ATT_WG1 = 3, KVL_CU_ATT_WG2R = 4,
        KVL_CU_ATT_WG2H = 5, KVL_CU_ATT_WG3 = 6, KVL_CU_ATT_WG4 = 7,
-       KVL_CU_ATT_WG4S3 = 8, KVL_CU_ATT_WG2 = 9 };
+       KVL_CU_ATT_WG4S3 = 8, KVL_CU_ATT_WG2 = 9, KVL_CU_ATT_WS = 10, KVL_CU_ATT_WSPP = 11,
+       KVL_CU_ATT_WS3 = 12 };
 size_t kvl_cu_attention_ws(int64_t n_q, int64_t n_kv, int n_heads, int n_kv_heads, int hd);
 cudaError_t kvl_cu_attention(void *out, int64_t ldo, const void *q, int64_t ldq, kvl_cu_dtype qo_t,
                              const int32_t *qpos, int64_t n_q, const void *k, const void *v, kvl_cu_dtype kv_t,

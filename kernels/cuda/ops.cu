@@ -66,8 +66,8 @@ __device__ T block_sum(T v, T *sh) {
     return s;
 }
 
-__global__ void add_rmsnorm_k(void *y, kvl_cu_dtype yt, float *x, const int32_t *rows, const float *add,
-                              const float *g, int64_t n, int64_t dim, float eps) {
+__global__ void add_rmsnorm_k(void *y, kvl_cu_dtype yt, float *x, const int32_t *rows, const void *add,
+                              kvl_cu_dtype at, const float *g, int64_t n, int64_t dim, float eps) {
     __shared__ double sh[32];
     for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
         float *xr = x + (rows ? rows[i] : i) * dim;
@@ -75,7 +75,7 @@ __global__ void add_rmsnorm_k(void *y, kvl_cu_dtype yt, float *x, const int32_t 
         for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) {
             float v = xr[c];
             if (add) {
-                v += add[i * dim + c];
+                v += ld(add, at, i * dim + c);
                 xr[c] = v;
             }
             ss += (double)v * v;
@@ -239,10 +239,10 @@ cudaError_t kvl_cu_copy_rows(void *dst, kvl_cu_dtype dt, int64_t ldd, const int3
     return cudaGetLastError();
 }
 
-cudaError_t kvl_cu_add_rmsnorm(void *y, kvl_cu_dtype yt, float *x, const int32_t *rows, const float *add,
-                               const float *g, int64_t n, int64_t dim, float eps, cudaStream_t s) {
+cudaError_t kvl_cu_add_rmsnorm(void *y, kvl_cu_dtype yt, float *x, const int32_t *rows, const void *add,
+                               kvl_cu_dtype at, const float *g, int64_t n, int64_t dim, float eps, cudaStream_t s) {
     if (n <= 0) return cudaSuccess;
-    add_rmsnorm_k<<<grid_rows(n), dim >= 2048 ? 512 : 128, 0, s>>>(y, yt, x, rows, add, g, n, dim, eps);
+    add_rmsnorm_k<<<grid_rows(n), dim >= 2048 ? 512 : 128, 0, s>>>(y, yt, x, rows, add, at, g, n, dim, eps);
     return cudaGetLastError();
 }
 

@@ -152,7 +152,7 @@ static void test_rmsnorm(void) {
     float *dx = dup_dev(x, (size_t)rows * dim * 4), *da = dup_dev(add, (size_t)n * dim * 4), *dg = dup_dev(g, (size_t)dim * 4);
     int32_t *dr = dup_dev(r, sizeof r);
     float *dy = poisoned((size_t)n * dim * 4);
-    CK(kvl_cu_add_rmsnorm(dy, KVL_CU_F32, dx, dr, da, dg, n, dim, 1e-5f, 0));
+    CK(kvl_cu_add_rmsnorm(dy, KVL_CU_F32, dx, dr, da, KVL_CU_F32, dg, n, dim, 1e-5f, 0));
     float *y = malloc((size_t)n * dim * 4), *xg = malloc((size_t)rows * dim * 4), *ref = malloc((size_t)n * dim * 4);
     fetch(y, dy, (size_t)n * dim * 4);
     fetch(xg, dx, (size_t)rows * dim * 4);
@@ -166,12 +166,24 @@ static void test_rmsnorm(void) {
     /* bf16 output, no add, identity rows */
     uint16_t *yb = malloc((size_t)n * dim * 2);
     void *dyb = poisoned((size_t)n * dim * 2);
-    CK(kvl_cu_add_rmsnorm(dyb, KVL_CU_BF16, dx, NULL, NULL, dg, n, dim, 1e-5f, 0));
+    CK(kvl_cu_add_rmsnorm(dyb, KVL_CU_BF16, dx, NULL, NULL, KVL_CU_F32, dg, n, dim, 1e-5f, 0));
     fetch(yb, dyb, (size_t)n * dim * 2);
     kvl_cpu_rmsnorm(ref, x, g, n, dim, 1e-5f);
     float *yf = bf_to_f(yb, (size_t)n * dim);
     e = kvl_rel_err(yf, ref, (size_t)n * dim);
     CHECK_MSG(e <= 4e-3 && all_finite(yf, (size_t)n * dim), "rmsnorm bf16 rel err %.3e", e);
+    /* a bf16 addend (the engine's residual branch with KVL_CUDA_BRANCH=bf16): x += bf16(add) exactly */
+    {
+        uint16_t *ab = to_bf(add, (size_t)n * dim);
+        float *af = bf_to_f(ab, (size_t)n * dim), *x2 = malloc((size_t)rows * dim * 4);
+        memcpy(x2, x, (size_t)rows * dim * 4);
+        void *dab = dup_dev(ab, (size_t)n * dim * 2);
+        CK(kvl_cu_add_rmsnorm(NULL, KVL_CU_F32, dx, dr, dab, KVL_CU_BF16, NULL, n, dim, 1e-5f, 0));
+        fetch(xg, dx, (size_t)rows * dim * 4);
+        for (int i = 0; i < n; i++) kvl_cpu_add(x2 + (size_t)r[i] * dim, af + (size_t)i * dim, dim);
+        CHECK_MSG(memcmp(xg, x2, (size_t)rows * dim * 4) == 0, "add_rmsnorm with a bf16 addend");
+        free(ab); free(af); free(x2); cudaFree(dab);
+    }
     printf("add_rmsnorm ok\n");
     free(x); free(add); free(g); free(y); free(xg); free(ref); free(yb); free(yf);
     cudaFree(dx); cudaFree(da); cudaFree(dg); cudaFree(dr); cudaFree(dy); cudaFree(dyb);
@@ -348,8 +360,9 @@ static void test_attention(int longer) {
     /* flash kernels (wgmma and mma.sync): bf16, head_dim 64 / 128, tails not multiples of 64 */
     const int fhd[] = {64, 128};
     const int modes[] = {KVL_CU_ATT_AUTO, KVL_CU_ATT_MMA, KVL_CU_ATT_WG1, KVL_CU_ATT_WG2R, KVL_CU_ATT_WG2H,
-                         KVL_CU_ATT_WG3, KVL_CU_ATT_WG4, KVL_CU_ATT_WG4S3, KVL_CU_ATT_WG2};
-    for (int mi = 0; mi < 9; mi++)
+                         KVL_CU_ATT_WG3, KVL_CU_ATT_WG4, KVL_CU_ATT_WG4S3, KVL_CU_ATT_WG2, KVL_CU_ATT_WS,
+                         KVL_CU_ATT_WSPP, KVL_CU_ATT_WS3};
+    for (int mi = 0; mi < 12; mi++)
         for (int i = 0; i < 2; i++)
             for (int kind = 0; kind < 3; kind++) {
                 attn_case(fhd[i], 8, 2, 200, kind == 0 ? 200 : 77, kind, 1, modes[mi]);
@@ -361,41 +374,56 @@ static void test_attention(int longer) {
 }
 
 /* KVL_ATTN_BENCH=N: times a causal prefill attention of N tokens (32 heads, 8 KV heads, hd 128,
- * bf16) with each kernel; prints TFLOP/s (causal FLOPs: 4 * heads * hd * N(N+1)/2). */
-static void attn_bench(int64_t n) {
+ * bf16) with each kernel; prints TFLOP/s (causal FLOPs: 4 * heads * hd * N(N+1)/2, or for a query
+ * subset the sum over queries of 4 * heads * hd * (keys at or before it)). KVL_ATTN_BENCH_SEL=1:
+ * the selective-recompute shape instead: 15% of N tokens spread evenly plus the last 64 as queries,
+ * over all N + 64 keys. */
+static void attn_bench(int64_t n, int sel) {
     int nh = 32, nkv = 8, hd = 128;
-    int64_t qd = (int64_t)nh * hd, kd = (int64_t)nkv * hd;
-    size_t nq = (size_t)n * qd, nk = (size_t)n * kd;
-    float *x = rand_f(nq > nk ? nq : nk);
-    uint16_t *b = to_bf(x, nq > nk ? nq : nk);
-    int32_t *pos = malloc((size_t)n * 4);
-    for (int64_t i = 0; i < n; i++) pos[i] = (int32_t)i;
+    int64_t qd = (int64_t)nh * hd, kd = (int64_t)nkv * hd, nk_t = sel ? n + 64 : n;
+    int32_t *pos = malloc((size_t)nk_t * 4), *qp = malloc((size_t)nk_t * 4);
+    for (int64_t i = 0; i < nk_t; i++) pos[i] = (int32_t)i;
+    int64_t nq_t = 0;
+    double fl = 0;
+    for (int64_t i = 0; i < nk_t; i++) {
+        int take = !sel || i >= n || (i * 3) / 20 != ((i + 1) * 3) / 20; /* selective: 15% spread evenly */
+        if (take) {
+            qp[nq_t++] = (int32_t)i;
+            fl += 4.0 * nh * hd * (double)(i + 1);
+        }
+    }
+    size_t nq = (size_t)nq_t * qd, nk = (size_t)nk_t * kd, nx = nq > nk ? nq : nk;
+    float *x = rand_f(nx);
+    uint16_t *b = to_bf(x, nx);
     void *dq = dup_dev(b, nq * 2), *dk = dup_dev(b, nk * 2), *dv = dup_dev(b, nk * 2), *dout = poisoned(nq * 2);
-    int32_t *dp = dup_dev(pos, (size_t)n * 4);
-    void *ws = poisoned(kvl_cu_attention_ws(n, n, nh, nkv, hd));
-    const int modes[] = {KVL_CU_ATT_AUTO, KVL_CU_ATT_WG2, KVL_CU_ATT_WG2R, KVL_CU_ATT_WG1, KVL_CU_ATT_MMA,
-                         KVL_CU_ATT_WG3, KVL_CU_ATT_WG4S3};
-    const char *names[] = {"default (wgmma x4 here)", "wgmma x2, 2 blocks/SM", "wgmma x2, 1 block/SM", "wgmma x1",
-                           "mma.sync", "wgmma x3", "wgmma x4, 3 stages"};
+    int32_t *dp = dup_dev(pos, (size_t)nk_t * 4), *dqp = dup_dev(qp, (size_t)nq_t * 4);
+    void *ws = poisoned(kvl_cu_attention_ws(nq_t, nk_t, nh, nkv, hd));
+    const int modes[] = {KVL_CU_ATT_AUTO, KVL_CU_ATT_WG4, KVL_CU_ATT_WG2, KVL_CU_ATT_WG2R, KVL_CU_ATT_WG1,
+                         KVL_CU_ATT_MMA, KVL_CU_ATT_WG3, KVL_CU_ATT_WG4S3, KVL_CU_ATT_WS, KVL_CU_ATT_WSPP,
+                         KVL_CU_ATT_WS3};
+    const char *names[] = {"default", "wgmma x4", "wgmma x2, 2 blocks/SM", "wgmma x2, 1 block/SM", "wgmma x1",
+                           "mma.sync", "wgmma x3", "wgmma x4, 3 stages", "warp-specialised (ws)",
+                           "warp-specialised, ping-pong (wspp)", "warp-specialised, 3 consumers, 64-key tiles (ws3)"};
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
-    double fl = 4.0 * nh * hd * (double)n * (double)(n + 1) / 2;
-    for (int mi = 0; mi < 7; mi++) {
+    for (int mi = 0; mi < 11; mi++) {
         float best = 1e30f;
         for (int r = 0; r < 4; r++) {
             CK(cudaEventRecord(e0, 0));
-            CK(kvl_cu_attention(dout, qd, dq, qd, KVL_CU_BF16, dp, n, dk, dv, KVL_CU_BF16, dp, n, nh, nkv, hd, ws, modes[mi], 0));
+            CK(kvl_cu_attention(dout, qd, dq, qd, KVL_CU_BF16, dqp, nq_t, dk, dv, KVL_CU_BF16, dp, nk_t, nh, nkv, hd, ws,
+                                modes[mi], 0));
             CK(cudaEventRecord(e1, 0));
             CK(cudaEventSynchronize(e1));
             float ms;
             CK(cudaEventElapsedTime(&ms, e0, e1));
             if (r > 0 && ms < best) best = ms;
         }
-        printf("attention bench n=%lld %s: %.2f ms, %.1f TFLOP/s\n", (long long)n, names[mi], best, fl / best / 1e9);
+        printf("attention bench n=%lld%s q=%lld %s: %.3f ms, %.1f TFLOP/s\n", (long long)n, sel ? " selective" : "",
+               (long long)nq_t, names[mi], best, fl / best / 1e9);
     }
-    free(x); free(b); free(pos);
-    cudaFree(dq); cudaFree(dk); cudaFree(dv); cudaFree(dout); cudaFree(dp); cudaFree(ws);
+    free(x); free(b); free(pos); free(qp);
+    cudaFree(dq); cudaFree(dk); cudaFree(dv); cudaFree(dout); cudaFree(dp); cudaFree(dqp); cudaFree(ws);
 }
 
 int main(void) {
@@ -403,7 +431,8 @@ int main(void) {
     if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) KVL_SKIP("no GPU");
     const char *lg = getenv("KVL_LONG"), *ab = getenv("KVL_ATTN_BENCH");
     if (ab && atol(ab) > 0) {
-        attn_bench(atol(ab));
+        const char *sb = getenv("KVL_ATTN_BENCH_SEL");
+        attn_bench(atol(ab), sb && *sb == '1');
         return 0;
     }
     test_synth_convert();
