@@ -58,6 +58,51 @@ int kvl_load_pick_level(const kvl_load_costs *c, int32_t n_levels, const int32_t
  * time of recomputing every context token. */
 double kvl_load_recompute_ratio(double context_load_ms, double full_prefill_ms, double r_min, double r_max);
 
+/* ---------------------------------------------------------------- online cost estimates */
+
+/* The costs a long-running loader (kvloomd) measures on its own work: each throughput is the ratio
+ * of an exponentially weighted moving average (weight alpha for a new sample) of the amounts
+ * (bytes, tokens) and of the times of its samples, so that a large sample counts more than a tiny
+ * one whose time is mostly clock and call overhead. A throughput stays 0 until its first sample.
+ * Fields the operator pinned (kvl_load_costs_parse) never change. Plain data: not thread-safe, the
+ * owner serialises calls. */
+enum { KVL_LOAD_READ = 0, KVL_LOAD_DECODE = 1, KVL_LOAD_PREFILL = 2, KVL_LOAD_N_RATES = 3 };
+enum { KVL_LOAD_PIN_READ = 1, KVL_LOAD_PIN_DECODE = 2, KVL_LOAD_PIN_PREFILL = 4, KVL_LOAD_PIN_FIXED = 8 };
+
+typedef struct kvl_load_est {
+    kvl_load_costs costs;              /* current estimates (0: not measured or pinned yet) */
+    unsigned pinned;                   /* KVL_LOAD_PIN_* */
+    double alpha;                      /* weight of a new sample, (0, 1] */
+    double amount[KVL_LOAD_N_RATES];   /* EWMA of a sample's bytes (READ, DECODE) or tokens (PREFILL) */
+    double ms[KVL_LOAD_N_RATES];       /* EWMA of a sample's milliseconds */
+    uint64_t samples[KVL_LOAD_N_RATES];
+} kvl_load_est;
+
+/* Nothing measured, nothing pinned, fixed_ms 0; alpha outside (0, 1] means 0.2. */
+void kvl_load_est_init(kvl_load_est *e, double alpha);
+
+/* One measurement: amount bytes read from the store (KVL_LOAD_READ), bytes decoded into the
+ * engine's KV dtype (KVL_LOAD_DECODE) or tokens prefilled (KVL_LOAD_PREFILL), in ms milliseconds.
+ * Ignored when the rate is pinned, amount <= 0, ms <= 0 or either is not finite. */
+void kvl_load_est_add(kvl_load_est *e, int which, double amount, double ms);
+
+/* 1 when all three throughputs are known (measured or pinned): only then does
+ * kvl_load_est_decide consult the cost model. */
+int kvl_load_est_ready(const kvl_load_est *e);
+
+/* kvl_load_decide on the current estimates, except that before kvl_load_est_ready it returns 0
+ * (load) without estimating: an unmeasured cost never forces a recompute. load_ms / recompute_ms
+ * (may be NULL) are set to -1 then. */
+int kvl_load_est_decide(const kvl_load_est *e, uint64_t encoded_bytes, uint64_t decoded_bytes, int32_t n_tokens,
+                        double *load_ms, double *recompute_ms);
+
+/* Pins costs from "name=value[,name=value...]" with names read_gbps, decode_gbps, prefill_tok_s
+ * (positive) and fixed_ms (>= 0), each at most once; the named fields are set in e->costs and
+ * marked pinned, the others keep being measured. Errors: KVL_ERR_INVALID_ARG with a message naming
+ * the bad part (empty spec, unknown name, missing '=', a value that is not a finite number in
+ * range, a name given twice). e is unchanged on error. */
+kvl_status kvl_load_costs_parse(const char *spec, kvl_load_est *e);
+
 /* ---------------------------------------------------------------- the load (CUDA builds) */
 
 typedef struct kvl_codec_gpu kvl_codec_gpu;

@@ -52,6 +52,13 @@ typedef struct kvl_http_config {
     int32_t http_threads;     /* libmicrohttpd thread pool size per listener; <= 0: 2 */
     uint64_t store_capacity_bytes; /* 0: the store's setting (1 GiB for a new store) */
     uint64_t store_segment_bytes;  /* segment file size of a new store; 0: the store's default */
+    int32_t load_controller;  /* 1 (default): for every chunk-cache hit of a blend/naive prompt the
+                                 cost model (kvl_load_est_decide, api/kvl_gpu_load.h) says whether
+                                 loading it is slower than recomputing it, and then it is recomputed
+                                 from its tokens in the prompt; 0: every hit is loaded */
+    const char *load_costs;   /* NULL: the controller's costs are measured online; else pinned costs
+                                 "read_gbps=X,decode_gbps=Y,prefill_tok_s=Z,fixed_ms=W" (any subset;
+                                 kvl_load_costs_parse; borrowed for create) */
     kvl_http_limits limits;
 } kvl_http_config;
 
@@ -59,7 +66,8 @@ typedef struct kvl_http_config {
 kvl_http_config kvl_http_config_default(void);
 
 /* Loads the auth file, the model and tokenizer, opens the store; does not listen yet.
- * Errors: KVL_ERR_INVALID_ARG (bad address, non-loopback without auth), KVL_ERR_JSON / KVL_ERR_FORMAT
+ * Errors: KVL_ERR_INVALID_ARG (bad address, non-loopback without auth, bad load_costs, load_costs
+ * with the controller off), KVL_ERR_JSON / KVL_ERR_FORMAT
  * (auth file), model and store errors. *out is owned by the caller (kvl_http_server_free). */
 kvl_status kvl_http_server_create(const kvl_http_config *cfg, kvl_http_server **out);
 

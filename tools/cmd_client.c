@@ -220,9 +220,11 @@ int kvl_cmd_ask(int argc, char **argv) {
         json_t *t = json_object_get(j, "timing"), *s = json_object_get(j, "stats");
         printf("%s\n", json_string_value(json_object_get(j, "text")));
         fflush(stdout);
-        fprintf(stderr, "[%s] ttft %.1f ms, total %.1f ms; chunks hit %lld, missed %lld; tokens cached %lld, recomputed %lld\n",
+        fprintf(stderr, "[%s] ttft %.1f ms, total %.1f ms; chunks hit %lld (recomputed by the load controller %lld), missed %lld; "
+                "tokens cached %lld, recomputed %lld\n",
                 json_string_value(json_object_get(j, "mode")), json_number_value(json_object_get(t, "ttft_ms")),
                 json_number_value(json_object_get(t, "total_ms")), (long long)json_integer_value(json_object_get(s, "chunks_hit")),
+                (long long)json_integer_value(json_object_get(s, "chunks_recomputed")),
                 (long long)json_integer_value(json_object_get(s, "chunks_missed")),
                 (long long)json_integer_value(json_object_get(s, "cached_tokens")),
                 (long long)json_integer_value(json_object_get(s, "recomputed_tokens")));

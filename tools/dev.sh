@@ -6,7 +6,8 @@
 #   tools/dev.sh test         install packages, build, run every test (normal build + ASan/UBSan build)
 #   tools/dev.sh deps|build   the individual steps
 # Environment: KVL_SHARED (default ../shared), KVL_LONG=1 for the long test mode, JOBS for build jobs,
-# KVL_MODEL / KVL_STORE / KVL_PORT / KVL_ADMIN_PORT for the main job.
+# KVL_MODEL / KVL_STORE / KVL_PORT / KVL_ADMIN_PORT / KVL_LOAD_CONTROLLER (on|off) / KVL_LOAD_COSTS
+# (kvloomd --load-costs) for the main job.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -67,7 +68,11 @@ Once it logs "ready", try from another shell:
        -d '{"documents": ["lily"], "query": "Lily", "max_tokens": 40}'
   build/bin/kvloom ask --server $API --doc lily "Lily"
 EXAMPLE
-    exec build/bin/kvloomd --model "$MODEL" --store "$STORE" --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$APORT"
+    CTL=()
+    [ -z "${KVL_LOAD_CONTROLLER:-}" ] || CTL+=(--load-controller "$KVL_LOAD_CONTROLLER")
+    [ -z "${KVL_LOAD_COSTS:-}" ] || CTL+=(--load-costs "$KVL_LOAD_COSTS")
+    exec build/bin/kvloomd --model "$MODEL" --store "$STORE" --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$APORT" \
+        "${CTL[@]}"
     ;;
 test)
     deps

@@ -1,6 +1,7 @@
 /* kvloomd: the kvloom service daemon.
  *
  *   kvloomd --model PATH --store DIR --listen HOST:PORT --admin-listen HOST:PORT [--auth FILE] [--gpu N]
+ *           [--load-controller on|off] [--load-costs read_gbps=X,decode_gbps=Y,prefill_tok_s=Z,fixed_ms=W] ...
  *
  * Logs one line when ready ("kvloomd: ready: ..."); SIGTERM / SIGINT drain the requests in flight
  * and exit 0. Exit 2 on usage errors, 1 when the server cannot start. */
@@ -10,13 +11,15 @@
 #include <string.h>
 
 #include "cli.h"
+#include "kvl_gpu_load.h"
 #include "kvl_http.h"
 
 static const char *USAGE =
     "kvloomd --model PATH --store DIR --listen HOST:PORT --admin-listen HOST:PORT [--auth FILE] [--gpu N]\n"
     "        [--workers N] [--http-threads N] [--max-body-bytes N] [--max-tokens N] [--max-chunks N]\n"
     "        [--max-new-tokens N] [--max-concurrent N] [--request-timeout-ms N] [--drain-timeout-ms N]\n"
-    "        [--store-capacity-mb N] [--store-segment-mb N]";
+    "        [--store-capacity-mb N] [--store-segment-mb N]\n"
+    "        [--load-controller on|off] [--load-costs read_gbps=X,decode_gbps=Y,prefill_tok_s=Z,fixed_ms=W]";
 
 static int usage(const char *fmt, const char *arg) {
     fprintf(stderr, "kvloomd: ");
@@ -47,6 +50,15 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--listen")) c.listen = v;
         else if (!strcmp(a, "--admin-listen")) c.admin_listen = v;
         else if (!strcmp(a, "--auth")) c.auth_file = v;
+        else if (!strcmp(a, "--load-controller")) {
+            if (strcmp(v, "on") && strcmp(v, "off")) return usage("--load-controller needs 'on' or 'off', got '%s'", v);
+            c.load_controller = !strcmp(v, "on");
+        } else if (!strcmp(a, "--load-costs")) {
+            kvl_load_est e;
+            kvl_load_est_init(&e, 0);
+            if (kvl_load_costs_parse(v, &e) != KVL_OK) return usage("--load-costs: %s", kvl_last_error());
+            c.load_costs = v;
+        }
         NUM("--gpu", 0, 64, c.gpu)
         NUM("--workers", 1, 256, c.workers)
         NUM("--http-threads", 1, 256, c.http_threads)
@@ -66,6 +78,8 @@ int main(int argc, char **argv) {
     c.store_segment_bytes <<= 20;
     if (!c.model_path || !c.store_dir || !c.listen || !c.admin_listen)
         return usage("%s", "--model, --store, --listen and --admin-listen are required");
+    if (c.load_costs && !c.load_controller)
+        return usage("%s", "--load-costs needs the load controller (--load-controller on): with it off they are unused");
 
     /* every thread the server starts inherits this mask, so the signals reach only sigwait below */
     sigset_t set;

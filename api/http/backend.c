@@ -15,11 +15,12 @@
 #include "http_impl.h"
 #include "kvl_blend.h"
 #include "kvl_codec.h"
+#include "kvl_gpu_load.h"
 #include "kvl_store.h"
 #include "kvl_store_admin.h"
 #ifdef KVL_HAVE_CUDA
 #include "kvl_codec_gpu.h"
-#include "kvl_gpu_load.h"
+#include "kvl_cuda_backend.h"
 #endif
 
 /* codec_id written into store metadata for values encoded by kvl_codec (KVLC bitstream) */
@@ -27,7 +28,14 @@
 
 typedef struct svc_backend {
     kvl_store *store;
-    char describe[256];
+    char describe[512];
+    /* the load controller (cfg.load_controller): per chunk-cache hit, load it or recompute it from
+     * its tokens, on costs the daemon measures on its own reads, decodes and forward passes (or
+     * pinned by --load-costs); the estimates are shared by the workers */
+    int ctl;
+    pthread_mutex_t emu;
+    kvl_load_est est;
+    size_t kv_elem_bytes; /* bytes of one element of the engine's KV: what a chunk decodes to */
 #ifdef KVL_HAVE_CUDA
     /* a model on the GPU: chunk caches stay encoded until the GPU decoder puts them into the
      * request's kv (kvl_gpu_blend_load); one request at a time uses the decoder */
@@ -47,6 +55,39 @@ static void *gpu_dec_of(const kvl_http_server *s) {
 
 static kvl_store *store_of(const kvl_http_server *s) { return ((svc_backend *)s->backend)->store; }
 
+/* One cost sample (kvl_load_est_add) from a worker. */
+static void est_add(kvl_http_server *s, int which, double amount, double ms) {
+    svc_backend *b = s->backend;
+    pthread_mutex_lock(&b->emu);
+    kvl_load_est_add(&b->est, which, amount, ms);
+    pthread_mutex_unlock(&b->emu);
+}
+
+/* A copy of the estimates for one request's decisions; returns whether the controller is on. */
+static int est_get(kvl_http_server *s, kvl_load_est *out) {
+    svc_backend *b = s->backend;
+    pthread_mutex_lock(&b->emu);
+    *out = b->est;
+    pthread_mutex_unlock(&b->emu);
+    return b->ctl;
+}
+
+/* Bytes a chunk of n tokens decodes to in the engine's KV (every layer, K and V). */
+static double kv_bytes(const kvl_http_server *s, int32_t n) {
+    const kvl_model_config *mc = kvl_model_get_config(s->model);
+    return (double)mc->n_layers * 2.0 * (double)kvl_model_kv_elems_per_layer(s->model, n) *
+           (double)((svc_backend *)s->backend)->kv_elem_bytes;
+}
+
+int kvl_svc_load_costs(kvl_http_server *s, double *read_gbps, double *decode_gbps, double *prefill_tok_s) {
+    kvl_load_est e;
+    int on = est_get(s, &e);
+    *read_gbps = e.costs.read_gbps;
+    *decode_gbps = e.costs.decode_gbps;
+    *prefill_tok_s = e.costs.prefill_tok_s;
+    return on;
+}
+
 kvl_status kvl_svc_backend_open(kvl_http_server *s) {
     svc_backend *b = calloc(1, sizeof *b);
     if (!b) return KVL_ERR_NOMEM;
@@ -54,26 +95,47 @@ kvl_status kvl_svc_backend_open(kvl_http_server *s) {
     kvl_store_options_default(&o);
     if (s->cfg.store_capacity_bytes) o.capacity_bytes = s->cfg.store_capacity_bytes;
     if (s->cfg.store_segment_bytes) o.segment_bytes = s->cfg.store_segment_bytes;
-    kvl_status st = kvl_store_open(s->store_dir, &o, &b->store);
+    b->ctl = s->cfg.load_controller != 0;
+    b->kv_elem_bytes = sizeof(float);
+    kvl_load_est_init(&b->est, 0);
+    kvl_status st = s->cfg.load_costs ? kvl_load_costs_parse(s->cfg.load_costs, &b->est) : KVL_OK;
+    if (st == KVL_OK) st = kvl_store_open(s->store_dir, &o, &b->store);
     if (st != KVL_OK) {
         free(b);
         return st;
     }
+    pthread_mutex_init(&b->emu, NULL);
 #ifdef KVL_HAVE_CUDA
     pthread_mutex_init(&b->gmu, NULL);
-    if (strcmp(kvl_model_backend_name(s->model), "cuda") == 0 && (st = kvl_codec_gpu_create(NULL, &b->gdec)) != KVL_OK) {
-        kvl_store_close(b->store);
-        pthread_mutex_destroy(&b->gmu);
-        free(b);
-        return st;
+    if (strcmp(kvl_model_backend_name(s->model), "cuda") == 0) {
+        /* the KV dtype of this model's kv (bf16 or f32, the engine's choice) */
+        kvl_kv *probe = NULL;
+        kvl_cuda_kv_view v;
+        st = kvl_codec_gpu_create(NULL, &b->gdec);
+        if (st == KVL_OK) st = kvl_kv_create(s->model, 1, &probe);
+        if (st == KVL_OK) st = kvl_cuda_kv_view_get(probe, &v);
+        if (st == KVL_OK) b->kv_elem_bytes = v.dtype == 1 ? 2 : 4;
+        kvl_kv_free(probe);
+        if (st != KVL_OK) {
+            kvl_codec_gpu_free(b->gdec);
+            kvl_store_close(b->store);
+            pthread_mutex_destroy(&b->gmu);
+            pthread_mutex_destroy(&b->emu);
+            free(b);
+            return st;
+        }
     }
 #endif
     kvl_store_stats ss;
+    char ctl[160];
+    if (!b->ctl) snprintf(ctl, sizeof ctl, "load controller off");
+    else if (!s->cfg.load_costs) snprintf(ctl, sizeof ctl, "load controller on (costs measured)");
+    else snprintf(ctl, sizeof ctl, "load controller on (pinned %.100s)", s->cfg.load_costs);
     if (kvl_store_get_stats(b->store, &ss) == KVL_OK)
         snprintf(b->describe, sizeof b->describe,
-                 "chunk store %llu entries / %llu of %llu bytes (%s), codec level %d, modes blend/prefix/naive/full",
+                 "chunk store %llu entries / %llu of %llu bytes (%s), codec level %d, modes blend/prefix/naive/full, %s",
                  (unsigned long long)ss.entries, (unsigned long long)ss.used_bytes,
-                 (unsigned long long)ss.capacity_bytes, ss.io_backend, KVL_CODEC_LEVEL_DEFAULT);
+                 (unsigned long long)ss.capacity_bytes, ss.io_backend, KVL_CODEC_LEVEL_DEFAULT, ctl);
     s->backend = b;
     return KVL_OK;
 }
@@ -86,6 +148,7 @@ void kvl_svc_backend_close(kvl_http_server *s) {
     kvl_codec_gpu_free(b->gdec);
     pthread_mutex_destroy(&b->gmu);
 #endif
+    pthread_mutex_destroy(&b->emu);
     free(b);
     s->backend = NULL;
 }
@@ -230,7 +293,9 @@ kvl_status kvl_svc_ingest(kvl_http_server *s, const char *tenant, const kvl_svc_
         float *kvf = NULL;
         t0 = kvl_now_ms();
         if ((st = prefill_chunk(s, segs[i].tokens, segs[i].n, &kvf)) != KVL_OK) break;
-        t->recompute_ms += kvl_now_ms() - t0;
+        double pms = kvl_now_ms() - t0;
+        t->recompute_ms += pms;
+        est_add(s, KVL_LOAD_PREFILL, segs[i].n + 1, pms); /* BOS + the chunk */
         size_t len = 0;
         t0 = kvl_now_ms();
         st = encode(s, kvf, segs[i].n, KVL_CODEC_LEVEL_DEFAULT, &bufs[nb], &len);
@@ -392,11 +457,13 @@ static kvl_status encoded_value(kvl_http_server *s, const kvl_store_value *v, co
 typedef struct seg_cache {
     kvl_chunk_cache *cc;
     int missed;
+    int recompute; /* a hit the controller recomputes in the prompt (not read: cc NULL) */
     kvl_store_value *val; /* the stored bytes an encoded cache borrows (GPU path), or NULL */
 } seg_cache;
 
-/* Chunk caches of segs: read in one batch, decoded; misses are prefilled (behind BOS) and written
- * back in one batch so the next request hits. */
+/* Chunk caches of segs: the hits the load controller sends to recompute are marked (out[i].recompute)
+ * and not read; the others are read in one batch and decoded; misses are prefilled (behind BOS) and
+ * written back in one batch so the next request hits. */
 static kvl_status load_chunks(kvl_http_server *s, const char *tenant, const kvl_svc_seg *segs, int32_t n_segs,
                               seg_cache *out, kvl_svc_stats *st, kvl_svc_timing *t) {
     const kvl_model_config *mc = kvl_model_get_config(s->model);
@@ -407,19 +474,54 @@ static kvl_status load_chunks(kvl_http_server *s, const char *tenant, const kvl_
     kvl_store_put_item *puts = calloc((size_t)n_segs + 1, sizeof *puts);
     kvl_store_meta *metas = calloc((size_t)n_segs + 1, sizeof *metas);
     uint8_t **bufs = calloc((size_t)n_segs + 1, sizeof *bufs);
-    kvl_status r = keys && vals && vst && puts && metas && bufs ? KVL_OK : KVL_ERR_NOMEM;
+    int32_t *ridx = calloc((size_t)n_segs + 1, sizeof *ridx);
+    kvl_store_key *rkeys = calloc((size_t)n_segs + 1, sizeof *rkeys);
+    kvl_store_value **rvals = calloc((size_t)n_segs + 1, sizeof *rvals);
+    kvl_status *rvst = calloc((size_t)n_segs + 1, sizeof *rvst);
+    kvl_status r = keys && vals && vst && puts && metas && bufs && ridx && rkeys && rvals && rvst ? KVL_OK : KVL_ERR_NOMEM;
     for (int32_t i = 0; i < n_segs && r == KVL_OK; i++) r = kvl_store_key_parse(segs[i].key, &keys[i]);
+    /* the controller decides from the index (the stored value's size) before anything is read, so
+     * a chunk it recomputes costs no read and no decode */
+    kvl_load_est est;
+    int ctl = est_get(s, &est) && kvl_load_est_ready(&est);
+    int32_t n_read = 0;
+    for (int32_t i = 0; i < n_segs && r == KVL_OK; i++) {
+        kvl_store_meta m;
+        if (ctl && kvl_store_stat(store_of(s), &keys[i], &m) == KVL_OK && !strcmp(m.tenant, tenant) &&
+            !memcmp(m.fingerprint, s->fingerprint, 32) && m.codec_id == KVL_SVC_CODEC_KVLC &&
+            (int32_t)m.n_tokens == segs[i].n &&
+            kvl_load_est_decide(&est, m.value_bytes, (uint64_t)kv_bytes(s, segs[i].n), segs[i].n, NULL, NULL)) {
+            out[i].recompute = 1;
+            st->chunks_hit++;
+            st->chunks_recomputed++;
+            continue;
+        }
+        ridx[n_read] = i;
+        rkeys[n_read++] = keys[i];
+    }
     double t0 = kvl_now_ms();
-    if (r == KVL_OK) r = kvl_store_get_batch(store_of(s), (size_t)n_segs, keys, s->fingerprint, vals, vst);
-    t->read_ms += kvl_now_ms() - t0;
+    if (r == KVL_OK && n_read) r = kvl_store_get_batch(store_of(s), (size_t)n_read, rkeys, s->fingerprint, rvals, rvst);
+    double read_ms = kvl_now_ms() - t0;
+    t->read_ms += read_ms;
+    uint64_t read_bytes = 0;
+    for (int32_t j = 0; j < n_read; j++) { /* every value read is freed with vals */
+        vals[ridx[j]] = rvals[j];
+        vst[ridx[j]] = rvst[j];
+        if (rvst[j] == KVL_OK) read_bytes += kvl_store_value_size(rvals[j]);
+    }
+    if (r == KVL_OK) est_add(s, KVL_LOAD_READ, (double)read_bytes, read_ms);
     int32_t n_puts = 0;
     for (int32_t i = 0; i < n_segs && r == KVL_OK; i++) {
+        if (out[i].recompute) continue;
         if (vst[i] == KVL_OK && strcmp(kvl_store_value_meta(vals[i])->tenant, tenant) != 0) vst[i] = KVL_ERR_KEY_NOT_FOUND;
         if (vst[i] == KVL_OK) {
             st->bytes_read += kvl_store_value_size(vals[i]);
             t0 = kvl_now_ms();
             kvl_status d = gpu_dec_of(s) ? encoded_value(s, vals[i], &bos, 1, &out[i].cc) : decode_value(s, vals[i], &bos, 1, &out[i].cc);
-            t->decode_ms += kvl_now_ms() - t0;
+            double dms = kvl_now_ms() - t0;
+            t->decode_ms += dms;
+            /* on the GPU the decode happens later (kvl_gpu_blend_load) and is measured there */
+            if (d == KVL_OK && !gpu_dec_of(s)) est_add(s, KVL_LOAD_DECODE, kv_bytes(s, segs[i].n), dms);
             if (d == KVL_OK) {
                 st->chunks_hit++;
                 if (!out[i].cc->kv) { /* the cache borrows the value's bytes */
@@ -439,7 +541,9 @@ static kvl_status load_chunks(kvl_http_server *s, const char *tenant, const kvl_
         st->chunks_missed++;
         t0 = kvl_now_ms();
         r = kvl_chunk_cache_prefill(s->model, segs[i].tokens, segs[i].n, &bos, 1, &out[i].cc);
-        t->recompute_ms += kvl_now_ms() - t0;
+        double pms = kvl_now_ms() - t0;
+        t->recompute_ms += pms;
+        if (r == KVL_OK) est_add(s, KVL_LOAD_PREFILL, segs[i].n + 1, pms); /* BOS + the chunk */
         st->recomputed_tokens += segs[i].n;
         if (r != KVL_OK) break;
         size_t len = 0;
@@ -472,6 +576,10 @@ static kvl_status load_chunks(kvl_http_server *s, const char *tenant, const kvl_
     free(puts);
     free(metas);
     free(bufs);
+    free(ridx);
+    free(rkeys);
+    free(rvals);
+    free(rvst);
     return r;
 }
 
@@ -493,13 +601,18 @@ static kvl_status load_prefix(kvl_http_server *s, const char *tenant, const int3
             kvl_store_value *v = NULL;
             double t0 = kvl_now_ms();
             kvl_status g = kvl_store_get(store_of(s), &chain[i], s->fingerprint, &v);
-            t->read_ms += kvl_now_ms() - t0;
+            double rms = kvl_now_ms() - t0;
+            t->read_ms += rms;
             if (g == KVL_OK && strcmp(kvl_store_value_meta(v)->tenant, tenant) == 0 &&
                 (int32_t)kvl_store_value_n_tokens(v) == len) {
                 st->bytes_read += kvl_store_value_size(v);
+                est_add(s, KVL_LOAD_READ, (double)kvl_store_value_size(v), rms);
                 t0 = kvl_now_ms();
                 g = decode_value(s, v, prompt, at, &blocks[i].cc);
-                t->decode_ms += kvl_now_ms() - t0;
+                double dms = kvl_now_ms() - t0;
+                t->decode_ms += dms;
+                /* the CPU decoder: a rate for the controller only where chunk caches decode there too */
+                if (g == KVL_OK && !gpu_dec_of(s)) est_add(s, KVL_LOAD_DECODE, kv_bytes(s, len), dms);
             } else if (g == KVL_OK) {
                 g = KVL_ERR_KEY_NOT_FOUND;
             }
@@ -609,7 +722,10 @@ kvl_status kvl_svc_prefill(kvl_http_server *s, const char *tenant, const kvl_svc
         bs[n_bs++] = (kvl_blend_segment){NULL, prompt, 1};
         r = load_chunks(s, tenant, segs, n_segs, sc, st, t);
         t->lookup_ms += kvl_now_ms() - t0 - t->read_ms - t->decode_ms - t->recompute_ms;
-        for (int32_t i = 0; i < n_segs && r == KVL_OK; i++) bs[n_bs++] = (kvl_blend_segment){sc[i].cc, NULL, 0};
+        /* a chunk the controller recomputes is uncached text of the prompt, like the query */
+        for (int32_t i = 0; i < n_segs && r == KVL_OK; i++)
+            bs[n_bs++] = sc[i].recompute ? (kvl_blend_segment){NULL, segs[i].tokens, segs[i].n}
+                                         : (kvl_blend_segment){sc[i].cc, NULL, 0};
         bs[n_bs++] = (kvl_blend_segment){NULL, query, n_query};
     }
     if (t->lookup_ms < 0) t->lookup_ms = 0;
@@ -627,18 +743,27 @@ kvl_status kvl_svc_prefill(kvl_http_server *s, const char *tenant, const kvl_svc
          * before the blend pass and computes only the uncached tokens, so it hides little decoding
          * (and that combination has not run on a GPU yet) */
         svc_backend *b = s->backend;
+        double enc_bytes = 0; /* what the GPU decodes: the chunks whose cache is still encoded */
+        for (int32_t i = 0; i < n_segs; i++)
+            if (sc[i].val) enc_bytes += kv_bytes(s, segs[i].n);
         pthread_mutex_lock(&b->gmu);
+        double g0 = kvl_now_ms();
         r = kvl_gpu_blend_load(s->model, plan, bs, kv, b->gdec, NULL);
+        double gms = kvl_now_ms() - g0;
         pthread_mutex_unlock(&b->gmu);
+        if (r == KVL_OK) est_add(s, KVL_LOAD_DECODE, enc_bytes, gms);
     } else
 #endif
         if (r == KVL_OK) r = kvl_blend_load(s->model, plan, bs, kv);
     t->decode_ms += kvl_now_ms() - t0;
     t0 = kvl_now_ms();
     if (r == KVL_OK) r = kvl_blend_run(s->model, plan, kv, logits);
-    t->recompute_ms += kvl_now_ms() - t0;
+    double run_ms = kvl_now_ms() - t0;
+    t->recompute_ms += run_ms;
     if (r == KVL_OK) {
         kvl_blend_cost c = kvl_blend_plan_cost(plan);
+        /* the prefill rate: the pass's token-layers in whole tokens per second */
+        est_add(s, KVL_LOAD_PREFILL, (double)c.token_layers / mc->n_layers, run_ms);
         /* tokens whose final-layer K/V came from a cache vs were computed for this prompt */
         int32_t computed = plan->n_uncached + c.final_cached;
         if (mode == KVL_BLEND_FULL) computed = n;

@@ -211,9 +211,10 @@ static json_t *timing_json(const kvl_svc_timing *t, double ttft, double total) {
 }
 
 static json_t *stats_json(const kvl_svc_stats *st) {
-    return json_pack("{s:i,s:i,s:i,s:i,s:i,s:I}", "prompt_tokens", st->prompt_tokens, "cached_tokens", st->cached_tokens,
-                     "recomputed_tokens", st->recomputed_tokens, "chunks_hit", st->chunks_hit, "chunks_missed",
-                     st->chunks_missed, "bytes_read", (json_int_t)st->bytes_read);
+    return json_pack("{s:i,s:i,s:i,s:i,s:i,s:i,s:I}", "prompt_tokens", st->prompt_tokens, "cached_tokens",
+                     st->cached_tokens, "recomputed_tokens", st->recomputed_tokens, "chunks_hit", st->chunks_hit,
+                     "chunks_missed", st->chunks_missed, "chunks_recomputed", st->chunks_recomputed, "bytes_read",
+                     (json_int_t)st->bytes_read);
 }
 
 /* ---------------------------------------------------------------- POST /v1/documents */
@@ -590,6 +591,7 @@ static void generate(kvl_req *r) {
     atomic_fetch_add(&s->metrics.generated_tokens, (uint64_t)n_out);
     atomic_fetch_add(&s->metrics.chunks_hit, (uint64_t)st.chunks_hit);
     atomic_fetch_add(&s->metrics.chunks_missed, (uint64_t)st.chunks_missed);
+    atomic_fetch_add(&s->metrics.chunks_recomputed, (uint64_t)st.chunks_recomputed);
     atomic_fetch_add(&s->metrics.cached_tokens, (uint64_t)st.cached_tokens);
     atomic_fetch_add(&s->metrics.recomputed_tokens, (uint64_t)st.recomputed_tokens);
     atomic_fetch_add(&s->metrics.bytes_read, st.bytes_read);
@@ -951,9 +953,11 @@ done:
 }
 
 static void metrics(kvl_req *r) {
-    int64_t e = -1, b = -1, c = -1;
-    if (kvl_svc_store_gauges(r->srv, &e, &b, &c) != KVL_OK) e = b = c = -1;
-    char *text = kvl_metrics_render(&r->srv->metrics, e, b, c);
+    kvl_metrics_gauges g = {-1, -1, -1, 0, 0, 0, 0};
+    if (kvl_svc_store_gauges(r->srv, &g.store_entries, &g.store_bytes, &g.store_capacity) != KVL_OK)
+        g.store_entries = g.store_bytes = g.store_capacity = -1;
+    g.load_controller = kvl_svc_load_costs(r->srv, &g.read_gbps, &g.decode_gbps, &g.prefill_tok_s);
+    char *text = kvl_metrics_render(&r->srv->metrics, &g);
     if (!text) {
         kvl_req_error(r, 500, "internal", NULL, "out of memory");
         return;

@@ -66,7 +66,7 @@ typedef struct kvl_metrics {
     uint64_t ttft_hist[KVL_HIST_BUCKETS + 1];
     double ttft_sum;
     uint64_t ttft_count;
-    _Atomic uint64_t chunks_hit, chunks_missed, cached_tokens, recomputed_tokens, bytes_read,
+    _Atomic uint64_t chunks_hit, chunks_missed, chunks_recomputed, cached_tokens, recomputed_tokens, bytes_read,
         ingested_chunks, ingested_tokens, ingested_docs, generated_tokens, evictions, evicted_bytes,
         rejected_limit, rejected_busy, rejected_auth, timeouts;
     _Atomic int64_t inflight;
@@ -77,10 +77,15 @@ void kvl_metrics_destroy(kvl_metrics *m);
 void kvl_metrics_request(kvl_metrics *m, kvl_route r, int status, double ms);
 void kvl_metrics_ttft(kvl_metrics *m, double ms);
 const char *kvl_route_name(kvl_route r);
-/* Renders the Prometheus text exposition (version 0.0.4) into a malloc'ed string. store_* are
- * gauges read by the caller (negative: not exported). */
-char *kvl_metrics_render(kvl_metrics *m, int64_t store_entries, int64_t store_bytes,
-                         int64_t store_capacity);
+/* Gauges the caller reads for a render: store_* negative are not exported; the load controller's
+ * estimates only while it is on, each once known (> 0). */
+typedef struct kvl_metrics_gauges {
+    int64_t store_entries, store_bytes, store_capacity;
+    int load_controller;
+    double read_gbps, decode_gbps, prefill_tok_s;
+} kvl_metrics_gauges;
+/* Renders the Prometheus text exposition (version 0.0.4) into a malloc'ed string. */
+char *kvl_metrics_render(kvl_metrics *m, const kvl_metrics_gauges *g);
 
 /* ---------------------------------------------------------------- worker pool (workers.c) */
 
@@ -214,6 +219,7 @@ typedef struct kvl_svc_timing {
 
 typedef struct kvl_svc_stats {
     int32_t cached_tokens, recomputed_tokens, chunks_hit, chunks_missed, prompt_tokens;
+    int32_t chunks_recomputed; /* hits the load controller recomputed instead of loading (in chunks_hit) */
     uint64_t bytes_read;
 } kvl_svc_stats;
 
@@ -234,7 +240,9 @@ kvl_status kvl_svc_ingest(kvl_http_server *s, const char *tenant, const kvl_svc_
 /* Builds the prompt BOS + segs + query into a new kv (capacity n_prompt + extra slots) with mode
  * ("full", "naive", "blend", "prefix") and recompute ratio, and writes the logits of the last prompt
  * token into logits[vocab]. *kv_out owned by the caller. Missing caches are recomputed (counted in
- * stats). */
+ * stats). In blend and naive mode, with the load controller on, a cached chunk whose load is
+ * estimated slower than its recompute is not read: its tokens are computed in the prompt like the
+ * query's (stats: a hit, and chunks_recomputed). */
 kvl_status kvl_svc_prefill(kvl_http_server *s, const char *tenant, const kvl_svc_seg *segs, int32_t n_segs,
                            const int32_t *query, int32_t n_query, const char *mode, double ratio,
                            int32_t extra, kvl_kv **kv_out, int32_t **prompt_out, int32_t *n_prompt,
@@ -259,6 +267,9 @@ int kvl_svc_chunk_cached(kvl_http_server *s, const char *tenant, const char *key
 /* CacheGen-encodes a [layers][k|v][n][kv_heads][head_dim] f32 tensor at the default lossy level
  * (*out malloc'ed). */
 kvl_status kvl_svc_encode_kv(kvl_http_server *s, const float *kv, int32_t n, uint8_t **out, size_t *len);
+
+/* The load controller's current cost estimates (0: not measured yet); returns 1 when it is on. */
+int kvl_svc_load_costs(kvl_http_server *s, double *read_gbps, double *decode_gbps, double *prefill_tok_s);
 
 /* Admin: store statistics (JSON), gauges for /metrics, the audit report, eviction, per-tenant store
  * usage ({tenant: {store_entries, store_bytes}}). */

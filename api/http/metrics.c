@@ -108,8 +108,8 @@ static void render_hist(sbuf *b, const char *name, const char *labels, const uin
     sb_printf(b, "# HELP " name " " help "\n# TYPE " name " counter\n" name " %llu\n",                \
               (unsigned long long)(v))
 
-char *kvl_metrics_render(kvl_metrics *m, int64_t store_entries, int64_t store_bytes,
-                         int64_t store_capacity) {
+char *kvl_metrics_render(kvl_metrics *m, const kvl_metrics_gauges *g) {
+    int64_t store_entries = g->store_entries, store_bytes = g->store_bytes, store_capacity = g->store_capacity;
     sbuf b = {malloc(8192), 0, 8192, 0};
     if (!b.p) return NULL;
     pthread_mutex_lock(&m->mu);
@@ -143,6 +143,10 @@ char *kvl_metrics_render(kvl_metrics *m, int64_t store_entries, int64_t store_by
     COUNTER(&b, "kvloom_chunk_hits_total", "Prompt chunks whose cache was found in the store.", m->chunks_hit);
     COUNTER(&b, "kvloom_chunk_misses_total", "Prompt chunks recomputed from their tokens (no cache).",
             m->chunks_missed);
+    COUNTER(&b, "kvloom_chunk_recomputed_total",
+            "Cached prompt chunks the load controller recomputed because loading them was estimated slower "
+            "(counted in the hits too).",
+            m->chunks_recomputed);
     COUNTER(&b, "kvloom_cached_tokens_total", "Prompt tokens served from caches.", m->cached_tokens);
     COUNTER(&b, "kvloom_recomputed_tokens_total", "Prompt tokens computed by the engine.", m->recomputed_tokens);
     COUNTER(&b, "kvloom_store_read_bytes_total", "Encoded cache bytes read from the store.", m->bytes_read);
@@ -171,6 +175,18 @@ char *kvl_metrics_render(kvl_metrics *m, int64_t store_entries, int64_t store_by
         sb_printf(&b, "# HELP kvloom_store_capacity_bytes Store capacity.\n"
                       "# TYPE kvloom_store_capacity_bytes gauge\nkvloom_store_capacity_bytes %lld\n",
                   (long long)store_capacity);
+    if (g->load_controller) {
+        static const char *const names[3] = {"kvloom_load_read_gbps", "kvloom_load_decode_gbps",
+                                             "kvloom_load_prefill_tokens_per_second"};
+        static const char *const helps[3] = {
+            "Load controller: store read throughput estimate (encoded bytes), GB/s.",
+            "Load controller: decode throughput estimate (bytes of the engine's KV), GB/s.",
+            "Load controller: prefill throughput estimate, tokens per second."};
+        double v[3] = {g->read_gbps, g->decode_gbps, g->prefill_tok_s};
+        for (int i = 0; i < 3; i++)
+            if (v[i] > 0)
+                sb_printf(&b, "# HELP %s %s\n# TYPE %s gauge\n%s %.6g\n", names[i], helps[i], names[i], names[i], v[i]);
+    }
     if (b.oom) {
         free(b.p);
         return NULL;

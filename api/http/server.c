@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "http_impl.h"
+#include "kvl_gpu_load.h"
 
 double kvl_now_ms(void) {
     struct timespec ts;
@@ -30,6 +31,7 @@ kvl_http_config kvl_http_config_default(void) {
     c.gpu = -1;
     c.workers = 2;
     c.http_threads = 2;
+    c.load_controller = 1;
     c.limits.max_body_bytes = 8u << 20;
     c.limits.max_tokens = 65536;
     c.limits.max_chunks = 1024;
@@ -484,6 +486,13 @@ kvl_status kvl_http_server_create(const kvl_http_config *cfg, kvl_http_server **
         return kvl_errorf(KVL_ERR_INVALID_ARG,
                           "without --auth the server only listens on loopback addresses (127.0.0.1, ::1); "
                           "give --auth FILE to listen on %s", !a.loopback ? cfg->listen : cfg->admin_listen);
+    if (cfg->load_costs) {
+        if (!cfg->load_controller)
+            return kvl_errorf(KVL_ERR_INVALID_ARG, "load costs given with the load controller off: they would not be used");
+        kvl_load_est e;
+        kvl_load_est_init(&e, 0);
+        KVL_TRY(kvl_load_costs_parse(cfg->load_costs, &e));
+    }
     kvl_http_server *s = calloc(1, sizeof *s);
     if (!s) return KVL_ERR_NOMEM;
     s->cfg = *cfg;
@@ -523,7 +532,9 @@ kvl_status kvl_http_server_create(const kvl_http_config *cfg, kvl_http_server **
     if ((st = kvl_tokenizer_load(tpath, kvl_model_get_config(s->model)->vocab_size, &s->tok)) != KVL_OK) goto fail;
     memcpy(s->fingerprint, kvl_model_fingerprint(s->model), 32);
     kvl_model_fingerprint_hex(s->model, s->fingerprint_hex);
-    if ((st = kvl_svc_backend_open(s)) != KVL_OK) goto fail;
+    st = kvl_svc_backend_open(s);
+    s->cfg.load_costs = NULL; /* borrowed for create: parsed by the backend */
+    if (st != KVL_OK) goto fail;
     const kvl_model_config *mc = kvl_model_get_config(s->model);
     snprintf(s->describe, sizeof s->describe,
              "model %s (%d layers, max_seq %d, %s backend, fingerprint %.16s), store %s, %s%s tenants",

@@ -118,12 +118,20 @@ class Response:
         return f"<{self.status} {self.body[:200]!r}>"
 
 
+# Load-controller costs pinned so that every cached chunk is loaded (a 1 tokens/s prefill): the
+# tests of hits, bytes read and cached tokens stay deterministic whatever the machine measures.
+# Tests of the controller itself pass load_costs=None (measured costs) or their own.
+LOAD_EVERY_HIT = "read_gbps=1000,decode_gbps=1000,prefill_tok_s=1"
+
+
 class Daemon:
     """The real kvloomd on loopback with random free ports."""
 
-    def __init__(self, binary, model, store, auth=None, extra=(), ready_timeout=60):
+    def __init__(self, binary, model, store, auth=None, extra=(), ready_timeout=60, load_costs=LOAD_EVERY_HIT):
         self.binary, self.model, self.store, self.auth = binary, model, store, auth
         self.extra = list(extra)
+        if load_costs and "--load-controller" not in self.extra:
+            self.extra += ["--load-costs", load_costs]
         self.ready_timeout = ready_timeout
         self.proc = None
 

@@ -2,7 +2,7 @@
 """kvloomd tests against the real daemon on loopback.
 
 usage: test_service.py GROUP --bin build/bin/kvloomd --model MODEL --work DIR
-GROUP: e2e | auth | isolation | badinput | limits | drain | metrics | loopback | cli
+GROUP: e2e | auth | isolation | badinput | limits | drain | metrics | loopback | cli | cache | readme | loadctl
 Every JSON response is validated against docs/openapi.yaml. Exit status = number of failures.
 """
 import argparse
@@ -689,7 +689,117 @@ def test_readme(a):
         d.stop()
 
 
-GROUPS = {"readme": test_readme, "cache": test_cache, "cli": test_cli, "e2e": test_e2e, "auth": test_auth, "isolation": test_isolation, "badinput": test_badinput,
+# ---------------------------------------------------------------- the load controller
+
+def metric_values(d):
+    vals = {}
+    for line in d.request("GET", "/metrics", admin=True).body.decode().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, _, v = line.rpartition(" ")
+        vals[name] = float(v)
+    return vals
+
+
+def test_loadctl(a):
+    """kvloomd's load controller: costs pinned so that recomputing is cheaper recompute every hit
+    (nothing read; the same tokens as a full prefill, everything being computed), pinned the other
+    way load every hit; measured costs appear in /metrics; bad options are refused."""
+    store = fresh(a.work, "ctl")
+    base = [a.bin, "--model", a.model, "--store", store, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
+    for args, want in [(["--load-controller", "maybe"], "--load-controller needs 'on' or 'off', got 'maybe'"),
+                       (["--load-controller"], "incomplete argument"),
+                       (["--load-costs", "read_gbps=-1"], "--load-costs: cost read_gbps needs a finite number > 0, got '-1'"),
+                       (["--load-costs", "read_gbps=1,read_gbps=2"], "cost read_gbps given twice"),
+                       (["--load-costs", "prefill_tok_s=fast"], "cost prefill_tok_s needs a finite number > 0, got 'fast'"),
+                       (["--load-costs", "fixed_ms=-1"], "cost fixed_ms needs a finite number >= 0"),
+                       (["--load-costs", "foo=1"], "unknown cost 'foo'"),
+                       (["--load-costs", "read_gbps"], "cost 'read_gbps' is not name=value"),
+                       (["--load-costs", ""], "empty cost list"),
+                       (["--load-costs", "read_gbps=1", "--load-controller", "off"], "--load-costs needs the load controller")]:
+        p = subprocess.run(base + args, capture_output=True, text=True, timeout=60)
+        check(p.returncode == 2 and want in p.stderr and "usage" in p.stderr,
+              f"{args}: refused with a message: rc {p.returncode} {p.stderr!r}")
+
+    req = {"documents": ["d0", "d1", "d2"], "query": "Lily and Max", "max_tokens": 10}
+    recompute_cheaper = "read_gbps=1e-6,decode_gbps=1e-6,prefill_tok_s=1e9,fixed_ms=0"
+    d = Daemon(a.bin, a.model, store, load_costs=recompute_cheaper).start()
+    try:
+        check("load controller on (pinned read_gbps=1e-6" in d.ready_line, f"ready line says so: {d.ready_line}")
+        if "blend" not in modes_of(d):
+            print("skipped: CacheBlend is not in this build")
+            d.stop()
+            sys.exit(77)
+        docs = [d.request("POST", "/v1/documents", {"text": t, "chunk_tokens": 16, "doc_id": f"d{i}"}).json()
+                for i, t in enumerate(DOCS)]
+        keys = [c["key"] for x in docs for c in x["chunks"]]
+        n = len(keys)
+        out = {m: d.request("POST", "/v1/generate", dict(req, mode=m)).json() for m in ["full", "blend", "naive", "prefix"]}
+        for m in ["blend", "naive"]:
+            st = out[m]["stats"]
+            check(st["chunks_hit"] == n and st["chunks_recomputed"] == n and st["chunks_missed"] == 0,
+                  f"{m}: every hit recomputed: {st}")
+            check(st["bytes_read"] == 0 and st["cached_tokens"] == 0 and st["recomputed_tokens"] == st["prompt_tokens"],
+                  f"{m}: nothing read, everything computed: {st}")
+            check(out[m]["tokens"] == out["full"]["tokens"], f"{m} with every chunk recomputed == full: "
+                  f"{out[m]['tokens']} vs {out['full']['tokens']}")
+        check(out["full"]["stats"]["chunks_recomputed"] == 0 and out["prefix"]["stats"]["chunks_recomputed"] == 0,
+              "full and prefix mode do not consult the controller")
+        r = d.request("POST", "/v1/context", {"documents": ["d0"], "query": "Lily", "mode": "blend", "format": "cachegen"})
+        check(r.status == 200, f"context over recomputed chunks: {r.status}")
+        vals = metric_values(d)
+        check(vals.get("kvloom_chunk_recomputed_total") == 2 * n, f"metrics count them: {vals.get('kvloom_chunk_recomputed_total')}")
+        check(vals.get("kvloom_load_read_gbps") == 1e-6 and vals.get("kvloom_load_prefill_tokens_per_second") == 1e9,
+              "pinned estimates exported as they are")
+        # a miss is still recomputed on its own and written back; the other chunks are recomputed hits
+        check(d.request("DELETE", f"/v1/chunks/{keys[1]}").status == 200, "chunk deleted")
+        st = d.request("POST", "/v1/generate", dict(req, mode="blend")).json()["stats"]
+        check(st["chunks_missed"] == 1 and st["chunks_hit"] == n - 1 and st["chunks_recomputed"] == n - 1,
+              f"one miss, the rest recomputed hits: {st}")
+        st = d.request("POST", "/v1/generate", dict(req, mode="blend")).json()["stats"]
+        check(st["chunks_missed"] == 0 and st["chunks_recomputed"] == n, f"the miss was written back: {st}")
+    finally:
+        d.stop()
+
+    # the other way round: every hit loaded
+    d = Daemon(a.bin, a.model, store, load_costs="read_gbps=1000,decode_gbps=1000,prefill_tok_s=1").start()
+    try:
+        for m in ["blend", "naive"]:
+            st = d.request("POST", "/v1/generate", dict(req, mode=m)).json()["stats"]
+            check(st["chunks_hit"] == n and st["chunks_recomputed"] == 0 and st["bytes_read"] > 0 and st["cached_tokens"] > 0,
+                  f"{m}: loading cheaper: every hit loaded: {st}")
+    finally:
+        d.stop()
+
+    # off: today's behaviour, no estimates exported
+    d = Daemon(a.bin, a.model, store, extra=["--load-controller", "off"]).start()
+    try:
+        check("load controller off" in d.ready_line, f"ready line: {d.ready_line}")
+        st = d.request("POST", "/v1/generate", dict(req, mode="blend")).json()["stats"]
+        check(st["chunks_hit"] == n and st["chunks_recomputed"] == 0 and st["bytes_read"] > 0, f"off: loads: {st}")
+        vals = metric_values(d)
+        check(not any(k.startswith("kvloom_load_") for k in vals), "off: no estimates exported")
+    finally:
+        d.stop()
+
+    # measured costs (the default): a fresh daemon loads until it has measured a read, a decode and
+    # a prefill; then the estimates are exported and every chunk is accounted for
+    d = Daemon(a.bin, a.model, store, load_costs=None).start()
+    try:
+        check("load controller on (costs measured)" in d.ready_line, f"ready line: {d.ready_line}")
+        st = d.request("POST", "/v1/generate", dict(req, mode="blend")).json()["stats"]
+        check(st["chunks_recomputed"] == 0 and st["bytes_read"] > 0, f"nothing measured yet: every hit loaded: {st}")
+        vals = metric_values(d)
+        for g in ["kvloom_load_read_gbps", "kvloom_load_decode_gbps", "kvloom_load_prefill_tokens_per_second"]:
+            check(vals.get(g, 0) > 0, f"{g} measured: {vals.get(g)}")
+        st = d.request("POST", "/v1/generate", dict(req, mode="blend")).json()["stats"]
+        check(st["chunks_hit"] == n and 0 <= st["chunks_recomputed"] <= n and st["chunks_missed"] == 0,
+              f"measured: each hit loaded or recomputed: {st}")
+    finally:
+        d.stop()
+
+
+GROUPS = {"loadctl": test_loadctl, "readme": test_readme, "cache": test_cache, "cli": test_cli, "e2e": test_e2e, "auth": test_auth, "isolation": test_isolation, "badinput": test_badinput,
           "limits": test_limits, "drain": test_drain, "metrics": test_metrics, "loopback": test_loopback}
 
 
