@@ -98,8 +98,9 @@ cudaError_t kvl_cu_argmax(int32_t *out, const float *logits, int64_t n, int64_t 
  * everything else the generic float32 split-KV kernel (any hd up to 1024); KVL_CU_ATT_GENERIC
  * forces the latter, KVL_CU_ATT_MMA takes the mma.sync flash kernel where the wgmma one would run
  * The wgmma kernel runs four warpgroups per block on 256 queries of one head (one block per SM)
- * when that still makes two waves of blocks, else (KVL_CU_ATT_WG2) two warpgroups on 128 queries,
- * two blocks per SM. For tests and comparisons: KVL_CU_ATT_WG1 one warpgroup per block;
+ * when that still makes two waves of blocks, else (short query sets) the warp-specialised kernel
+ * (KVL_CU_ATT_WS) for hd 128 and two warpgroups on 128 queries, two blocks per SM (KVL_CU_ATT_WG2)
+ * for hd 64. For tests and comparisons: KVL_CU_ATT_WG1 one warpgroup per block;
  * KVL_CU_ATT_WG2R two warpgroups, one block per SM; KVL_CU_ATT_WG2H 64 queries of two heads of one
  * KV group (GQA groups of even size); KVL_CU_ATT_WG3 / WG4 three / four warpgroups always;
  * KVL_CU_ATT_WG4S3 four with a three-stage K/V pipeline; KVL_CU_ATT_WS (hd 128) one producer
