@@ -491,7 +491,7 @@ __device__ __forceinline__ float ex2(float x) {
     return y;
 }
 
-template <int HD, int NW, int MB, int HP, int ST, int OPT = 3>
+template <int HD, int NW, int MB, int HP, int ST>
 __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, int64_t ldo, const __nv_bfloat16 *q,
                                                   int64_t ldq, const int32_t *qpos, int64_t n_q,
                                                   const __nv_bfloat16 *k, const __nv_bfloat16 *vt, int64_t n_pad,
@@ -632,11 +632,10 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
         }
         /* row maxima and sums with 4 partial results each: short dependency chains */
         float pm0[4] = {m0, m0, m0, m0}, pm1[4] = {m1, m1, m1, m1};
-        constexpr int PK = OPT & 2 ? 3 : 0;
 #pragma unroll
         for (int n = 0; n < WBN / 8; n++) {
-            pm0[n & PK] = fmaxf(pm0[n & PK], fmaxf(s[4 * n], s[4 * n + 1]));
-            pm1[n & PK] = fmaxf(pm1[n & PK], fmaxf(s[4 * n + 2], s[4 * n + 3]));
+            pm0[n & 3] = fmaxf(pm0[n & 3], fmaxf(s[4 * n], s[4 * n + 1]));
+            pm1[n & 3] = fmaxf(pm1[n & 3], fmaxf(s[4 * n + 2], s[4 * n + 3]));
         }
         float mx0 = fmaxf(fmaxf(pm0[0], pm0[1]), fmaxf(pm0[2], pm0[3]));
         float mx1 = fmaxf(fmaxf(pm1[0], pm1[1]), fmaxf(pm1[2], pm1[3]));
@@ -655,22 +654,18 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
             s[4 * n + 1] = ex2(s[4 * n + 1] * sl2 - ms0);
             s[4 * n + 2] = ex2(s[4 * n + 2] * sl2 - ms1);
             s[4 * n + 3] = ex2(s[4 * n + 3] * sl2 - ms1);
-            qs0[n & PK] += s[4 * n] + s[4 * n + 1];
-            qs1[n & PK] += s[4 * n + 2] + s[4 * n + 3];
+            qs0[n & 3] += s[4 * n] + s[4 * n + 1];
+            qs1[n & 3] += s[4 * n + 2] + s[4 * n + 3];
         }
         const float ps0 = (qs0[0] + qs0[1]) + (qs0[2] + qs0[3]), ps1 = (qs1[0] + qs1[1]) + (qs1[2] + qs1[3]);
         l0 = l0 * a0 + ps0;
         l1 = l1 * a1 + ps1;
-        /* a row whose running max did not move has a factor of exactly 1: skip the rescale when
-         * that holds for the whole warp (most tiles of a long row) */
-        if (!(OPT & 1) || __any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
 #pragma unroll
-            for (int d = 0; d < HD / 8; d++) {
-                o[4 * d + 0] *= a0;
-                o[4 * d + 1] *= a0;
-                o[4 * d + 2] *= a1;
-                o[4 * d + 3] *= a1;
-            }
+        for (int d = 0; d < HD / 8; d++) {
+            o[4 * d + 0] *= a0;
+            o[4 * d + 1] *= a0;
+            o[4 * d + 2] *= a1;
+            o[4 * d + 3] *= a1;
         }
 #pragma unroll
         for (int kk = 0; kk < WBN / 16; kk++) {
@@ -728,7 +723,7 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
 #endif
 }
 
-template <int HD, int NW, int MB, int HP, int ST, int OPT = 3>
+template <int HD, int NW, int MB, int HP, int ST>
 cudaError_t launch_flash_wg(void *out, int64_t ldo, const void *q, int64_t ldq, const int32_t *qpos, int64_t n_q,
                             const void *k, const void *v, const int32_t *kpos, int64_t n_kv, int nh, int nkv, void *ws,
                             cudaStream_t s) {
@@ -742,14 +737,14 @@ cudaError_t launch_flash_wg(void *out, int64_t ldo, const void *q, int64_t ldq, 
     constexpr int smem = wg_smem<HD, NW, ST>();
     static bool attr_set = false; /* idempotent: racing first calls set the same value */
     if (!attr_set) {
-        cudaError_t e = cudaFuncSetAttribute(flash_wg_k<HD, NW, MB, HP, ST, OPT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        cudaError_t e = cudaFuncSetAttribute(flash_wg_k<HD, NW, MB, HP, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         if (e != cudaSuccess) return e;
         attr_set = true;
     }
     constexpr int rows = HP == 1 ? 64 * NW : 64;
     dim3 grid((unsigned)((n_q + rows - 1) / rows), (unsigned)(nh / HP));
     float sl2 = (1.0f / sqrtf((float)HD)) * 1.4426950408889634f;
-    flash_wg_k<HD, NW, MB, HP, ST, OPT><<<grid, 128 * NW, smem, s>>>((__nv_bfloat16 *)out, ldo, (const __nv_bfloat16 *)q, ldq, qpos, n_q,
+    flash_wg_k<HD, NW, MB, HP, ST><<<grid, 128 * NW, smem, s>>>((__nv_bfloat16 *)out, ldo, (const __nv_bfloat16 *)q, ldq, qpos, n_q,
                                            (const __nv_bfloat16 *)k, vt, n_pad, kpos, n_kv, tb, nh, nkv, sl2);
     return cudaGetLastError();
 }
@@ -1002,16 +997,12 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) flash_ws_k(__nv_bfloat16 *o
         const float ps0 = (qs0[0] + qs0[1]) + (qs0[2] + qs0[3]), ps1 = (qs1[0] + qs1[1]) + (qs1[2] + qs1[3]);
         l0 = l0 * a0 + ps0;
         l1 = l1 * a1 + ps1;
-        /* a row whose running max did not move has a factor of exactly 1: skip the rescale when
-         * that holds for the whole warp (most tiles of a long row) */
-        if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
 #pragma unroll
-            for (int d = 0; d < HD / 8; d++) {
-                o[4 * d + 0] *= a0;
-                o[4 * d + 1] *= a0;
-                o[4 * d + 2] *= a1;
-                o[4 * d + 3] *= a1;
-            }
+        for (int d = 0; d < HD / 8; d++) {
+            o[4 * d + 0] *= a0;
+            o[4 * d + 1] *= a0;
+            o[4 * d + 2] *= a1;
+            o[4 * d + 3] *= a1;
         }
 #pragma unroll
         for (int kk = 0; kk < BN / 16; kk++) {
@@ -1136,12 +1127,6 @@ cudaError_t kvl_cu_attention(void *out, int64_t ldo, const void *q, int64_t ldq,
         if (mode == KVL_CU_ATT_WG2R) KVL_WG(2, 1, 1, 2);
         if (mode == KVL_CU_ATT_WG2H && (nh / nkv) % 2 == 0) KVL_WG(2, 2, 2, 2);
         if (mode == KVL_CU_ATT_WG3) KVL_WG(3, 1, 1, 2);
-        if (mode == KVL_CU_ATT_WG4 && hd == 128 && getenv("KVL_ATTN_OPT")) { /* temporary A/B */
-            int o = atoi(getenv("KVL_ATTN_OPT"));
-            if (o == 0) return launch_flash_wg<128, 4, 1, 1, 2, 0>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
-            if (o == 1) return launch_flash_wg<128, 4, 1, 1, 2, 1>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
-            if (o == 2) return launch_flash_wg<128, 4, 1, 1, 2, 2>(out, ldo, q, ldq, qpos, n_q, k, v, kpos, n_kv, nh, nkv, ws, s);
-        }
         if (mode == KVL_CU_ATT_WG4) KVL_WG(4, 1, 1, 2);
         if (mode == KVL_CU_ATT_WG4S3) KVL_WG(4, 1, 1, 3);
         if (mode == KVL_CU_ATT_WG2) KVL_WG(2, 2, 1, 2);
