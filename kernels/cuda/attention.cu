@@ -182,9 +182,6 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool vali
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
                  "r"(valid ? 16 : 0));
 }
-__device__ __forceinline__ void cp_async4(void *dst, const void *src, bool valid) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0));
-}
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_wait() {
@@ -818,7 +815,6 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) flash_ws_k(__nv_bfloat16 *o
     unsigned char *sV = sK + 2 * BN * HD * 2;   /* [2][HD x BN] (V^T) */
     __shared__ __align__(8) uint64_t fullK[2], fullV[2], emptyK[2], emptyV[2];
     __shared__ int s_min[4 * (NC + 1)], s_max[4 * (NC + 1)];
-    __shared__ __align__(16) int sKp[2][BN]; /* key positions of the V stage's tile (masking) */
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = tid / 128;
     const int64_t q0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * BM;
@@ -886,7 +882,6 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) flash_ws_k(__nv_bfloat16 *o
                 int dd = c / (BN / 8), kc = (c % (BN / 8)) * 8;
                 cp_async16(d + sw_off(dd, kc, HD), vt + ((int64_t)kh * HD + dd) * n_pad + j0 + kc, true);
             }
-            if (tid < BN) cp_async4(&sKp[st][tid], kpos + (j0 + tid < n_kv ? j0 + tid : 0), j0 + tid < n_kv);
             mbar_arrive_cp_async(&fullV[st]);
         };
         /* order of the consumers' releases: K(i) and V(i-1) free at once, so V(i+1) and K(i+2)
@@ -961,16 +956,11 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) flash_ws_k(__nv_bfloat16 *o
 #pragma unroll
         for (int u = 1; u < TR; u++)
             if (TR * t + u < n_t64) thi = max(thi, tb[TR * t + u].y);
-        /* V(i) and its key positions land long before the PV that needs them: waiting here costs
-         * nothing and lets the mask read the positions from shared memory */
-        mbar_wait(&fullV[st], (i >> 1) & 1);
         if (thi > wqmin || n_kv - j0 < BN) {
-            const int *kp = sKp[st];
 #pragma unroll
             for (int n = 0; n < BN / 8; n++) {
                 const int64_t j = j0 + n * 8 + 2 * tq;
-                const int2 kk2 = *(const int2 *)(kp + n * 8 + 2 * tq);
-                const int kp0 = j < n_kv ? kk2.x : INT_MAX, kp1 = j + 1 < n_kv ? kk2.y : INT_MAX;
+                const int kp0 = j < n_kv ? kpos[j] : INT_MAX, kp1 = j + 1 < n_kv ? kpos[j + 1] : INT_MAX;
                 if (kp0 > qp0) s[4 * n + 0] = -INFINITY;
                 if (kp1 > qp0) s[4 * n + 1] = -INFINITY;
                 if (kp0 > qp1) s[4 * n + 2] = -INFINITY;
@@ -1021,6 +1011,7 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) flash_ws_k(__nv_bfloat16 *o
             pa[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
             pa[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
         }
+        mbar_wait(&fullV[st], (i >> 1) & 1);
         if (tn < n_tiles) mbar_wait(&fullK[st ^ 1], ((i + 1) >> 1) & 1);
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         if (PP) named_sync(NC + 1 + cw, 256); /* my turn on the tensor cores */
