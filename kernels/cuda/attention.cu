@@ -491,6 +491,93 @@ __device__ __forceinline__ float ex2(float x) {
     return y;
 }
 
+/* Online softmax of one tile of N keys for a warpgroup's 64 rows, S in the wgmma accumulator
+ * layout (thread: rows r0 and r0 + 8, columns 8n + 2tq, +1): new row maxima (m0, m1), sums (l0,
+ * l1) and O rescaled; P = 2^(S sl2 - max sl2) packed to bf16 A fragments for the PV wgmma. Row
+ * maxima and sums over 4 partial results each (short dependency chains). Rows that see no key
+ * keep max -inf and contribute 0. */
+template <int N, int HD>
+__device__ __forceinline__ void softmax_tile(float *s, float *o, float &m0, float &m1, float &l0, float &l1, float sl2,
+                                             uint32_t (*pa)[4]) {
+    float pm0[4] = {m0, m0, m0, m0}, pm1[4] = {m1, m1, m1, m1};
+#pragma unroll
+    for (int n = 0; n < N / 8; n++) {
+        pm0[n & 3] = fmaxf(pm0[n & 3], fmaxf(s[4 * n], s[4 * n + 1]));
+        pm1[n & 3] = fmaxf(pm1[n & 3], fmaxf(s[4 * n + 2], s[4 * n + 3]));
+    }
+    float mx0 = fmaxf(fmaxf(pm0[0], pm0[1]), fmaxf(pm0[2], pm0[3]));
+    float mx1 = fmaxf(fmaxf(pm1[0], pm1[1]), fmaxf(pm1[2], pm1[3]));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float ms0 = mx0 == -INFINITY ? 0.f : mx0 * sl2, ms1 = mx1 == -INFINITY ? 0.f : mx1 * sl2;
+    const float a0 = ex2(m0 * sl2 - ms0), a1 = ex2(m1 * sl2 - ms1);
+    m0 = mx0;
+    m1 = mx1;
+    float qs0[4] = {0.f, 0.f, 0.f, 0.f}, qs1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int n = 0; n < N / 8; n++) {
+        s[4 * n + 0] = ex2(s[4 * n + 0] * sl2 - ms0);
+        s[4 * n + 1] = ex2(s[4 * n + 1] * sl2 - ms0);
+        s[4 * n + 2] = ex2(s[4 * n + 2] * sl2 - ms1);
+        s[4 * n + 3] = ex2(s[4 * n + 3] * sl2 - ms1);
+        qs0[n & 3] += s[4 * n] + s[4 * n + 1];
+        qs1[n & 3] += s[4 * n + 2] + s[4 * n + 3];
+    }
+    const float ps0 = (qs0[0] + qs0[1]) + (qs0[2] + qs0[3]), ps1 = (qs1[0] + qs1[1]) + (qs1[2] + qs1[3]);
+    l0 = l0 * a0 + ps0;
+    l1 = l1 * a1 + ps1;
+#pragma unroll
+    for (int d = 0; d < HD / 8; d++) {
+        o[4 * d + 0] *= a0;
+        o[4 * d + 1] *= a0;
+        o[4 * d + 2] *= a1;
+        o[4 * d + 3] *= a1;
+    }
+#pragma unroll
+    for (int kk = 0; kk < N / 16; kk++) {
+        pa[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
+        pa[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
+        pa[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
+        pa[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+}
+
+/* O += P V for one tile of N keys (P: bf16 A fragments in registers, V^T tile at shared aV) */
+template <int N, int HD>
+__device__ __forceinline__ void pv_issue(float *o, uint32_t (*pa)[4], uint32_t aV) {
+#ifdef KVL_HAVE_WGMMA
+#pragma unroll
+    for (int kk = 0; kk < N / 16; kk++) {
+        if constexpr (HD == 128)
+            wgmma_rs_n128(o, pa[kk], wg_desc(aV + wg_kstep(kk, HD)), 1);
+        else
+            wgmma_rs_n64(o, pa[kk], wg_desc(aV + wg_kstep(kk, HD)), 1);
+    }
+#endif
+}
+
+/* the rows' final O / l (row sums completed across the 4 threads of a row) as bf16, rows q_a and
+ * q_b (absolute query indices) of head h */
+template <int HD>
+__device__ __forceinline__ void store_rows(__nv_bfloat16 *out, int64_t ldo, const float *o, float l0, float l1,
+                                           int64_t q_a, int64_t q_b, int64_t n_q, int h, int tq) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+    for (int d = 0; d < HD / 8; d++) {
+        int col = h * HD + d * 8 + 2 * tq;
+        if (q_a < n_q)
+            *(__nv_bfloat162 *)(out + q_a * ldo + col) = __floats2bfloat162_rn(o[4 * d] * i0, o[4 * d + 1] * i0);
+        if (q_b < n_q)
+            *(__nv_bfloat162 *)(out + q_b * ldo + col) = __floats2bfloat162_rn(o[4 * d + 2] * i1, o[4 * d + 3] * i1);
+    }
+}
+
 template <int HD, int NW, int MB, int HP, int ST>
 __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, int64_t ldo, const __nv_bfloat16 *q,
                                                   int64_t ldq, const int32_t *qpos, int64_t n_q,
@@ -630,60 +717,11 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
                 if (kp1 > qp1) s[4 * n + 3] = -INFINITY;
             }
         }
-        /* row maxima and sums with 4 partial results each: short dependency chains */
-        float pm0[4] = {m0, m0, m0, m0}, pm1[4] = {m1, m1, m1, m1};
-#pragma unroll
-        for (int n = 0; n < WBN / 8; n++) {
-            pm0[n & 3] = fmaxf(pm0[n & 3], fmaxf(s[4 * n], s[4 * n + 1]));
-            pm1[n & 3] = fmaxf(pm1[n & 3], fmaxf(s[4 * n + 2], s[4 * n + 3]));
-        }
-        float mx0 = fmaxf(fmaxf(pm0[0], pm0[1]), fmaxf(pm0[2], pm0[3]));
-        float mx1 = fmaxf(fmaxf(pm1[0], pm1[1]), fmaxf(pm1[2], pm1[3]));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float ms0 = mx0 == -INFINITY ? 0.f : mx0 * sl2, ms1 = mx1 == -INFINITY ? 0.f : mx1 * sl2;
-        const float a0 = ex2(m0 * sl2 - ms0), a1 = ex2(m1 * sl2 - ms1);
-        m0 = mx0;
-        m1 = mx1;
-        float qs0[4] = {0.f, 0.f, 0.f, 0.f}, qs1[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int n = 0; n < WBN / 8; n++) {
-            s[4 * n + 0] = ex2(s[4 * n + 0] * sl2 - ms0);
-            s[4 * n + 1] = ex2(s[4 * n + 1] * sl2 - ms0);
-            s[4 * n + 2] = ex2(s[4 * n + 2] * sl2 - ms1);
-            s[4 * n + 3] = ex2(s[4 * n + 3] * sl2 - ms1);
-            qs0[n & 3] += s[4 * n] + s[4 * n + 1];
-            qs1[n & 3] += s[4 * n + 2] + s[4 * n + 3];
-        }
-        const float ps0 = (qs0[0] + qs0[1]) + (qs0[2] + qs0[3]), ps1 = (qs1[0] + qs1[1]) + (qs1[2] + qs1[3]);
-        l0 = l0 * a0 + ps0;
-        l1 = l1 * a1 + ps1;
-#pragma unroll
-        for (int d = 0; d < HD / 8; d++) {
-            o[4 * d + 0] *= a0;
-            o[4 * d + 1] *= a0;
-            o[4 * d + 2] *= a1;
-            o[4 * d + 3] *= a1;
-        }
-#pragma unroll
-        for (int kk = 0; kk < WBN / 16; kk++) {
-            pa[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
-            pa[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
-            pa[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
-            pa[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
-        }
+        softmax_tile<WBN, HD>(s, o, m0, m1, l0, l1, sl2, pa);
         fence_regs<NS>(s);
         fence_regs<NO>(o);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-        for (int kk = 0; kk < WBN / 16; kk++) {
-            if constexpr (HD == 128)
-                wgmma_rs_n128(o, pa[kk], wg_desc(aV + wg_kstep(kk, HD)), 1);
-            else
-                wgmma_rs_n64(o, pa[kk], wg_desc(aV + wg_kstep(kk, HD)), 1);
-        }
+        pv_issue<WBN, HD>(o, pa, aV);
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         fence_regs<NS>(s);
         fence_regs<NO>(o);
@@ -705,19 +743,7 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     cp_wait<0>();
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
-#pragma unroll
-    for (int d = 0; d < HD / 8; d++) {
-        int col = h * HD + d * 8 + 2 * tq;
-        if (q0 + r0 < n_q)
-            *(__nv_bfloat162 *)(out + (q0 + r0) * ldo + col) = __floats2bfloat162_rn(o[4 * d] * i0, o[4 * d + 1] * i0);
-        if (q0 + r1 < n_q)
-            *(__nv_bfloat162 *)(out + (q0 + r1) * ldo + col) = __floats2bfloat162_rn(o[4 * d + 2] * i1, o[4 * d + 3] * i1);
-    }
+    store_rows<HD>(out, ldo, o, l0, l1, q0 + r0, q0 + r1, n_q, h, tq);
 #else
     __trap(); /* built without sm_90a: the launcher never selects this kernel there */
 #endif
@@ -967,50 +993,7 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) flash_ws_k(__nv_bfloat16 *o
                 if (kp1 > qp1) s[4 * n + 3] = -INFINITY;
             }
         }
-        /* row maxima and sums with 4 partial results each: short dependency chains */
-        float pm0[4] = {m0, m0, m0, m0}, pm1[4] = {m1, m1, m1, m1};
-#pragma unroll
-        for (int n = 0; n < BN / 8; n++) {
-            pm0[n & 3] = fmaxf(pm0[n & 3], fmaxf(s[4 * n], s[4 * n + 1]));
-            pm1[n & 3] = fmaxf(pm1[n & 3], fmaxf(s[4 * n + 2], s[4 * n + 3]));
-        }
-        float mx0 = fmaxf(fmaxf(pm0[0], pm0[1]), fmaxf(pm0[2], pm0[3]));
-        float mx1 = fmaxf(fmaxf(pm1[0], pm1[1]), fmaxf(pm1[2], pm1[3]));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float ms0 = mx0 == -INFINITY ? 0.f : mx0 * sl2, ms1 = mx1 == -INFINITY ? 0.f : mx1 * sl2;
-        const float a0 = ex2(m0 * sl2 - ms0), a1 = ex2(m1 * sl2 - ms1);
-        m0 = mx0;
-        m1 = mx1;
-        float qs0[4] = {0.f, 0.f, 0.f, 0.f}, qs1[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int n = 0; n < BN / 8; n++) {
-            s[4 * n + 0] = ex2(s[4 * n + 0] * sl2 - ms0);
-            s[4 * n + 1] = ex2(s[4 * n + 1] * sl2 - ms0);
-            s[4 * n + 2] = ex2(s[4 * n + 2] * sl2 - ms1);
-            s[4 * n + 3] = ex2(s[4 * n + 3] * sl2 - ms1);
-            qs0[n & 3] += s[4 * n] + s[4 * n + 1];
-            qs1[n & 3] += s[4 * n + 2] + s[4 * n + 3];
-        }
-        const float ps0 = (qs0[0] + qs0[1]) + (qs0[2] + qs0[3]), ps1 = (qs1[0] + qs1[1]) + (qs1[2] + qs1[3]);
-        l0 = l0 * a0 + ps0;
-        l1 = l1 * a1 + ps1;
-#pragma unroll
-        for (int d = 0; d < HD / 8; d++) {
-            o[4 * d + 0] *= a0;
-            o[4 * d + 1] *= a0;
-            o[4 * d + 2] *= a1;
-            o[4 * d + 3] *= a1;
-        }
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; kk++) {
-            pa[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
-            pa[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
-            pa[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
-            pa[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
-        }
+        softmax_tile<BN, HD>(s, o, m0, m1, l0, l1, sl2, pa);
         mbar_wait(&fullV[st], (i >> 1) & 1);
         if (tn < n_tiles) mbar_wait(&fullK[st ^ 1], ((i + 1) >> 1) & 1);
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -1019,13 +1002,7 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) flash_ws_k(__nv_bfloat16 *o
         fence_regs<NO>(o);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
         const uint32_t aV = smem_u32(sV + st * HD * BN * 2);
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; kk++) {
-            if constexpr (HD == 128)
-                wgmma_rs_n128(o, pa[kk], wg_desc(aV + wg_kstep(kk, HD)), 1);
-            else
-                wgmma_rs_n64(o, pa[kk], wg_desc(aV + wg_kstep(kk, HD)), 1);
-        }
+        pv_issue<BN, HD>(o, pa, aV);
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         if (tn < n_tiles) {
             const uint32_t aK = smem_u32(sK + (st ^ 1) * BN * HD * 2);
@@ -1041,19 +1018,7 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) flash_ws_k(__nv_bfloat16 *o
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     fence_regs<NO>(o);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
-#pragma unroll
-    for (int d = 0; d < HD / 8; d++) {
-        int col = h * HD + d * 8 + 2 * tq;
-        if (q0 + r0 < n_q)
-            *(__nv_bfloat162 *)(out + (q0 + r0) * ldo + col) = __floats2bfloat162_rn(o[4 * d] * i0, o[4 * d + 1] * i0);
-        if (q0 + r1 < n_q)
-            *(__nv_bfloat162 *)(out + (q0 + r1) * ldo + col) = __floats2bfloat162_rn(o[4 * d + 2] * i1, o[4 * d + 3] * i1);
-    }
+    store_rows<HD>(out, ldo, o, l0, l1, q0 + r0, q0 + r1, n_q, h, tq);
 #else
     __trap();
 #endif
