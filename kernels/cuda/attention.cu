@@ -206,6 +206,17 @@ __device__ __forceinline__ void mma16816(float *c, const uint32_t *a, uint32_t b
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+/* two row maxima completed across the 4 threads that share a row (mma / wgmma accumulator
+ * layout) and scaled by sl2; a row that saw no key (max -inf) gets 0, so its weights are 0 */
+__device__ __forceinline__ void quad_max_scaled(float &mx0, float &mx1, float sl2, float &ms0, float &ms1) {
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    ms0 = mx0 == -INFINITY ? 0.f : mx0 * sl2;
+    ms1 = mx1 == -INFINITY ? 0.f : mx1 * sl2;
+}
+
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t *>(&v);
@@ -214,6 +225,26 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 template <int HD>
 constexpr int flash_smem() {
     return (FBM + 4 * FBN) * (HD + 8) * 2 + 2 * FBN * 4;
+}
+
+/* the rows' final O / l (row sums completed across the 4 threads of a row) as bf16, rows q_a and
+ * q_b (absolute query indices) of head h */
+template <int HD>
+__device__ __forceinline__ void store_rows(__nv_bfloat16 *out, int64_t ldo, const float *o, float l0, float l1,
+                                           int64_t q_a, int64_t q_b, int64_t n_q, int h, int tq) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+    for (int d = 0; d < HD / 8; d++) {
+        int col = h * HD + d * 8 + 2 * tq;
+        if (q_a < n_q)
+            *(__nv_bfloat162 *)(out + q_a * ldo + col) = __floats2bfloat162_rn(o[4 * d] * i0, o[4 * d + 1] * i0);
+        if (q_b < n_q)
+            *(__nv_bfloat162 *)(out + q_b * ldo + col) = __floats2bfloat162_rn(o[4 * d + 2] * i1, o[4 * d + 3] * i1);
+    }
 }
 
 template <int HD>
@@ -344,11 +375,8 @@ __global__ void __launch_bounds__(FTHREADS) flash_k(__nv_bfloat16 *out, int64_t 
             mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
             mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
         }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float ms0 = mx0 == -INFINITY ? 0.f : mx0 * sl2, ms1 = mx1 == -INFINITY ? 0.f : mx1 * sl2;
+        float ms0, ms1;
+        quad_max_scaled(mx0, mx1, sl2, ms0, ms1);
         const float a0 = exp2f(m0 * sl2 - ms0), a1 = exp2f(m1 * sl2 - ms1);
         m0 = mx0;
         m1 = mx1;
@@ -388,19 +416,8 @@ __global__ void __launch_bounds__(FTHREADS) flash_k(__nv_bfloat16 *out, int64_t 
         t = tn;
     }
     cp_wait<0>();
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
-#pragma unroll
-    for (int d = 0; d < DT; d++) {
-        int col = h * HD + d * 8 + 2 * tq;
-        if (q0 + r0 < n_q)
-            *(__nv_bfloat162 *)(out + (q0 + r0) * ldo + col) = __floats2bfloat162_rn(o[d][0] * i0, o[d][1] * i0);
-        if (q0 + r1 < n_q)
-            *(__nv_bfloat162 *)(out + (q0 + r1) * ldo + col) = __floats2bfloat162_rn(o[d][2] * i1, o[d][3] * i1);
-    }
+    static_assert(DT == HD / 8, "o is [HD / 8][4], the layout store_rows reads");
+    store_rows<HD>(out, ldo, &o[0][0], l0, l1, q0 + r0, q0 + r1, n_q, h, tq);
 }
 
 template <int HD>
@@ -507,11 +524,8 @@ __device__ __forceinline__ void softmax_tile(float *s, float *o, float &m0, floa
     }
     float mx0 = fmaxf(fmaxf(pm0[0], pm0[1]), fmaxf(pm0[2], pm0[3]));
     float mx1 = fmaxf(fmaxf(pm1[0], pm1[1]), fmaxf(pm1[2], pm1[3]));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float ms0 = mx0 == -INFINITY ? 0.f : mx0 * sl2, ms1 = mx1 == -INFINITY ? 0.f : mx1 * sl2;
+    float ms0, ms1;
+    quad_max_scaled(mx0, mx1, sl2, ms0, ms1);
     const float a0 = ex2(m0 * sl2 - ms0), a1 = ex2(m1 * sl2 - ms1);
     m0 = mx0;
     m1 = mx1;
@@ -556,26 +570,6 @@ __device__ __forceinline__ void pv_issue(float *o, uint32_t (*pa)[4], uint32_t a
             wgmma_rs_n64(o, pa[kk], wg_desc(aV + wg_kstep(kk, HD)), 1);
     }
 #endif
-}
-
-/* the rows' final O / l (row sums completed across the 4 threads of a row) as bf16, rows q_a and
- * q_b (absolute query indices) of head h */
-template <int HD>
-__device__ __forceinline__ void store_rows(__nv_bfloat16 *out, int64_t ldo, const float *o, float l0, float l1,
-                                           int64_t q_a, int64_t q_b, int64_t n_q, int h, int tq) {
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
-#pragma unroll
-    for (int d = 0; d < HD / 8; d++) {
-        int col = h * HD + d * 8 + 2 * tq;
-        if (q_a < n_q)
-            *(__nv_bfloat162 *)(out + q_a * ldo + col) = __floats2bfloat162_rn(o[4 * d] * i0, o[4 * d + 1] * i0);
-        if (q_b < n_q)
-            *(__nv_bfloat162 *)(out + q_b * ldo + col) = __floats2bfloat162_rn(o[4 * d + 2] * i1, o[4 * d + 3] * i1);
-    }
 }
 
 template <int HD, int NW, int MB, int HP, int ST>
@@ -749,17 +743,28 @@ __global__ void __launch_bounds__(128 * NW, MB) flash_wg_k(__nv_bfloat16 *out, i
 #endif
 }
 
+/* the wgmma kernels' preparation in the workspace: per-64-key position bounds (tb) and V^T padded
+ * with zeros to n_pad keys; returns V^T */
+__nv_bfloat16 *prep_tiles(void *ws, const int32_t *kpos, const void *v, int64_t n_kv, int64_t n_pad, int nkv, int hd,
+                          int2 **tb_out, cudaStream_t s) {
+    int64_t n_t = (n_kv + WBN - 1) / WBN;
+    int2 *tb = (int2 *)ws;
+    __nv_bfloat16 *vt = (__nv_bfloat16 *)((char *)ws + ((n_t * sizeof(int2) + 255) & ~(size_t)255));
+    tile_bounds_k<<<(unsigned)((n_t + 127) / 128), 128, 0, s>>>(tb, kpos, n_kv);
+    int64_t cols = (int64_t)nkv * hd;
+    transpose_v_k<<<dim3((unsigned)(n_pad / 32), (unsigned)((cols + 31) / 32)), dim3(32, 8), 0, s>>>(
+        vt, (const __nv_bfloat16 *)v, n_kv, n_pad, cols);
+    *tb_out = tb;
+    return vt;
+}
+
 template <int HD, int NW, int MB, int HP, int ST>
 cudaError_t launch_flash_wg(void *out, int64_t ldo, const void *q, int64_t ldq, const int32_t *qpos, int64_t n_q,
                             const void *k, const void *v, const int32_t *kpos, int64_t n_kv, int nh, int nkv, void *ws,
                             cudaStream_t s) {
-    int64_t n_t = (n_kv + WBN - 1) / WBN, n_pad = n_t * WBN;
-    int2 *tb = (int2 *)ws;
-    __nv_bfloat16 *vt = (__nv_bfloat16 *)((char *)ws + ((n_t * sizeof(int2) + 255) & ~(size_t)255));
-    tile_bounds_k<<<(unsigned)((n_t + 127) / 128), 128, 0, s>>>(tb, kpos, n_kv);
-    int64_t cols = (int64_t)nkv * HD;
-    transpose_v_k<<<dim3((unsigned)(n_pad / 32), (unsigned)((cols + 31) / 32)), dim3(32, 8), 0, s>>>(
-        vt, (const __nv_bfloat16 *)v, n_kv, n_pad, cols);
+    const int64_t n_pad = (n_kv + WBN - 1) / WBN * WBN;
+    int2 *tb = NULL;
+    __nv_bfloat16 *vt = prep_tiles(ws, kpos, v, n_kv, n_pad, nkv, HD, &tb, s);
     constexpr int smem = wg_smem<HD, NW, ST>();
     static bool attr_set = false; /* idempotent: racing first calls set the same value */
     if (!attr_set) {
@@ -885,41 +890,37 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) flash_ws_k(__nv_bfloat16 *o
 
     if (wg == 0) { /* ------------------------------------------------ producer */
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PREG) : "memory");
-        auto load_k = [&](int idx, int64_t t) {
+        /* K (is_v 0) or V^T (1) tile t into stage idx & 1, once the consumers released the tile
+         * that stage held (idx - 2); the full barrier flips when every copy has landed */
+        auto load = [&](int idx, int64_t t, int is_v) {
             const int st = idx & 1;
-            if (idx >= 2) mbar_wait(&emptyK[st], ((idx >> 1) - 1) & 1);
+            uint64_t *empty = is_v ? emptyV : emptyK, *full = is_v ? fullV : fullK;
+            if (idx >= 2) mbar_wait(&empty[st], ((idx >> 1) - 1) & 1);
             const int64_t j0 = t * BN;
-            unsigned char *d = sK + st * BN * HD * 2;
+            unsigned char *d = (is_v ? sV : sK) + st * BN * HD * 2;
 #pragma unroll 4
             for (int c = tid; c < BN * HD / 8; c += 128) {
-                int r = c / (HD / 8), col = (c % (HD / 8)) * 8;
-                bool ok = j0 + r < n_kv;
-                cp_async16(d + sw_off(r, col, BN), k + (ok ? (j0 + r) * kvld + (int64_t)kh * HD + col : 0), ok);
+                if (is_v) {
+                    int dd = c / (BN / 8), kc = (c % (BN / 8)) * 8;
+                    cp_async16(d + sw_off(dd, kc, HD), vt + ((int64_t)kh * HD + dd) * n_pad + j0 + kc, true);
+                } else {
+                    int r = c / (HD / 8), col = (c % (HD / 8)) * 8;
+                    bool ok = j0 + r < n_kv;
+                    cp_async16(d + sw_off(r, col, BN), k + (ok ? (j0 + r) * kvld + (int64_t)kh * HD + col : 0), ok);
+                }
             }
-            mbar_arrive_cp_async(&fullK[st]);
-        };
-        auto load_v = [&](int idx, int64_t t) {
-            const int st = idx & 1;
-            if (idx >= 2) mbar_wait(&emptyV[st], ((idx >> 1) - 1) & 1);
-            const int64_t j0 = t * BN;
-            unsigned char *d = sV + st * HD * BN * 2;
-#pragma unroll 4
-            for (int c = tid; c < BN * HD / 8; c += 128) {
-                int dd = c / (BN / 8), kc = (c % (BN / 8)) * 8;
-                cp_async16(d + sw_off(dd, kc, HD), vt + ((int64_t)kh * HD + dd) * n_pad + j0 + kc, true);
-            }
-            mbar_arrive_cp_async(&fullV[st]);
+            mbar_arrive_cp_async(&full[st]);
         };
         /* order of the consumers' releases: K(i) and V(i-1) free at once, so V(i+1) and K(i+2)
          * follow K0, V0, K1 */
         int64_t tk = qmax == INT_MIN ? n_tiles : next_tile(0), tv = tk;
         int ik = 0, iv = 0;
-        if (tk < n_tiles) { load_k(ik++, tk); tk = next_tile(tk + 1); }
-        if (tv < n_tiles) { load_v(iv++, tv); tv = next_tile(tv + 1); }
-        if (tk < n_tiles) { load_k(ik++, tk); tk = next_tile(tk + 1); }
+        if (tk < n_tiles) { load(ik++, tk, 0); tk = next_tile(tk + 1); }
+        if (tv < n_tiles) { load(iv++, tv, 1); tv = next_tile(tv + 1); }
+        if (tk < n_tiles) { load(ik++, tk, 0); tk = next_tile(tk + 1); }
         while (tv < n_tiles || tk < n_tiles) {
-            if (tv < n_tiles) { load_v(iv++, tv); tv = next_tile(tv + 1); }
-            if (tk < n_tiles) { load_k(ik++, tk); tk = next_tile(tk + 1); }
+            if (tv < n_tiles) { load(iv++, tv, 1); tv = next_tile(tv + 1); }
+            if (tk < n_tiles) { load(ik++, tk, 0); tk = next_tile(tk + 1); }
         }
         cp_wait<0>(); /* nothing in flight when the warp exits */
         return;
@@ -1028,13 +1029,9 @@ template <int HD, int NC, int BN, int PP>
 cudaError_t launch_flash_ws(void *out, int64_t ldo, const void *q, int64_t ldq, const int32_t *qpos, int64_t n_q,
                             const void *k, const void *v, const int32_t *kpos, int64_t n_kv, int nh, int nkv, void *ws,
                             cudaStream_t s) {
-    int64_t n_t = (n_kv + WBN - 1) / WBN, n_pad = (n_kv + BN - 1) / BN * BN;
-    int2 *tb = (int2 *)ws;
-    __nv_bfloat16 *vt = (__nv_bfloat16 *)((char *)ws + ((n_t * sizeof(int2) + 255) & ~(size_t)255));
-    tile_bounds_k<<<(unsigned)((n_t + 127) / 128), 128, 0, s>>>(tb, kpos, n_kv);
-    int64_t cols = (int64_t)nkv * HD;
-    transpose_v_k<<<dim3((unsigned)(n_pad / 32), (unsigned)((cols + 31) / 32)), dim3(32, 8), 0, s>>>(
-        vt, (const __nv_bfloat16 *)v, n_kv, n_pad, cols);
+    const int64_t n_pad = (n_kv + BN - 1) / BN * BN;
+    int2 *tb = NULL;
+    __nv_bfloat16 *vt = prep_tiles(ws, kpos, v, n_kv, n_pad, nkv, HD, &tb, s);
     constexpr int smem = ws_smem<HD, NC, BN>();
     static bool attr_set = false;
     if (!attr_set) {
