@@ -67,7 +67,10 @@ double kvl_load_recompute_ratio(double context_load_ms, double full_prefill_ms, 
  * Fields the operator pinned (kvl_load_costs_parse) never change. Plain data: not thread-safe, the
  * owner serialises calls. */
 enum { KVL_LOAD_READ = 0, KVL_LOAD_DECODE = 1, KVL_LOAD_PREFILL = 2, KVL_LOAD_N_RATES = 3 };
-enum { KVL_LOAD_PIN_READ = 1, KVL_LOAD_PIN_DECODE = 2, KVL_LOAD_PIN_PREFILL = 4, KVL_LOAD_PIN_FIXED = 8 };
+enum { /* one bit per cost: 1 << its rate index, fixed_ms after them */
+    KVL_LOAD_PIN_READ = 1 << KVL_LOAD_READ, KVL_LOAD_PIN_DECODE = 1 << KVL_LOAD_DECODE,
+    KVL_LOAD_PIN_PREFILL = 1 << KVL_LOAD_PREFILL, KVL_LOAD_PIN_FIXED = 1 << KVL_LOAD_N_RATES
+};
 
 typedef struct kvl_load_est {
     kvl_load_costs costs;              /* current estimates (0: not measured or pinned yet) */

@@ -19,6 +19,11 @@ static double now_ms(void) {
     return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
+/* the codec output type that matches the kv's element type */
+static kvl_codec_dtype codec_dtype(const kvl_cuda_kv_view *v) {
+    return v->dtype == KVL_CUDA_KV_BF16 ? KVL_CODEC_BF16 : KVL_CODEC_F32;
+}
+
 /* one group's batched read, run on the reader thread */
 typedef struct rd_job {
     kvl_store *store;
@@ -71,7 +76,7 @@ kvl_status kvl_gpu_load(const kvl_gpu_load_req *r, kvl_gpu_load_stats *stats) {
     kvl_gpu_load_stats s = {0};
     kvl_cuda_kv_view v;
     KVL_TRY(kvl_cuda_kv_view_get(r->kv, &v));
-    size_t es = v.dtype == 1 ? 2 : 4;
+    size_t es = kvl_cuda_kv_elem_bytes(&v);
     for (int32_t i = 0; i < r->n_chunks; i++) {
         const kvl_gpu_load_chunk *c = &r->chunks[i];
         if (c->n_tokens < 1 || c->slot0 < 0 || c->slot0 > v.capacity - c->n_tokens)
@@ -127,7 +132,7 @@ kvl_status kvl_gpu_load(const kvl_gpu_load_req *r, kvl_gpu_load_stats *stats) {
             if (c->raw) {
                 /* codec off: the value is the chunk's bf16 KV, [L][2][T][C] */
                 size_t T = (size_t)c->n_tokens, C = (size_t)v.n_channels;
-                if (v.dtype != 1 || size != (size_t)v.n_layers * 2 * T * C * 2) {
+                if (v.dtype != KVL_CUDA_KV_BF16 || size != (size_t)v.n_layers * 2 * T * C * 2) {
                     st = kvl_errorf(KVL_ERR_CODEC, "raw chunk at slot %d: %zu bytes for %d layers x %zu tokens x %zu channels (bf16 kv needed)",
                                     c->slot0, size, v.n_layers, T, C);
                     break;
@@ -163,7 +168,7 @@ kvl_status kvl_gpu_load(const kvl_gpu_load_req *r, kvl_gpu_load_stats *stats) {
             if (gc[k].buf) gc[n_codec++] = gc[k];
         if (st == KVL_OK && n_codec > 0) {
             double td = now_ms();
-            st = kvl_codec_gpu_decode(r->dec, gc, n_codec, r->profile, v.dtype == 1 ? KVL_CODEC_BF16 : KVL_CODEC_F32);
+            st = kvl_codec_gpu_decode(r->dec, gc, n_codec, r->profile, codec_dtype(&v));
             s.decode_ms += now_ms() - td;
             kvl_codec_gpu_stats ds;
             kvl_codec_gpu_last_stats(r->dec, &ds);
@@ -347,7 +352,7 @@ static kvl_status lp_prepare(lp_state *s, int32_t k) {
 static kvl_status lp_copy_raw(lp_state *s, int32_t k, const uint8_t *b, int32_t l, int32_t nl, cudaStream_t rs) {
     const kvl_gpu_load_chunk *c = &(*lp_chunk(s, k));
     size_t C = (size_t)s->v->n_channels, T = (size_t)c->n_tokens;
-    if (s->v->dtype != 1) return kvl_errorf(KVL_ERR_INVALID_ARG, "raw bf16 chunks need a bf16 kv");
+    if (s->v->dtype != KVL_CUDA_KV_BF16) return kvl_errorf(KVL_ERR_INVALID_ARG, "raw bf16 chunks need a bf16 kv");
     if (s->total[k] != (size_t)s->v->n_layers * 2 * T * C * 2)
         return kvl_errorf(KVL_ERR_CODEC, "raw chunk at slot %d: %zu bytes, %d layers x %zu tokens x %zu channels of bf16 need %zu",
                           c->slot0, s->total[k], s->v->n_layers, T, C, (size_t)s->v->n_layers * 2 * T * C * 2);
@@ -362,7 +367,7 @@ static kvl_status lp_copy_raw(lp_state *s, int32_t k, const uint8_t *b, int32_t 
 static void *lp_decoder(void *arg) {
     lp_state *s = arg;
     const kvl_gpu_load_req *lr = &s->r->load;
-    size_t es = s->v->dtype == 1 ? 2 : 4;
+    size_t es = kvl_cuda_kv_elem_bytes(s->v);
     cudaStream_t rs = NULL;
     kvl_status st = KVL_OK;
     kvl_clear_error();
@@ -417,9 +422,9 @@ static void *lp_decoder(void *arg) {
             else sp->gc[n_lossy++] = o;
         }
         if (st == KVL_OK && n_lossless > 0)
-            st = kvl_codec_gpu_decode(lr->dec, s->gc, n_lossless, lr->profile, s->v->dtype == 1 ? KVL_CODEC_BF16 : KVL_CODEC_F32);
+            st = kvl_codec_gpu_decode(lr->dec, s->gc, n_lossless, lr->profile, codec_dtype(s->v));
         if (st == KVL_OK && n_lossy > 0)
-            st = kvl_codec_gpu_stage(lr->dec, sp->gc, n_lossy, lr->profile, s->v->dtype == 1 ? KVL_CODEC_BF16 : KVL_CODEC_F32,
+            st = kvl_codec_gpu_stage(lr->dec, sp->gc, n_lossy, lr->profile, codec_dtype(s->v),
                                      &sp->batch);
         if (st == KVL_OK && cudaStreamSynchronize(rs) != cudaSuccess) st = kvl_errorf(KVL_ERR_CUDA, "decoder stream sync");
         s->decode_ms += now_ms() - t0;
@@ -448,7 +453,7 @@ static void *lp_decoder(void *arg) {
 static kvl_status lp_launch_step(lp_state *s, lp_step *sp) {
     const kvl_gpu_load_req *lr = &s->r->load;
     const kvl_model_config *c = kvl_model_get_config(lr->model);
-    size_t es = s->v->dtype == 1 ? 2 : 4;
+    size_t es = kvl_cuda_kv_elem_bytes(s->v);
     cudaStream_t cs = (cudaStream_t)s->v->stream;
     if (cudaEventCreate(&sp->ev[0]) != cudaSuccess || cudaEventCreate(&sp->ev[1]) != cudaSuccess ||
         cudaEventRecord(sp->ev[0], cs) != cudaSuccess)
@@ -467,7 +472,7 @@ static kvl_status lp_launch_step(lp_state *s, lp_step *sp) {
             reg.count++;
         }
         if (reg.count == KVL_CU_REROT_MAX || (!ch && reg.count > 0)) {
-            cudaError_t e = kvl_cu_rerotate_multi(base, s->v->dtype == 1 ? KVL_CU_BF16 : KVL_CU_F32, sp->nl,
+            cudaError_t e = kvl_cu_rerotate_multi(base, s->v->dtype == KVL_CUDA_KV_BF16 ? KVL_CU_BF16 : KVL_CU_F32, sp->nl,
                                                   2 * (int64_t)s->v->capacity * s->v->n_channels, s->v->n_channels,
                                                   c->n_kv_heads, c->head_dim, c->rope_style, c->rope_theta, &reg, cs);
             if (e != cudaSuccess) return kvl_errorf(KVL_ERR_CUDA, "rerotate: %s", cudaGetErrorString(e));
@@ -646,7 +651,7 @@ kvl_status kvl_gpu_blend_load(kvl_model *m, const kvl_blend_plan *p, const kvl_b
         return kvl_errorf(KVL_ERR_CONTEXT_FULL, "the kv cache has %d slots, the plan needs %d", kvl_kv_capacity(kv), p->n_slots);
     kvl_cuda_kv_view v;
     KVL_TRY(kvl_cuda_kv_view_get(kv, &v));
-    size_t es = v.dtype == 1 ? 2 : 4;
+    size_t es = kvl_cuda_kv_elem_bytes(&v);
     uint8_t *placed = calloc((size_t)p->n_segments + 1, 1);
     kvl_codec_gpu_chunk *gc = calloc((size_t)p->n_segments + 1, sizeof *gc);
     int32_t *gseg = malloc(((size_t)p->n_segments + 1) * sizeof *gseg), n = 0;
@@ -663,7 +668,7 @@ kvl_status kvl_gpu_blend_load(kvl_model *m, const kvl_blend_plan *p, const kvl_b
                                       2 * (int64_t)v.capacity * v.n_channels, (int64_t)v.capacity * v.n_channels, v.n_channels};
         gseg[n++] = s;
     }
-    if (st == KVL_OK && n > 0) st = kvl_codec_gpu_decode(dec, gc, n, profile, v.dtype == 1 ? KVL_CODEC_BF16 : KVL_CODEC_F32);
+    if (st == KVL_OK && n > 0) st = kvl_codec_gpu_decode(dec, gc, n, profile, codec_dtype(&v));
     for (int32_t k = 0; k < n && st == KVL_OK; k++) {
         int32_t s = gseg[k], s0 = p->seg_slot0[s], len = segs[s].cache->n_tokens;
         st = kvl_kv_set_valid(kv, s0, len, 1);

@@ -88,8 +88,8 @@ int kvl_load_est_decide(const kvl_load_est *e, uint64_t encoded_bytes, uint64_t 
 }
 
 kvl_status kvl_load_costs_parse(const char *spec, kvl_load_est *e) {
+    /* in KVL_LOAD_* order (so that rate_of(k) and pin bit 1 << k name the same cost), fixed_ms last */
     static const char *const names[] = {"read_gbps", "decode_gbps", "prefill_tok_s", "fixed_ms"};
-    static const unsigned pins[] = {KVL_LOAD_PIN_READ, KVL_LOAD_PIN_DECODE, KVL_LOAD_PIN_PREFILL, KVL_LOAD_PIN_FIXED};
     if (!spec || !*spec)
         return kvl_errorf(KVL_ERR_INVALID_ARG, "empty cost list (expected name=value,... with read_gbps, decode_gbps, "
                                                "prefill_tok_s, fixed_ms)");
@@ -110,8 +110,8 @@ kvl_status kvl_load_costs_parse(const char *spec, kvl_load_est *e) {
             return kvl_errorf(KVL_ERR_INVALID_ARG,
                               "unknown cost '%.*s' (expected read_gbps, decode_gbps, prefill_tok_s or fixed_ms)",
                               (int)(nl > 64 ? 64 : nl), p);
-        if (seen & pins[k]) return kvl_errorf(KVL_ERR_INVALID_ARG, "cost %s given twice", names[k]);
-        seen |= pins[k];
+        if (seen & (1u << k)) return kvl_errorf(KVL_ERR_INVALID_ARG, "cost %s given twice", names[k]);
+        seen |= 1u << k;
         char val[64];
         size_t vl = len - nl - 1;
         if (vl == 0 || vl >= sizeof val) return kvl_errorf(KVL_ERR_INVALID_ARG, "cost %s needs a number", names[k]);
@@ -124,13 +124,8 @@ kvl_status kvl_load_costs_parse(const char *spec, kvl_load_est *e) {
         if (!ok)
             return kvl_errorf(KVL_ERR_INVALID_ARG, "cost %s needs a finite number %s, got '%s'", names[k],
                               k == 3 ? ">= 0" : "> 0", val);
-        switch (k) {
-        case 0: t.costs.read_gbps = v; break;
-        case 1: t.costs.decode_gbps = v; break;
-        case 2: t.costs.prefill_tok_s = v; break;
-        default: t.costs.fixed_ms = v; break;
-        }
-        t.pinned |= pins[k];
+        *(k < KVL_LOAD_N_RATES ? rate_of(&t, k) : &t.costs.fixed_ms) = v;
+        t.pinned |= 1u << k;
         if (!end) break;
         p = end + 1;
     }

@@ -46,6 +46,11 @@ typedef struct kvl_cuda_kv_view {
 } kvl_cuda_kv_view;
 kvl_status kvl_cuda_kv_view_get(kvl_kv *kv, kvl_cuda_kv_view *out);
 
+enum { KVL_CUDA_KV_F32 = 0, KVL_CUDA_KV_BF16 = 1 }; /* kvl_cuda_kv_view.dtype */
+
+/* Bytes of one element of the view's KV (what a chunk cache decodes to on this model). */
+static inline size_t kvl_cuda_kv_elem_bytes(const kvl_cuda_kv_view *v) { return v->dtype == KVL_CUDA_KV_BF16 ? 2 : 4; }
+
 /* Number of CUDA devices visible (0 when there is no usable driver/device). Never fails. */
 int kvl_cuda_device_count(void);
 

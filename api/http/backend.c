@@ -114,7 +114,7 @@ kvl_status kvl_svc_backend_open(kvl_http_server *s) {
         st = kvl_codec_gpu_create(NULL, &b->gdec);
         if (st == KVL_OK) st = kvl_kv_create(s->model, 1, &probe);
         if (st == KVL_OK) st = kvl_cuda_kv_view_get(probe, &v);
-        if (st == KVL_OK) b->kv_elem_bytes = v.dtype == 1 ? 2 : 4;
+        if (st == KVL_OK) b->kv_elem_bytes = kvl_cuda_kv_elem_bytes(&v);
         kvl_kv_free(probe);
         if (st != KVL_OK) {
             kvl_codec_gpu_free(b->gdec);

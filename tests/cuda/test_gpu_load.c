@@ -112,7 +112,7 @@ static int load_test(const char *model) {
         CHECK_OK(kvl_kv_create(m, 1, &probe));
         CHECK_OK(kvl_cuda_kv_view_get(probe, &view));
         kvl_kv_free(probe);
-        int kv_bf16 = view.dtype == 1;
+        int kv_bf16 = view.dtype == KVL_CUDA_KV_BF16;
         kvl_store_key root;
         kvl_store_root_key(kvl_model_fingerprint(m), "t", &root);
         int32_t tok[3][32], pos[32];
