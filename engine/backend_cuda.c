@@ -43,6 +43,9 @@ typedef struct {
     void *wqkv, *wo, *wgu, *wdown;
 } cu_layer;
 
+/* op classes of KVL_CUDA_PROFILE */
+enum { PR_NORM, PR_QKV, PR_ROPE, PR_ATTN, PR_WO, PR_GU, PR_SWIGLU, PR_DOWN, PR_LOGITS, PR_N };
+
 typedef struct {
     int dev;
     cudaStream_t st;
@@ -63,11 +66,9 @@ typedef struct {
                       * projections) before they are added to the float32 residual */
     int prof;        /* KVL_CUDA_PROFILE=1: time each op class of a pass (synchronising) */
     cudaEvent_t pe[2];
-    double pms[16];
+    double pms[PR_N];
 } cu_model;
 
-/* op classes of KVL_CUDA_PROFILE */
-enum { PR_NORM, PR_QKV, PR_ROPE, PR_ATTN, PR_WO, PR_GU, PR_SWIGLU, PR_DOWN, PR_LOGITS, PR_N };
 static const char *const pr_name[PR_N] = {"embed+norm+residual", "qkv_gemm", "rope", "attention", "o_gemm",
                                           "gate_up_gemm", "swiglu", "down_gemm", "logits"};
 
@@ -93,7 +94,7 @@ typedef struct {
     void *q, *qg;            /* [n][qd] pending order / gathered for attention */
     void *kf, *vf;           /* [n][kd] fresh K/V, pending order */
     void *att;               /* [n][qd] */
-    float *tmp;              /* [n][D] */
+    void *tmp;               /* [n][D] of the residual-branch type (cu_model.bt) */
     void *gu, *hb;           /* [chunk][2F], [chunk][F] */
     float *kvout;            /* [n][2kd] float32 read-out of fresh K/V */
     float *dev;              /* [n] */
@@ -668,7 +669,7 @@ static kvl_status fwd_init_impl(kvl_fwd *f) {
     b->kf = p + z.kf;
     b->vf = p + z.vf;
     b->att = p + z.att;
-    b->tmp = (float *)(p + z.tmp);
+    b->tmp = p + z.tmp;
     b->gu = p + z.gu;
     b->hb = p + z.hb;
     b->kvout = (float *)(p + z.kvout);
