@@ -157,48 +157,32 @@ __device__ __forceinline__ void rot_pair(int j, int half, int style, int *a, int
     *b = style == 0 ? j + half : 2 * j + 1;
 }
 
-constexpr int ROPE_ROWS = 4; /* rows a block iteration of rope_split_k */
-
-/* The inverse frequencies once per block, then the cos/sin of ROPE_ROWS rows at a time by every
- * thread (float64, as rope_table: the same values), then those rows rotated and split. */
 __global__ void rope_split_k(void *q, kvl_cu_dtype qt, void *k, void *v, kvl_cu_dtype kvt, const void *qkv,
                              kvl_cu_dtype qkvt, int64_t ldqkv, const int32_t *pos, int64_t n, int nh, int nkv, int hd,
                              int style, double theta) {
-    __shared__ double inv[512];
-    __shared__ float cs[ROPE_ROWS][512], sn[ROPE_ROWS][512];
+    __shared__ float cs[512], sn[512];
     const int half = hd / 2;
     const int64_t qd = (int64_t)nh * hd, kd = (int64_t)nkv * hd;
-    for (int j = threadIdx.x; j < half; j += blockDim.x) inv[j] = pow(theta, -(double)(2 * j) / (double)hd);
-    for (int64_t i0 = (int64_t)blockIdx.x * ROPE_ROWS; i0 < n; i0 += (int64_t)gridDim.x * ROPE_ROWS) {
+    for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
         __syncthreads();
-        for (int e = threadIdx.x; e < ROPE_ROWS * half; e += blockDim.x) {
-            const int rr = e / half, j = e % half;
-            if (i0 + rr < n) {
-                const double a = (double)pos[i0 + rr] * inv[j];
-                cs[rr][j] = (float)cos(a);
-                sn[rr][j] = (float)sin(a);
+        rope_table(cs, sn, pos[i], hd, theta);
+        __syncthreads();
+        const int64_t r = i * ldqkv;
+        for (int64_t e = threadIdx.x; e < (int64_t)(nh + nkv) * half; e += blockDim.x) {
+            int h = (int)(e / half), j = (int)(e % half), a, b;
+            rot_pair(j, half, style, &a, &b);
+            if (h < nh) {
+                float x0 = ld(qkv, qkvt, r + (int64_t)h * hd + a), x1 = ld(qkv, qkvt, r + (int64_t)h * hd + b);
+                st(q, qt, i * qd + (int64_t)h * hd + a, x0 * cs[j] - x1 * sn[j]);
+                st(q, qt, i * qd + (int64_t)h * hd + b, x1 * cs[j] + x0 * sn[j]);
+            } else {
+                int64_t o = (int64_t)(h - nh) * hd;
+                float x0 = ld(qkv, qkvt, r + qd + o + a), x1 = ld(qkv, qkvt, r + qd + o + b);
+                st(k, kvt, i * kd + o + a, x0 * cs[j] - x1 * sn[j]);
+                st(k, kvt, i * kd + o + b, x1 * cs[j] + x0 * sn[j]);
             }
         }
-        __syncthreads();
-        for (int rr = 0; rr < ROPE_ROWS && i0 + rr < n; rr++) {
-            const int64_t i = i0 + rr, r = i * ldqkv;
-            const float *c_ = cs[rr], *s_ = sn[rr];
-            for (int64_t e = threadIdx.x; e < (int64_t)(nh + nkv) * half; e += blockDim.x) {
-                int h = (int)(e / half), j = (int)(e % half), a, b;
-                rot_pair(j, half, style, &a, &b);
-                if (h < nh) {
-                    float x0 = ld(qkv, qkvt, r + (int64_t)h * hd + a), x1 = ld(qkv, qkvt, r + (int64_t)h * hd + b);
-                    st(q, qt, i * qd + (int64_t)h * hd + a, x0 * c_[j] - x1 * s_[j]);
-                    st(q, qt, i * qd + (int64_t)h * hd + b, x1 * c_[j] + x0 * s_[j]);
-                } else {
-                    int64_t o = (int64_t)(h - nh) * hd;
-                    float x0 = ld(qkv, qkvt, r + qd + o + a), x1 = ld(qkv, qkvt, r + qd + o + b);
-                    st(k, kvt, i * kd + o + a, x0 * c_[j] - x1 * s_[j]);
-                    st(k, kvt, i * kd + o + b, x1 * c_[j] + x0 * s_[j]);
-                }
-            }
-            for (int64_t c = threadIdx.x; c < kd; c += blockDim.x) st(v, kvt, i * kd + c, ld(qkv, qkvt, r + qd + kd + c));
-        }
+        for (int64_t c = threadIdx.x; c < kd; c += blockDim.x) st(v, kvt, i * kd + c, ld(qkv, qkvt, r + qd + kd + c));
     }
 }
 
@@ -349,9 +333,7 @@ cudaError_t kvl_cu_rope_split(void *q, kvl_cu_dtype qt, void *k, void *v, kvl_cu
                               int style, double theta, cudaStream_t s) {
     if (n <= 0) return cudaSuccess;
     if (hd > 1024 || hd % 2) return cudaErrorInvalidValue;
-    const int64_t groups = (n + ROPE_ROWS - 1) / ROPE_ROWS;
-    rope_split_k<<<(unsigned)(groups < 132 * 8 ? groups : 132 * 8), 256, 0, s>>>(q, qt, k, v, kvt, qkv, qkvt, ld, pos, n,
-                                                                               nh, nkv, hd, style, theta);
+    rope_split_k<<<grid_rows(n), 256, 0, s>>>(q, qt, k, v, kvt, qkv, qkvt, ld, pos, n, nh, nkv, hd, style, theta);
     return cudaGetLastError();
 }
 
