@@ -18,7 +18,6 @@
 #include <limits.h>
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 #include "kvl_cuda.h"
 
